@@ -1,0 +1,3 @@
+"""fsseg: few-shot semantic segmentation with diffusion models."""
+
+__version__ = "0.1.0"
