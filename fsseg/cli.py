@@ -1,0 +1,88 @@
+"""The ``fsseg`` command: LightningCLI over every method and the one DataModule.
+
+    fsseg fit --config configs/baseline.yaml
+    fsseg test --ckpt runs/baseline/version_0/checkpoints/last.ckpt --fold 2
+    fsseg data check --root data
+
+Shorthands: ``--fold N`` is ``--data.fold N``; ``--ckpt PATH`` is ``--ckpt_path PATH`` and, when no ``--config``
+is given, reads the ``config.yaml`` that the training run saved beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from fsseg.data.datamodule import FewShotDataModule
+from fsseg.models.base import FewShotModule
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def find_run_config(ckpt: Path) -> Path:
+    """The ``config.yaml`` of the run a checkpoint belongs to (its folder or up to two parents)."""
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--ckpt: checkpoint {ckpt} does not exist")
+    for folder in [ckpt.parent, *list(ckpt.parents)[1:3]]:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise FileNotFoundError(
+        f"--ckpt: no config.yaml beside {ckpt} or in its two parent folders; pass the run's config with --config"
+    )
+
+
+def expand_shorthands(argv: list[str]) -> list[str]:
+    """Rewrite ``--fold N`` / ``--ckpt PATH`` (also ``--fold=N``) into LightningCLI arguments."""
+    out: list[str] = []
+    ckpt: str | None = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--fold", "--ckpt"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"fsseg: {name} needs a value")
+                value, i = argv[i + 1], i + 1
+            if name == "--fold":
+                out += ["--data.fold", value]
+            else:
+                ckpt = value
+                out += ["--ckpt_path", value]
+        else:
+            out.append(arg)
+        i += 1
+    has_config = any(a == "--config" or a.startswith("--config=") or a == "-c" for a in out)
+    if ckpt is not None and not has_config and out and out[0] in SUBCOMMANDS:
+        out[1:1] = ["--config", str(find_run_config(Path(ckpt)))]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        from fsseg.data.tools import main as data_main
+
+        raise SystemExit(data_main(argv[1:]))
+    LightningCLI(
+        FewShotModule,
+        FewShotDataModule,
+        subclass_mode_model=True,
+        args=expand_shorthands(argv),
+        seed_everything_default=0,
+        trainer_defaults={
+            "default_root_dir": "runs",
+            "logger": {"class_path": TensorBoardLogger.__module__ + ".TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "fsseg"}},
+            "callbacks": [{"class_path": ModelCheckpoint.__module__ + ".ModelCheckpoint", "init_args": {"save_last": True}}],
+        },
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

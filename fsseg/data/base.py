@@ -1,0 +1,195 @@
+"""`FewShotDataset`: the episode machinery shared by every benchmark.
+
+A benchmark subclass says which images belong to which class and how to read a binary mask; this class turns that
+into episodes (the seeded protocol for evaluation, reproducible random draws for training) and into tensors.
+
+Evaluation (``split`` = ``val``/``test``): the whole episode list is drawn once at construction
+(`protocol_episodes`), so the sequence is independent of workers and processes. Training (``split`` = ``trn``):
+episode ``index`` is drawn from ``np.random.default_rng((seed, index))``; the training sampler folds the epoch into
+the index, so every epoch differs but any worker/process layout — and a resumed run — sees the same episodes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from fsseg.data.protocol import Episode
+
+IGNORE = 255
+SPLITS = ("trn", "val", "test")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} is missing")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image file {path} is unreadable or corrupt: {e}") from e
+
+
+def load_label(path: Path, grayscale: bool = False) -> np.ndarray:
+    """A label PNG as uint8 ``[H, W]``: palette indices kept as values, or luminance with ``grayscale``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} is missing")
+    try:
+        with Image.open(path) as im:
+            if grayscale or im.mode not in ("L", "P", "1", "I", "I;16"):
+                im = im.convert("L")
+            return np.array(im).astype(np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"mask file {path} is unreadable or corrupt: {e}") from e
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> float32 ``[3, size, size]`` in [0, 1] (bilinear)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
+    """uint8 mask {0, 1, 255} -> int64 ``[h, w]`` resized with nearest neighbour (``None`` keeps the size)."""
+    m = torch.from_numpy(mask.astype(np.int64))
+    if size is None or tuple(m.shape) == tuple(size):
+        return m
+    return F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+
+class FewShotDataset(Dataset, ABC):
+    """Base class of every benchmark. Subclasses implement the five methods below the constructor.
+
+    Args:
+        root: the data root holding the benchmark folders (the FSSBench layout, REFERENCE §1).
+        split: ``trn`` (random training episodes) or ``val``/``test`` (the fixed protocol).
+        fold: the fold index; ``-1`` (training only) = every class, for the in-context setting.
+        shot: supports per episode.
+        img_size: side of the square model input.
+        eval_size: side of the evaluation mask; ``None`` = ``img_size``; ``"original"`` = the image's own size.
+        n_episodes: episodes per epoch (training) or in the protocol (evaluation); ``None`` = the benchmark default.
+        seed: the protocol seed (0 for published numbers) / the training-episode seed.
+        splits_dir: folder of split lists (default: the lists shipped in ``fsseg/data/splits``).
+    """
+
+    benchmark: str = ""
+    nfolds: int = 4
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "test",
+        fold: int = 0,
+        shot: int = 1,
+        img_size: int = 400,
+        eval_size: int | str | None = None,
+        n_episodes: int | None = None,
+        seed: int = 0,
+        splits_dir: str | Path | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not (0 <= int(fold) < self.nfolds or (int(fold) == -1 and split == "trn")):
+            raise ValueError(
+                f"{self.benchmark}: unknown fold {fold!r}; expected 0..{self.nfolds - 1} (or -1 = every class, training only)"
+            )
+        if int(shot) < 1:
+            raise ValueError(f"shot must be >= 1, got {shot}")
+        if not (eval_size is None or eval_size == "original" or (isinstance(eval_size, int) and eval_size > 0)):
+            raise ValueError(f"eval_size must be a positive int, 'original' or None, got {eval_size!r}")
+        self.root = Path(root)
+        self.split, self.fold, self.shot, self.seed = split, int(fold), int(shot), int(seed)
+        self.img_size = int(img_size)
+        self.eval_size = self.img_size if eval_size is None else eval_size
+        self.splits_dir = splits_dir
+        self.check_root()
+        self.build_index()
+        if self.training:
+            self.n_episodes = int(n_episodes) if n_episodes is not None else self.default_train_length()
+            self.episodes: list[Episode] | None = None
+        else:
+            n = int(n_episodes) if n_episodes is not None else self.default_eval_length()
+            rs = np.random.RandomState(self.seed)
+            self.episodes = self.protocol_episodes(rs, n)
+            self.n_episodes = len(self.episodes)
+
+    # ---- what a benchmark implements -------------------------------------------------------------------------
+    @abstractmethod
+    def check_root(self) -> None:
+        """Raise a clear error when the benchmark's folders are missing under ``root``."""
+
+    @abstractmethod
+    def build_index(self) -> None:
+        """Read the split lists for (split, fold): classes and their ordered image lists."""
+
+    @abstractmethod
+    def class_ids(self) -> list[int]:
+        """The classes this split/fold's episodes use (contiguous dataset indices)."""
+
+    @abstractmethod
+    def protocol_episodes(self, rs: np.random.RandomState, n: int) -> list[Episode]:
+        """The published evaluation draws, in order."""
+
+    @abstractmethod
+    def random_episode(self, rng: np.random.Generator, index: int) -> Episode:
+        """One training episode (``index`` modulo the natural length picks the query where the benchmark does)."""
+
+    @abstractmethod
+    def image_path(self, key: str) -> Path:
+        """The image file of ``key``."""
+
+    @abstractmethod
+    def load_mask(self, key: str, class_id: int) -> np.ndarray:
+        """Binary mask of ``class_id`` in image ``key``: uint8 ``[H, W]`` in {0, 1, 255}."""
+
+    @abstractmethod
+    def default_train_length(self) -> int:
+        """Training episodes per epoch when ``n_episodes`` is not given."""
+
+    def default_eval_length(self) -> int:
+        return 1000
+
+    # ---- shared -----------------------------------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        return self.split == "trn"
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def episode(self, index: int) -> Episode:
+        if self.episodes is not None:
+            return self.episodes[index]
+        return self.random_episode(np.random.default_rng((self.seed, int(index))), int(index))
+
+    def __getitem__(self, index: int) -> dict:
+        ep = self.episode(index)
+        s = self.img_size
+        q_img = load_rgb(self.image_path(ep.query))
+        q_mask = self.load_mask(ep.query, ep.class_id)
+        if q_mask.shape != (q_img.height, q_img.width):
+            raise ValueError(
+                f"mask of {self.image_path(ep.query)} has shape {q_mask.shape}, image is {(q_img.height, q_img.width)}"
+            )
+        eval_hw = (q_img.height, q_img.width) if self.eval_size == "original" else (self.eval_size, self.eval_size)
+        s_imgs, s_masks = [], []
+        for key in ep.supports:
+            s_imgs.append(image_to_tensor(load_rgb(self.image_path(key)), s))
+            s_masks.append(resize_mask(self.load_mask(key, ep.class_id), (s, s)))
+        return {
+            "query_img": image_to_tensor(q_img, s),  # [3, S, S]
+            "query_mask": resize_mask(q_mask, (s, s)),  # [S, S]
+            "query_mask_eval": resize_mask(q_mask, eval_hw),  # [h, w]
+            "support_imgs": torch.stack(s_imgs),  # [K, 3, S, S]
+            "support_masks": torch.stack(s_masks),  # [K, S, S]
+            "class_id": torch.tensor(ep.class_id, dtype=torch.long),
+            "episode_idx": torch.tensor(index, dtype=torch.long),
+            "query_name": ep.query,
+            "support_names": list(ep.supports),
+        }

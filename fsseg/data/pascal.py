@@ -1,0 +1,80 @@
+"""PASCAL-5i (VOC2012 + SBD augmented masks), 4 folds of 5 classes (REFERENCE §1).
+
+Layout: ``<root>/VOC2012/JPEGImages/<id>.jpg`` and ``<root>/VOC2012/SegmentationClassAug/<id>.png`` (value = class
+1..20, 0 = background, 255 = ignore). Lists: ``pascal5i/{trn,val}/fold{f}.txt`` (``IMAGEID__CLASS``, 1-based).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fsseg.data.base import IGNORE, FewShotDataset, load_label
+from fsseg.data.protocol import Episode, draw_random_supports, draw_supports
+from fsseg.data.splits_io import read_lines, resolve_splits_dir
+
+PASCAL_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+class PascalFewShot(FewShotDataset):
+    benchmark = "pascal5i"
+    nfolds = 4
+    nclass = 20
+
+    def check_root(self) -> None:
+        for sub in ("VOC2012/JPEGImages", "VOC2012/SegmentationClassAug"):
+            if not (self.root / sub).is_dir():
+                raise FileNotFoundError(
+                    f"PASCAL-5i: folder {self.root / sub} is missing (expected <root>/VOC2012/JPEGImages and "
+                    f"<root>/VOC2012/SegmentationClassAug; run `fsseg data check --root {self.root}`)"
+                )
+
+    def _read_fold(self, split: str, fold: int) -> list[tuple[str, int]]:
+        path = resolve_splits_dir(self.splits_dir) / "pascal5i" / split / f"fold{fold}.txt"
+        out = []
+        for n, line in enumerate(read_lines(path), 1):
+            name, sep, cls = line.rpartition("__")
+            if not sep or not cls.isdigit() or not 1 <= int(cls) <= self.nclass:
+                raise ValueError(f"{path}:{n}: expected IMAGEID__CLASS with CLASS in 1..{self.nclass}, got {line!r}")
+            out.append((name, int(cls) - 1))
+        return out
+
+    def build_index(self) -> None:
+        if self.training:  # the other folds' training lists, in fold order
+            self.metadata = [e for f in range(self.nfolds) if f != self.fold for e in self._read_fold("trn", f)]
+        else:
+            self.metadata = self._read_fold("val", self.fold)
+        self.classwise: dict[int, list[str]] = {c: [] for c in range(self.nclass)}
+        for name, cls in self.metadata:
+            self.classwise[cls].append(name)
+
+    def class_ids(self) -> list[int]:
+        test = list(range(5 * self.fold, 5 * self.fold + 5))
+        return [c for c in range(self.nclass) if c not in test] if self.training else test
+
+    def protocol_episodes(self, rs: np.random.RandomState, n: int) -> list[Episode]:
+        eps = []
+        for i in range(n):
+            query, cls = self.metadata[i % len(self.metadata)]
+            eps.append(Episode(cls, query, draw_supports(rs, self.classwise[cls], query, self.shot)))
+        return eps
+
+    def random_episode(self, rng: np.random.Generator, index: int) -> Episode:
+        query, cls = self.metadata[index % len(self.metadata)]
+        return Episode(cls, query, draw_random_supports(rng, self.classwise[cls], query, self.shot))
+
+    def default_train_length(self) -> int:
+        return len(self.metadata)
+
+    def image_path(self, key: str) -> Path:
+        return self.root / "VOC2012" / "JPEGImages" / f"{key}.jpg"
+
+    def load_mask(self, key: str, class_id: int) -> np.ndarray:
+        label = load_label(self.root / "VOC2012" / "SegmentationClassAug" / f"{key}.png")
+        mask = (label == class_id + 1).astype(np.uint8)
+        mask[label == IGNORE] = IGNORE
+        return mask

@@ -1,0 +1,50 @@
+"""The evaluation-episode protocol of the published FSS benchmarks (REFERENCE §1).
+
+Every published number draws its test episodes from NumPy's global generator seeded with 0, in one process, in
+episode order. We replay exactly those draws with a private ``np.random.RandomState(seed)`` (the global generator
+*is* a RandomState), once, when the dataset is built, so loader workers and DDP processes only read the list.
+
+``RandomState.choice(a, 1, replace=False)`` draws ``permutation(len(a))[:1]``; drawing an index into the list
+consumes the same random numbers as drawing from the list itself, so we draw indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot episode: a class, a query image key and K support image keys."""
+
+    class_id: int
+    query: str
+    supports: tuple[str, ...]
+
+
+def choose(rs: np.random.RandomState, seq: Sequence):
+    """``np.random.choice(seq, 1, replace=False)[0]`` with the benchmark code's exact random consumption."""
+    return seq[int(rs.choice(len(seq), 1, replace=False)[0])]
+
+
+def draw_supports(rs: np.random.RandomState, pool: Sequence[str], query: str, shot: int) -> tuple[str, ...]:
+    """Draw ``shot`` supports one by one from ``pool``, redrawing any equal to the query (duplicates allowed)."""
+    if not any(p != query for p in pool):
+        raise ValueError(f"cannot draw supports for query {query!r}: its class has no other image")
+    supports: list[str] = []
+    while len(supports) < shot:
+        s = choose(rs, pool)
+        if s != query:
+            supports.append(s)
+    return tuple(supports)
+
+
+def draw_random_supports(rng: np.random.Generator, pool: Sequence[str], query: str, shot: int) -> tuple[str, ...]:
+    """Training-time support draw (any generator): ``shot`` images of ``pool`` other than the query."""
+    others = [p for p in pool if p != query]
+    if not others:
+        raise ValueError(f"cannot draw supports for query {query!r}: its class has no other image")
+    return tuple(others[i] for i in rng.integers(0, len(others), size=shot))

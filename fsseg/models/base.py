@@ -1,0 +1,173 @@
+"""`FewShotModule`: the train/val/test/predict logic shared by every method.
+
+A method implements ``training_loss(batch) -> {"loss": ..., ...}`` and
+``predict_masks(batch, out_size) -> LongTensor [B, h, w]``; this class does the rest: one ``model_step`` for all
+stages, one `FewShotIoU` per evaluation stage, the per-episode records of a test run, and the optimiser and
+scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a ``class_path`` callable).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+
+from fsseg.metrics import FewShotIoU
+
+OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
+
+
+class FewShotModule(L.LightningModule):
+    """Base LightningModule of every fsseg method.
+
+    Args:
+        optimizer: builds the optimiser from the trainable parameters (default AdamW, lr 1e-3).
+        scheduler: builds an LR scheduler from the optimiser (default none).
+        scheduler_interval: ``step`` or ``epoch``.
+    """
+
+    #: attribute names of frozen sub-modules that are loaded from their own files and never written into
+    #: Lightning checkpoints (e.g. ``("vae",)``).
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "step",
+    ) -> None:
+        super().__init__()
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        self.optimizer_fn = optimizer
+        self.scheduler_fn = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.val_iou: FewShotIoU | None = None
+        self.test_iou: FewShotIoU | None = None
+        self.test_records: list[dict] = []
+
+    # ---- what a method implements -------------------------------------------------------------------------
+    @abstractmethod
+    def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The training loss of one batch: ``{"loss": scalar, **other scalars to log}``."""
+
+    @abstractmethod
+    def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
+        """Binary query predictions ``[B, *out_size]`` (int64, {0, 1})."""
+
+    # ---- shared steps ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "eval_class_ids"):
+            return
+        if stage in ("fit", "validate"):
+            self.val_iou = FewShotIoU(dm.eval_class_ids("val"))
+        if stage == "test":
+            self.test_iou = FewShotIoU(dm.eval_class_ids("test"))
+
+    def model_step(self, batch: dict, stage: str) -> torch.Tensor | None:
+        if stage == "train":
+            out = self.training_loss(batch)
+            bs = batch["query_img"].shape[0]
+            for k, v in out.items():
+                self.log(f"train/{k}", v.detach(), prog_bar=(k == "loss"), batch_size=bs)
+            return out["loss"]
+        target = batch["query_mask_eval"]
+        pred = self.predict_masks(batch, tuple(target.shape[-2:]))
+        metric = self.val_iou if stage == "val" else self.test_iou
+        if metric is None:
+            raise RuntimeError(f"{stage} needs a FewShotDataModule (it provides the fold's classes for the metric)")
+        inter, union = metric.update(pred, target, batch["class_id"])
+        if stage == "test":
+            self._record_episodes(batch, inter, union)
+        return None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.model_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.model_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        size = tuple(batch["query_mask_eval"].shape[-2:]) if "query_mask_eval" in batch else tuple(batch["query_img"].shape[-2:])
+        return {"pred": self.predict_masks(batch, size).cpu(), "query_name": batch.get("query_name")}
+
+    def _log_metric(self, metric: FewShotIoU, stage: str) -> dict[str, torch.Tensor]:
+        values = metric.compute()
+        self.log(f"{stage}/miou", values["miou"].float(), prog_bar=True, rank_zero_only=False, sync_dist=False)
+        self.log(f"{stage}/fbiou", values["fbiou"].float(), prog_bar=True, sync_dist=False)
+        metric.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_iou is not None:
+            self._log_metric(self.val_iou, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_records = []
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_iou is None:
+            return
+        values = self._log_metric(self.test_iou, "test")
+        from fsseg.report import gather_records, write_test_report
+
+        records = gather_records(self.test_records)
+        self.test_records = []
+        if self.trainer.is_global_zero:
+            write_test_report(self.trainer, values, records, self.test_iou.class_ids)
+
+    def _record_episodes(self, batch: dict, inter: torch.Tensor, union: torch.Tensor) -> None:
+        support_names = batch["support_names"]  # collated: K lists of B names
+        for b in range(inter.shape[0]):
+            self.test_records.append(
+                {
+                    "episode": int(batch["episode_idx"][b]),
+                    "query": batch["query_name"][b],
+                    "supports": [names[b] for names in support_names],
+                    "class_id": int(batch["class_id"][b]),
+                    "inter": inter[b].tolist(),
+                    "union": union[b].tolist(),
+                }
+            )
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
+        opt = self.optimizer_fn(params) if self.optimizer_fn is not None else torch.optim.AdamW(params, lr=1e-3)
+        if self.scheduler_fn is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt), "interval": self.scheduler_interval}}
+
+    # ---- checkpoints hold only what is trained --------------------------------------------------------------
+    def _is_frozen_key(self, key: str) -> bool:
+        return any(key == m or key.startswith(m + ".") for m in self.frozen_modules)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        for key in [k for k in sd if self._is_frozen_key(k)]:
+            del sd[key]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.frozen_modules:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not self._is_frozen_key(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not match {type(self).__name__}: missing {missing[:10]}, "
+                f"unexpected {result.unexpected_keys[:10]}"
+            )
+        return result
