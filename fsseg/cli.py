@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.models.base import FewShotModule
@@ -62,13 +61,9 @@ def expand_shorthands(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "data":
-        from fsseg.data.tools import main as data_main
-
-        raise SystemExit(data_main(argv[1:]))
-    LightningCLI(
+def run_cli(argv: list[str]) -> LightningCLI:
+    """Run one ``fsseg fit|validate|test|predict`` command in-process; returns the finished LightningCLI."""
+    return LightningCLI(
         FewShotModule,
         FewShotDataModule,
         subclass_mode_model=True,
@@ -76,12 +71,25 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything_default=0,
         trainer_defaults={
             "default_root_dir": "runs",
-            "logger": {"class_path": TensorBoardLogger.__module__ + ".TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "fsseg"}},
-            "callbacks": [{"class_path": ModelCheckpoint.__module__ + ".ModelCheckpoint", "init_args": {"save_last": True}}],
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "fsseg"}},
+            "callbacks": [ModelCheckpoint(save_last=True)],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        from fsseg.data.tools import main as data_main
+
+        raise SystemExit(data_main(argv[1:]))
+    if argv and argv[0] == "demo":
+        from fsseg.demo import main as demo_main
+
+        raise SystemExit(demo_main(argv[1:]))
+    run_cli(argv)
 
 
 if __name__ == "__main__":

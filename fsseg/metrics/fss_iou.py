@@ -65,7 +65,7 @@ class FewShotIoU(Metric):
         self.add_state("union", default=torch.zeros(n, 2, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("episodes", default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, class_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, class_id: torch.Tensor) -> None:
         class_id = torch.as_tensor(class_id, device=self._lookup.device).long().reshape(-1)
         if class_id.numel() != pred.shape[0]:
             raise ValueError(f"class_id has {class_id.numel()} entries for a batch of {pred.shape[0]}")
@@ -78,7 +78,6 @@ class FewShotIoU(Metric):
         self.inter.index_add_(0, idx, inter)
         self.union.index_add_(0, idx, union)
         self.episodes.index_add_(0, idx, torch.ones_like(idx))
-        return inter, union
 
     def compute(self) -> dict[str, torch.Tensor]:
         inter = self.inter.double()

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from fsseg.metrics import FewShotIoU
+from fsseg.metrics import FewShotIoU, episode_inter_union
 
 OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
@@ -81,9 +81,9 @@ class FewShotModule(L.LightningModule):
         metric = self.val_iou if stage == "val" else self.test_iou
         if metric is None:
             raise RuntimeError(f"{stage} needs a FewShotDataModule (it provides the fold's classes for the metric)")
-        inter, union = metric.update(pred, target, batch["class_id"])
+        metric.update(pred, target, batch["class_id"])
         if stage == "test":
-            self._record_episodes(batch, inter, union)
+            self._record_episodes(batch, *episode_inter_union(pred, target))
         return None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

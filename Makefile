@@ -1,0 +1,29 @@
+# fsseg: `make test` and `make demo` install into .venv first (pinned by constraints.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo lint reproduce-table1 reproduce-table2 clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "not gpu"
+
+demo: install
+	$(VENV)/bin/fsseg demo
+
+lint: install
+	$(VENV)/bin/ruff check fsseg tests tools benchmarks
+
+clean:
+	rm -rf $(VENV) runs reports .pytest_cache
