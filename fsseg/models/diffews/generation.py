@@ -1,0 +1,91 @@
+"""The three mask-generation processes of DiffewS (paper 4.4), all v-prediction like SD 2.1.
+
+- ``oi2m`` (released): one step at t = 1. With alpha_bar = 0 the v-target is ``-z_mq``, so the UNet is trained to
+  output ``-z_mq`` and the predicted mask latent is ``-(UNet output)``. No scheduler is needed.
+- ``mi2m``: the query image latent plays the noise: ``z_t = sqrt(a) z_mq + sqrt(1 - a) z_q``; inference starts from
+  ``z_q`` and runs DDIM for ``num_inference_steps``.
+- ``mn2m`` (Marigold-style): Gaussian noise (annealed multi-resolution during training), the UNet sees
+  ``cat(z_q, z_t)`` through an 8-channel ``conv_in_query``; inference starts from noise, ``ensemble_size`` runs.
+The beta range of mi2m/mn2m is a setting (paper: (0.00085, 0.012) and (0.0272, 0.384)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+GENERATIONS = ("oi2m", "mi2m", "mn2m")
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query input, timesteps [B]) -> UNet output
+
+
+def multires_noise(like: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pyramid noise: Gaussian noise plus upsampled coarser noise weighted ``strength ** level``, unit std.
+
+    ``strength`` may be a ``[B]`` tensor (annealed: scaled by t / T per sample).
+    """
+    b, c, h, w = like.shape
+    rand = lambda *s: torch.randn(*s, generator=generator, device="cpu").to(like.device, like.dtype)  # noqa: E731
+    noise = rand(b, c, h, w)
+    s = torch.as_tensor(strength, dtype=like.dtype, device=like.device).reshape(-1, 1, 1, 1)
+    level, hh, ww = 1, h, w
+    while hh > 1 and ww > 1 and level < 10:
+        r = 2.0 + 2.0 * float(torch.rand(1, generator=generator))
+        hh, ww = max(1, int(h / r**level)), max(1, int(w / r**level))
+        noise = noise + F.interpolate(rand(b, c, hh, ww), size=(h, w), mode="bilinear", align_corners=False) * s**level
+        level += 1
+    return noise / noise.flatten(1).std(1).view(-1, 1, 1, 1)
+
+
+def make_scheduler(pretrained: str, beta_start: float, beta_end: float, beta_schedule: str):
+    """SD 2.1's DDIM scheduler config with the beta range overridden."""
+    from diffusers import DDIMScheduler
+
+    from fsseg.models.diffews.unet_loading import load_component
+
+    return load_component(
+        DDIMScheduler, pretrained, "scheduler", "noise scheduler",
+        beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, prediction_type="v_prediction",
+    )
+
+
+def training_inputs(kind, z_q, z_mq, scheduler=None, multires_strength=0.0, generator=None):
+    """-> (query UNet input, timesteps [B] long, target) for one training step."""
+    b = z_q.shape[0]
+    if kind == "oi2m":
+        return z_q, torch.ones(b, dtype=torch.long, device=z_q.device), -z_mq
+    n_train = scheduler.config.num_train_timesteps
+    t = torch.randint(0, n_train, (b,), generator=generator, device="cpu").to(z_q.device)
+    if kind == "mi2m":
+        noise = z_q
+    elif kind == "mn2m":
+        if multires_strength > 0:
+            noise = multires_noise(z_mq, multires_strength * (t.float() + 1) / n_train, generator)
+        else:
+            noise = torch.randn(z_mq.shape, generator=generator, device="cpu").to(z_mq)
+    else:
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {kind!r}")
+    z_t = scheduler.add_noise(z_mq, noise, t)
+    target = scheduler.get_velocity(z_mq, noise, t)
+    query_in = torch.cat([z_q, z_t], 1) if kind == "mn2m" else z_t
+    return query_in, t, target
+
+
+@torch.no_grad()
+def generate(kind, denoise: Denoise, z_q, scheduler=None, steps: int = 10, generator=None):
+    """Predicted mask latent ``[B, 4, h, w]``."""
+    b = z_q.shape[0]
+    if kind == "oi2m":
+        return -denoise(z_q, torch.ones(b, dtype=torch.long, device=z_q.device))
+    if kind not in ("mi2m", "mn2m"):
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {kind!r}")
+    scheduler.set_timesteps(steps, device=z_q.device)
+    z = z_q if kind == "mi2m" else torch.randn(z_q.shape, generator=generator, device="cpu").to(z_q)
+    x0 = z
+    for t in scheduler.timesteps:
+        tt = t.expand(b).to(z_q.device)
+        v = denoise(z if kind == "mi2m" else torch.cat([z_q, z], 1), tt)
+        out = scheduler.step(v, t, z)
+        z, x0 = out.prev_sample, out.pred_original_sample
+    return x0
