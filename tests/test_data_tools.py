@@ -316,5 +316,19 @@ def test_check_lvis_and_ade_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lvis_val.json.gz: 2 classes, 3 images" in out
     assert "1-shot: 1 classes with > 1 images -> 10 folds of 0 classes" in out
+    assert "images per fold" not in out  # no fold has a class
     assert f"missing: {root / 'LVIS' / 'coco' / 'val2017' / '000000000009.jpg'}" in out
     assert "ADE20K: OK" in out and "training: 1 images / 1 masks" in out
+
+
+def test_coco_masks_worker_processes_match_serial(tmp_path):
+    ann = instances_json(tmp_path / "instances_val2014.json")
+    build_coco_masks(ann, tmp_path / "serial", overlap="smaller-on-top", progress_every=0)
+    assert build_coco_masks(
+        ann, tmp_path / "pool", overlap="smaller-on-top", workers=2, progress_every=0
+    ) == {
+        "written": 3,
+        "skipped": 0,
+    }
+    for p in sorted((tmp_path / "serial").iterdir()):
+        np.testing.assert_array_equal(read_png(tmp_path / "pool" / p.name), read_png(p))

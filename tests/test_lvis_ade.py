@@ -249,3 +249,16 @@ def test_ade_cache_reused_rebuilt_when_stale_and_fallback(tmp_path, monkeypatch)
 def test_ade_missing_folder_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016/images/training"):
         ADE20KFewShot(tmp_path, split="trn", fold=0)
+
+
+def test_check_counts_agree_with_the_dataset(tmp_path, capsys):
+    from fsseg.data.tools import main
+
+    root = lvis_root(tmp_path)
+    assert main(["check", "--root", str(root), "--benchmark", "lvis92i"]) == 0
+    out = capsys.readouterr().out
+    assert "LVIS-92i: OK" in out and "1-shot: 22 classes with > 1 images -> 10 folds of 2 classes" in out
+    for fold in (0, 7):
+        ds = LVIS92iDataset(root, split="test", fold=fold, shot=1, img_size=16, n_episodes=1)
+        n = len({f for c in ds.class_ids() for f in ds.classwise[c]})
+        assert f"f{fold} {n}," in out

@@ -151,6 +151,10 @@ def check_fss(root: Path, splits: Path, quick: int | None) -> Report:
     ck = Checker(rep, quick)
     base = root / "FSS-1000"
     present = ck.dirs([base])
+    if (base / "data").is_dir():
+        rep.note(
+            f"{base / 'data'} exists (Matcher's layout); fsseg reads {base}/<category>/ (move or link them)"
+        )
     for split in ("trn", "val", "test"):
         cats = sorted(read_lines(splits / "fss1000" / f"{split}.txt"))
         text = f"{split}: {len(cats)} classes"
@@ -192,10 +196,16 @@ def check_lvis(root: Path, splits: Path, quick: int | None) -> Report:
     classes = read_class_lists(lists_file)
     rep.note(f"{lists_file.name}: {len(classes)} classes, "
              f"{len({e['file'] for c in classes for e in c['images']})} images")  # fmt: skip
-    for shot in (1, 5):
+    for shot in (1, 5):  # the protocol's class list depends on the shot (classes with more images than shots)
         usable = [c for c in classes if len(c["images"]) > shot]
         per_fold = len(usable) // 10
         rep.note(f"{shot}-shot: {len(usable)} classes with > {shot} images -> 10 folds of {per_fold} classes")
+        if per_fold:
+            n_img = [
+                len({e["file"] for k in range(per_fold) for e in usable[f + 10 * k]["images"]})
+                for f in range(10)
+            ]
+            rep.note(f"{shot}-shot images per fold: " + ", ".join(f"f{f} {n}" for f, n in enumerate(n_img)))
     if present:
         files = sorted({e["file"] for c in classes for e in c["images"]})
         rep.note("images: " + _files_note(*ck.files(files, lambda f: [img_root / f]), bool(quick)))

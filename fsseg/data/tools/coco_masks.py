@@ -127,7 +127,7 @@ def write_png_atomic(array: np.ndarray, path: Path) -> None:
 
 
 # ---- the batch job -------------------------------------------------------------------------------------------------
-_JOB: dict = {}  # per-process state of a build (set in the parent or by the worker initialiser)
+_JOB: dict = {}  # per-process settings of a build (set in the parent or by the worker initialiser)
 
 
 def _init_job(job: dict) -> None:
@@ -135,16 +135,14 @@ def _init_job(job: dict) -> None:
     _JOB.update(job)
 
 
-def _build_one(image: dict) -> str:
-    """Build one image's PNG; returns ``written`` or ``skipped``."""
+def _build_one(item: tuple[dict, list[dict]]) -> str:
+    """Build one image's PNG from (image record, its annotations); returns ``written`` or ``skipped``."""
+    image, anns = item
     out = Path(_JOB["out_dir"]) / (Path(image["file_name"]).stem + ".png")
     if out.exists() and not _JOB["overwrite"]:
         return "skipped"
-    anns = _JOB["by_image"].get(int(image["id"]), [])
-    mask = semantic_mask(
-        anns, int(image["height"]), int(image["width"]), _JOB["values"], _JOB["overlap"], _JOB["crowd"]
-    )
-    write_png_atomic(mask, out)
+    h, w = int(image["height"]), int(image["width"])
+    write_png_atomic(semantic_mask(anns, h, w, _JOB["values"], _JOB["overlap"], _JOB["crowd"]), out)
     return "written"
 
 
@@ -174,11 +172,9 @@ def build_coco_masks(
     images = data["images"][: limit if limit is not None else None]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    job = dict(
-        out_dir=str(out_dir), overwrite=overwrite, values=category_values(data["categories"]),
-        overlap=overlap, crowd=crowd,
-        by_image={int(im["id"]): by_image.get(int(im["id"]), []) for im in images},
-    )  # fmt: skip
+    job = dict(out_dir=str(out_dir), overwrite=overwrite, values=category_values(data["categories"]),
+               overlap=overlap, crowd=crowd)  # fmt: skip
+    items = [(im, by_image.get(int(im["id"]), [])) for im in images]
     counts = {"written": 0, "skipped": 0}
     t0 = time.time()
     print(
@@ -196,13 +192,13 @@ def build_coco_masks(
 
     if workers and workers > 0:
         with ProcessPoolExecutor(workers, initializer=_init_job, initargs=(job,)) as pool:
-            for i, result in enumerate(pool.map(_build_one, images, chunksize=64), 1):
+            for i, result in enumerate(pool.map(_build_one, items, chunksize=64), 1):
                 tick(result, i)
     else:
         _init_job(job)
         try:
-            for i, image in enumerate(images, 1):
-                tick(_build_one(image), i)
+            for i, item in enumerate(items, 1):
+                tick(_build_one(item), i)
         finally:
             _JOB.clear()
     return counts
