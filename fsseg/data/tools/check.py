@@ -27,17 +27,16 @@ class Report:
     benchmark: str
     missing: list[Path] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)  # counts and notes
-    n_missing: int = 0  # missing files, counted even beyond `missing`'s listed ones
 
     @property
     def ok(self) -> bool:
-        return self.n_missing == 0
+        return not self.missing
 
     def note(self, text: str) -> None:
         self.lines.append(text)
 
     def format(self, max_listed: int = 20) -> str:
-        head = f"{TITLES[self.benchmark]}: " + ("OK" if self.ok else f"INCOMPLETE ({self.n_missing} missing)")
+        head = f"{TITLES[self.benchmark]}: " + ("OK" if self.ok else f"INCOMPLETE ({len(self.missing)} missing)")
         out = [head] + [f"  {ln}" for ln in self.lines]
         out += [f"  missing: {p}" for p in self.missing[:max_listed]]
         if len(self.missing) > max_listed:
@@ -64,7 +63,6 @@ class Checker:
             self._seen[path] = ok
             if not ok:
                 self.report.missing.append(path)
-                self.report.n_missing += 1
         return self._seen[path]
 
     def dirs(self, paths: Sequence[Path]) -> bool:
