@@ -1,0 +1,206 @@
+"""Capture attention maps and features of a frozen Kandinsky-style UNet without changing what it computes.
+
+`CaptureAddedKVProcessor` wraps the UNet's own added-KV processor: the layer output is the wrapped processor's
+output (so the UNet output is bit-identical with and without capture) and, while a `CaptureStore` is recording, the
+attention probabilities are recomputed from the same inputs with the layer's own projections. Kandinsky's added-KV
+attention takes one softmax over ``[prompt tokens, image tokens]``; the captured maps split it into
+
+- ``cross``: the probability mass each query pixel puts on the image-embedding (prompt) tokens, ``[B, HW]``;
+- ``self``: the part over the image's own tokens, rows renormalised to sum to 1, ``[B, HW, HW]``;
+
+both averaged over heads. `fuse_attention_maps` turns the records into ``M_a`` (REFERENCE §4).
+`FeatureCapture` records ResNet-block or attention-layer outputs (the FRB / FST ablations) with forward hooks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CaptureStore:
+    """What the processors write into; ``sizes`` selects the spatial sizes (h, w) to keep (None = all)."""
+
+    recording: bool = False
+    sizes: set[tuple[int, int]] | None = None
+    blocks: tuple[str, ...] = ("down", "mid", "up")
+    self_maps: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    cross_maps: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+    def clear(self) -> None:
+        self.self_maps = defaultdict(list)
+        self.cross_maps = defaultdict(list)
+
+    def wants(self, name: str, size: tuple[int, int]) -> bool:
+        block = name.split(".")[0].split("_")[0]  # down_blocks.1... -> down, mid_block... -> mid
+        return self.recording and block in self.blocks and (self.sizes is None or size in self.sizes)
+
+
+def added_kv_attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask=None) -> torch.Tensor:
+    """Softmax probabilities of an added-KV `Attention` layer, averaged over heads: [B, HW, N_prompt + HW]."""
+    b, c = hidden_states.shape[:2]
+    x = hidden_states.view(b, c, -1).transpose(1, 2)  # [B, HW, C]
+    attention_mask = attn.prepare_attention_mask(attention_mask, x.shape[1], b)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = x
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    query = attn.head_to_batch_dim(attn.to_q(x))  # [B*heads, HW, d]
+    key = attn.head_to_batch_dim(attn.add_k_proj(encoder_hidden_states))  # [B*heads, N, d]
+    if not attn.only_cross_attention:
+        key = torch.cat([key, attn.head_to_batch_dim(attn.to_k(x))], dim=1)  # [B*heads, N + HW, d]
+    probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, HW, N (+ HW)]
+    return probs.view(b, attn.heads, *probs.shape[1:]).mean(dim=1)
+
+
+class CaptureAddedKVProcessor:
+    """Runs the wrapped processor unchanged; records the split attention maps while the store is recording."""
+
+    def __init__(self, inner, store: CaptureStore, name: str) -> None:
+        self.inner = inner
+        self.store = store
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        size = tuple(hidden_states.shape[-2:])
+        if self.store.wants(self.name, size):
+            if attn.only_cross_attention:
+                raise ValueError(f"attention layer {self.name} is cross-only: it has no self-attention part to capture")
+            probs = added_kv_attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask)
+            n_prompt = probs.shape[-1] - size[0] * size[1]
+            cross = probs[..., :n_prompt].sum(dim=-1)  # [B, HW]
+            self_part = probs[..., n_prompt:]  # [B, HW, HW]
+            self_part = self_part / self_part.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            self.store.self_maps[size].append(self_part)
+            self.store.cross_maps[size].append(cross)
+        return out
+
+
+def install_capture(unet: nn.Module, store: CaptureStore) -> None:
+    """Wrap every attention processor of ``unet`` (idempotent)."""
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        inner = proc.inner if isinstance(proc, CaptureAddedKVProcessor) else proc
+        if "AddedKV" not in type(inner).__name__:
+            raise ValueError(f"{name} uses {type(inner).__name__}; DiffSeg expects Kandinsky's added-KV attention")
+        procs[name] = CaptureAddedKVProcessor(inner, store, name)
+    unet.set_attn_processor(procs)
+
+
+def remove_capture(unet: nn.Module) -> None:
+    """Put the wrapped processors back."""
+    procs = unet.attn_processors
+    unet.set_attn_processor({n: getattr(p, "inner", p) for n, p in procs.items()})
+
+
+def resize_self_map(m: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize both the query and the key axes of a self-attention map; rows renormalised.
+
+    m: [B, h*w, h*w] -> [B, H*W, H*W]
+    """
+    if src == dst:
+        return m
+    b = m.shape[0]
+    (h, w), (hh, ww) = src, dst
+    x = m.reshape(b * h * w, 1, h, w)
+    x = F.interpolate(x, size=dst, mode="bilinear", align_corners=False)  # keys resized
+    x = x.reshape(b, h * w, hh * ww).transpose(1, 2).reshape(b * hh * ww, 1, h, w)
+    x = F.interpolate(x, size=dst, mode="bilinear", align_corners=False)  # queries resized
+    x = x.reshape(b, hh * ww, hh * ww).transpose(1, 2)  # [B, query, key]
+    return x / x.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def resize_flat_map(m: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """m: [B, h*w] -> [B, H*W]"""
+    if src == dst:
+        return m
+    x = F.interpolate(m.reshape(m.shape[0], 1, *src), size=dst, mode="bilinear", align_corners=False)
+    return x.flatten(1)
+
+
+def minmax_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample min-max normalisation to [0, 1] over all but the batch axis."""
+    flat = x.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(x)
+
+
+def fuse_attention_maps(store: CaptureStore, size: tuple[int, int] | None = None, maps: str = "both") -> torch.Tensor:
+    """``M_a`` from the recorded maps: [B, 1, H, W] in [0, 1].
+
+    Layers of one size are averaged, each size is resized to ``size`` (default: the largest recorded) and the sizes
+    averaged. ``maps``: ``both`` = minmax(M_self @ vec(M_cross)) (the paper); ``cross`` = minmax(M_cross);
+    ``self`` = minmax of the attention each pixel receives (column mean of M_self), the self-only ablation.
+    """
+    if maps not in ("both", "self", "cross"):
+        raise ValueError(f"maps must be 'both', 'self' or 'cross', got {maps!r}")
+    if not store.cross_maps:
+        raise RuntimeError("no attention maps were captured: check attn_levels / attn_blocks against the UNet")
+    sizes = sorted(store.cross_maps, key=lambda s: s[0] * s[1])
+    dst = size or sizes[-1]
+    cross = torch.stack(
+        [resize_flat_map(torch.stack(store.cross_maps[s]).mean(0), s, dst) for s in sizes]
+    ).mean(0)  # [B, HW]
+    if maps == "cross":
+        score = cross
+    else:
+        self_map = torch.stack(
+            [resize_self_map(torch.stack(store.self_maps[s]).mean(0), s, dst) for s in sizes]
+        ).mean(0)  # [B, HW, HW]
+        if maps == "both":
+            score = torch.bmm(self_map, cross.unsqueeze(-1)).squeeze(-1)  # [B, HW]
+        else:
+            score = self_map.mean(dim=1)  # [B, HW]: attention received per pixel
+    return minmax_norm(score).view(score.shape[0], 1, *dst)
+
+
+class FeatureCapture:
+    """Forward hooks that record UNet features per spatial size: ResNet-block outputs (``resnet``, FRB) or
+    attention-layer outputs (``transformer``, FST), from the down, mid and up paths."""
+
+    def __init__(self, unet: nn.Module, kind: str, blocks: tuple[str, ...] = ("down", "mid", "up")) -> None:
+        if kind not in ("resnet", "transformer"):
+            raise ValueError(f"feature kind must be 'resnet' or 'transformer', got {kind!r}")
+        self.recording = False
+        self.sizes: set[tuple[int, int]] | None = None
+        self.features: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
+        self.handles = []
+        groups = {"down": list(unet.down_blocks), "mid": [unet.mid_block], "up": list(unet.up_blocks)}
+        for block_kind in blocks:
+            for block in groups[block_kind]:
+                layers = block.resnets if kind == "resnet" else getattr(block, "attentions", [])
+                for layer in layers:
+                    self.handles.append(layer.register_forward_hook(self._hook))
+
+    def _hook(self, module, args, output) -> None:
+        if not self.recording:
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        size = tuple(out.shape[-2:])
+        if self.sizes is None or size in self.sizes:
+            self.features[size].append(out)
+
+    def clear(self) -> None:
+        self.features = defaultdict(list)
+
+    def fused(self, size: tuple[int, int]) -> torch.Tensor:
+        """Per size, the mean over layers, resized to ``size`` and concatenated: [B, sum C, H, W]."""
+        if not self.features:
+            raise RuntimeError("no UNet features were captured: check attn_levels / attn_blocks against the UNet")
+        outs = []
+        for s in sorted(self.features, key=lambda s: -s[0] * s[1]):
+            per_size = self.features[s]
+            chans = {f.shape[1] for f in per_size}
+            if len(chans) != 1:
+                raise ValueError(f"UNet features at {s} have different channel counts {sorted(chans)}")
+            mean = torch.stack(per_size).mean(0)
+            outs.append(F.interpolate(mean, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(outs, dim=1)
