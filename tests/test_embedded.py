@@ -215,3 +215,15 @@ def test_pascal_reader_loads_episodes(bench):
         assert (ep["query_mask"] == 0).any()  # other objects and background are not the target
     train = PascalFewShot(bench, split="trn", fold=1, shot=1, img_size=64, n_episodes=8, splits_dir=bench / "splits")
     assert {int(train[i]["class_id"]) for i in range(8)}.isdisjoint(range(5, 10))
+
+
+def test_concurrent_ensure_calls_agree(tmp_path):
+    """Two processes (e.g. DDP ranks) generating at once: both return the same complete root, no leftovers."""
+    root = tmp_path / "shared"
+    code = ("import sys; from pathlib import Path; from fsseg.data.embedded import ensure_embedded_benchmark as e; "
+            f"print(e(Path({str(root)!r}), seed=0, image_size=64, n_train=60, n_val=40))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == [str(root)] * 2
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]
+    assert json.loads((root / MARKER_NAME).read_text())["n_train"] == 60
