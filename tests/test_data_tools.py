@@ -156,17 +156,19 @@ def lvis_json() -> dict:
 
 def test_lvis_class_lists_order_and_format(tmp_path):
     lists = build_class_lists(lvis_json(), "x.json")
-    assert [c["category_id"] for c in lists["classes"]] == [
-        2,
-        7,
-    ]  # ascending id; class without annotations left out
+    # ascending category id; a category without annotations is left out
+    assert [c["category_id"] for c in lists["classes"]] == [2, 7]
     zebra = lists["classes"][1]
     assert zebra["name"] == "zebra"
     assert [e["file"] for e in zebra["images"]] == ["train2017/000000000003.jpg", "val2017/000000000009.jpg"]
-    assert zebra["images"][0]["segmentations"] == [
-        rect(0, 0, 2, 2),
-        rect(4, 4, 6, 6),
-    ]  # both instances, in order
+    first = zebra["images"][0]
+    assert first["instances"] == 2 and (first["height"], first["width"]) == (6, 8)
+    expected = np.zeros((6, 8), np.uint8)
+    expected[0:2, 0:2] = 1
+    expected[4:6, 4:6] = 1  # the union of both zebra instances
+    np.testing.assert_array_equal(
+        mask_utils.decode({"size": [6, 8], "counts": first["rle"].encode()}), expected
+    )
     assert (zebra["images"][1]["height"], zebra["images"][1]["width"]) == (4, 4)
     src = tmp_path / "LVIS" / "lvis_v1_val.json"
     src.parent.mkdir()

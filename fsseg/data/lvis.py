@@ -10,9 +10,10 @@ Layout (Matcher's, which HSNet-style users have)::
 Protocol (evaluation): the val classes with more images than shots (``len(images) > shot``), in list order, are the
 class list; fold ``f`` tests entries ``f + 10k`` for ``k < len(list) // 10``; 2300 episodes; episode ``i`` takes the
 fold's class ``i mod n_fold_classes``, then the query and the supports one by one (redrawing the query) with
-``choice(images, 1, replace=False)`` from the seed-0 generator. A mask is the union of the class's annotations in the
-image, rasterised with pycocotools. ``class_id`` is the position in that class list (so it depends on ``shot``,
-as the protocol's class list does); ``category_ids`` / ``class_names`` map it back to LVIS.
+``choice(images, 1, replace=False)`` from the seed-0 generator. A mask is the union of the class's annotations in
+the image, rasterised with pycocotools (the list builder stores it as one RLE per class and image). ``class_id`` is
+the position in that class list (so it depends on ``shot``, as the protocol's class list does); ``category_ids`` /
+``class_names`` map it back to LVIS.
 
 Training (``split="trn"``): the classes of the train list with more than ``shot`` images, minus the fold's test
 categories (none for ``fold=-1``); class, query and supports drawn at random. ``class_id`` is then the position in
@@ -24,10 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from fsseg.data.base import FewShotDataset
 from fsseg.data.protocol import Episode, choose, draw_random_supports, draw_supports
-from fsseg.data.tools.coco_masks import annotation_mask
 from fsseg.data.tools.lvis_lists import lists_path, read_class_lists
 
 
@@ -103,7 +104,8 @@ class LVIS92iDataset(FewShotDataset):
                 f"LVIS-92i: image {key!r} has no annotation of class {class_id} in this split/fold"
             )
         h, w = int(entry["height"]), int(entry["width"])
-        mask = np.zeros((h, w), dtype=bool)
-        for seg in entry["segmentations"]:
-            mask |= annotation_mask(seg, h, w)
+        try:
+            mask = mask_utils.decode({"size": [h, w], "counts": entry["rle"].encode()})  # [H, W]
+        except (KeyError, AttributeError, ValueError, TypeError) as e:
+            raise ValueError(f"LVIS-92i: bad mask entry for {key!r}, class {class_id}: {e}") from e
         return mask.astype(np.uint8)

@@ -36,7 +36,9 @@ class Report:
         self.lines.append(text)
 
     def format(self, max_listed: int = 20) -> str:
-        head = f"{TITLES[self.benchmark]}: " + ("OK" if self.ok else f"INCOMPLETE ({len(self.missing)} missing)")
+        head = f"{TITLES[self.benchmark]}: " + (
+            "OK" if self.ok else f"INCOMPLETE ({len(self.missing)} missing)"
+        )
         out = [head] + [f"  {ln}" for ln in self.lines]
         out += [f"  missing: {p}" for p in self.missing[:max_listed]]
         if len(self.missing) > max_listed:

@@ -64,22 +64,27 @@ def category_values(categories: list[dict]) -> dict[int, int]:
     return {cid: i + 1 for i, cid in enumerate(sorted(int(c["id"]) for c in categories))}
 
 
-def annotation_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """Rasterise one annotation's segmentation (polygon list, uncompressed or compressed RLE) -> bool ``[H, W]``."""
+def segmentation_rle(segmentation, height: int, width: int) -> dict:
+    """One annotation's segmentation (polygon list, uncompressed or compressed RLE) -> a compressed RLE dict."""
     if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
-        polys = [p for p in segmentation if len(p) >= 6]
+        polys = [p for p in segmentation if len(p) >= 6]  # fewer than 3 points: no area (and not a bbox)
         if not polys:
-            return np.zeros((height, width), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
-        rle = segmentation
-    else:
-        raise ValueError(
-            f"unsupported segmentation {str(segmentation)[:80]!r}: expected polygons or an RLE dict"
-        )
-    m = mask_utils.decode(rle)  # [H, W] uint8
+            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        counts = segmentation["counts"]
+        return {
+            "size": list(segmentation["size"]),
+            "counts": counts.encode() if isinstance(counts, str) else counts,
+        }
+    raise ValueError(f"unsupported segmentation {str(segmentation)[:80]!r}: expected polygons or an RLE dict")
+
+
+def annotation_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """Rasterise one annotation's segmentation -> bool ``[H, W]``."""
+    m = mask_utils.decode(segmentation_rle(segmentation, height, width))  # [H, W] uint8
     if m.shape != (height, width):
         raise ValueError(f"segmentation decodes to {m.shape}, image is {(height, width)}")
     return m.astype(bool)

@@ -7,14 +7,17 @@ Output: ``<root>/LVIS/lvis_{val,train}.json.gz`` (from ``lvis_v1_{val,train}.jso
      "classes": [
         {"category_id": 1, "name": "aerosol_can",
          "images": [
-            {"file": "val2017/000000397133.jpg", "height": 427, "width": 640,
-             "segmentations": [<segmentation of each annotation of this class in this image>, ...]},
+            {"file": "val2017/000000397133.jpg", "height": 427, "width": 640, "instances": 2,
+             "rle": "<COCO compressed RLE counts of the class mask>"},
             ...]},
         ...]}
 
 - ``classes``: every category that has at least one annotation, in ascending LVIS category id.
 - ``images`` of a class: in the order of each image's first annotation of that class in the JSON's ``annotations``
-  array; ``segmentations`` in annotation order. The class mask of an image is the union of its segmentations.
+  array. ``rle`` is the class mask of the image, the union of its ``instances`` annotations of that class (the
+  mask Matcher's loader builds: each polygon set rasterised with pycocotools at height x width, then OR-ed), as
+  pycocotools' compressed RLE string: decode with ``pycocotools.mask.decode({"size": [height, width],
+  "counts": rle})``. Keeping one RLE instead of the polygons keeps the file and the dataset's memory small.
 - ``file``: the image path relative to the COCO 2017 image folder, taken from the image's ``coco_url``
   (LVIS v1 val draws images from both COCO ``train2017`` and ``val2017``).
 
@@ -35,6 +38,10 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from pycocotools import mask as mask_utils
+
+from fsseg.data.tools.coco_masks import segmentation_rle
 
 FORMAT = "fsseg-lvis-classes/1"
 SPLITS = ("val", "train")
@@ -77,8 +84,14 @@ def build_class_lists(lvis: dict, source: str = "") -> dict:
         entries = []
         for iid, segs in per_class[cid].items():
             im = images[iid]
-            entries.append({"file": image_file(im), "height": int(im["height"]), "width": int(im["width"]),
-                            "segmentations": segs})  # fmt: skip
+            h, w = int(im["height"]), int(im["width"])
+            try:
+                rles = [segmentation_rle(seg, h, w) for seg in segs]
+            except ValueError as e:
+                raise ValueError(f"LVIS JSON {source}: image {iid}, category {cid}: {e}") from e
+            union = mask_utils.merge(rles, intersect=False) if len(rles) > 1 else rles[0]
+            entries.append({"file": image_file(im), "height": h, "width": w, "instances": len(segs),
+                            "rle": union["counts"].decode()})  # fmt: skip
         classes.append({"category_id": cid, "name": names[cid], "images": entries})
     return {"format": FORMAT, "source": source, "classes": classes}
 
