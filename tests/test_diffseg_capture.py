@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from fsseg.models.diffseg.capture import (
-    CaptureStore, FeatureCapture, fuse_attention_maps, install_capture, minmax_norm, remove_capture, resize_self_map,
+    CaptureStore,
+    FeatureCapture,
+    fuse_attention_maps,
+    install_capture,
+    minmax_norm,
+    remove_capture,
+    resize_self_map,
 )
 from fsseg.models.diffseg.tiny import TINY_EMBED_DIM, tiny_unet
 

@@ -30,7 +30,7 @@ class FrozenParts:
 def _load(cls, source: str, subfolder: str, what: str, repo_id: str):
     try:
         return cls.from_pretrained(source, subfolder=subfolder)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"could not load the {what} ({cls.__name__}) from {source!r}, subfolder {subfolder!r}: {err}\n"
             f"Expected a local folder or hub id holding '{subfolder}/' as in {repo_id}; fetch it on an online "

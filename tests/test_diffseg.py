@@ -1,0 +1,169 @@
+"""DiffSegModule on the tiny Kandinsky-shaped components: SCM gradients through the frozen UNet, parameter sharing,
+checkpoint round trip, loss masking, K-shot averaging and loading errors."""
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fsseg.models.diffseg import DiffSegModule
+from fsseg.models.diffseg.scm import SpatialControl
+from fsseg.models.diffseg.tiny import save_tiny_components
+
+S = 64  # tiny MoVQ downsamples by 4: latent 16, attention maps at 8 / 4 / 2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_components(tmp_path_factory.mktemp("tiny-diffseg"), seed=0)
+
+
+def make_module(tiny_dir, **kw):
+    kw.setdefault("edge_source", "sobel")
+    return DiffSegModule(decoder=str(tiny_dir / "decoder"), prior=str(tiny_dir / "prior"), **kw)
+
+
+def episode(i: int, k: int = 1) -> dict:
+    g = torch.Generator().manual_seed(i)
+    mask = torch.zeros(S, S, dtype=torch.long)
+    mask[8:40, 16:48] = 1
+    mask[0, :] = 255
+    return {
+        "query_img": torch.rand(3, S, S, generator=g),
+        "query_mask": mask,
+        "query_mask_eval": mask[::2, ::2].clone(),
+        "support_imgs": torch.rand(k, 3, S, S, generator=g),
+        "support_masks": mask.expand(k, S, S).clone(),
+        "class_id": torch.tensor(i % 3),
+        "episode_idx": torch.tensor(i),
+        "query_name": f"q{i}",
+        "support_names": [f"s{i}_{j}" for j in range(k)],
+    }
+
+
+def batch_of(n: int, k: int = 1) -> dict:
+    return next(iter(DataLoader([episode(i, k) for i in range(n)], batch_size=n)))
+
+
+def test_scm_gets_gradients_through_frozen_unet_which_stays_unchanged(tiny_dir):
+    torch.manual_seed(0)
+    m = make_module(tiny_dir, scm_zero_init=False)
+    unet_before = {k: v.clone() for k, v in m.unet.state_dict().items()}
+    scm_before = {k: v.clone() for k, v in m.scm.state_dict().items()}
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
+    assert {id(p) for p in m.trainable_parameters()} == {id(p) for p in [*m.scm.parameters(), *m.head.parameters()]}
+    out = m.training_loss(batch_of(2))
+    out["map_loss"].backward()  # M_a depends on SCM only through the UNet's up path
+    for name, p in m.scm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in m.unet.parameters())
+    opt.step()
+    for k, v in m.unet.state_dict().items():
+        assert torch.equal(v, unet_before[k]), k
+    assert any(not torch.equal(v, scm_before[k]) for k, v in m.scm.state_dict().items())
+
+
+def test_zero_initialised_scm_starts_as_the_plain_unet_but_learns(tiny_dir):
+    torch.manual_seed(0)
+    with_scm = make_module(tiny_dir)
+    without = make_module(tiny_dir, use_scm=False)
+    b = batch_of(2)
+    with torch.no_grad():
+        torch.testing.assert_close(with_scm(b)[1], without(b)[1])
+    with_scm.training_loss(b)["loss"].backward()
+    assert all(p.grad.abs().sum() > 0 for p in with_scm.scm.out_proj.parameters())
+
+
+def test_shared_versus_per_level_parameter_counts(tiny_dir):
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    shared = make_module(tiny_dir).scm
+    per_level = make_module(tiny_dir, scm_shared=False).scm
+    assert len(shared.cores) == 1 and len(per_level.cores) == 3
+    core = count(shared.cores[0])
+    assert count(per_level) - count(shared) == 2 * core
+    two_levels = make_module(tiny_dir, scm_levels=[2, 3]).scm
+    assert two_levels.levels == [2, 3] and count(two_levels) < count(shared)
+    # the levels' channels differ, so the per-level projections differ in size
+    assert shared.in_proj["1"].in_channels != shared.in_proj["3"].in_channels
+
+
+def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    m = make_module(tiny_dir)
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(m, train_dataloaders=DataLoader([episode(i) for i in range(4)], batch_size=2))
+    assert all(not p.requires_grad for p in m.unet.parameters())
+    assert not m.unet.training and not m.movq.training  # frozen parts stay in eval mode
+    path = tmp_path / "diffseg.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.startswith(("scm.", "head.")) for k in keys)
+    assert keys == {k for k, p in m.named_parameters() if p.requires_grad} | {k for k, _ in m.named_buffers() if k.startswith(("scm.", "head."))}
+    assert ckpt["hyper_parameters"]["decoder"] == str(tiny_dir / "decoder")
+    loaded = DiffSegModule.load_from_checkpoint(path, map_location="cpu")
+    b = batch_of(2)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(b)[0], m(b)[0])
+        assert torch.equal(loaded.predict_masks(b, (32, 32)), m.predict_masks(b, (32, 32)))
+
+
+def test_ignore_pixels_do_not_enter_the_losses_and_count_as_support_background(tiny_dir):
+    torch.manual_seed(0)
+    m = make_module(tiny_dir)
+    b = batch_of(2)
+    base = m.training_loss(b)
+    b2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
+    b2["query_mask"][:, 0, :] = 1  # only the ignore row changes
+    assert b["query_mask"][0, 0, 0] == 255
+    b_ign = {**b2, "query_mask": b["query_mask"]}
+    torch.testing.assert_close(m.training_loss(b_ign)["map_loss"], base["map_loss"])
+    changed = m.training_loss(b2)
+    assert not torch.allclose(changed["map_loss"], base["map_loss"])
+    # support: 255 behaves exactly like 0
+    b3 = {**b, "support_masks": torch.where(b["support_masks"] == 255, 0, b["support_masks"])}
+    with torch.no_grad():
+        torch.testing.assert_close(m(b3)[0], m(b)[0])
+
+
+def test_k_shot_averages_embeddings_and_latents(tiny_dir):
+    m = make_module(tiny_dir)
+    b = batch_of(2, k=3)
+    with torch.no_grad():
+        ls, emb = m.support_inputs(b)
+        singles = [m.support_inputs({**b, "support_imgs": b["support_imgs"][:, j:j + 1],
+                                     "support_masks": b["support_masks"][:, j:j + 1]}) for j in range(3)]
+    torch.testing.assert_close(ls, torch.stack([s[0] for s in singles]).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb, torch.stack([s[1] for s in singles]).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_prediction_shape_and_threshold(tiny_dir):
+    m = make_module(tiny_dir, threshold=2.0)
+    with torch.no_grad():
+        pred = m.predict_masks(batch_of(2), (40, 30))
+    assert pred.shape == (2, 40, 30) and pred.dtype == torch.long and pred.sum() == 0  # scores are within [0, 1]
+
+
+def test_missing_weights_and_bad_switches_are_clear_errors(tiny_dir, tmp_path):
+    shutil.copytree(tiny_dir / "decoder" / "unet", tmp_path / "dec" / "unet")  # a local folder lacking movq/
+    with pytest.raises(FileNotFoundError, match="subfolder 'movq'"):
+        DiffSegModule(decoder=str(tmp_path / "dec"), prior=str(tiny_dir / "prior"), edge_source="sobel")
+    with pytest.raises(FileNotFoundError, match="HED weights"):
+        make_module(tiny_dir, edge_source="hed", hed_weights=str(tmp_path / "hed.safetensors"))
+    with pytest.raises(ValueError, match="use_unet=False"):
+        make_module(tiny_dir, use_unet=False)
+    with pytest.raises(ValueError, match="scm_levels"):
+        make_module(tiny_dir, scm_levels=[4])
+    with pytest.raises(ValueError, match="att1"):
+        make_module(tiny_dir, pam_att1="mlp")
+
+
+def test_scm_rejects_mismatched_levels():
+    with pytest.raises(ValueError, match="levels"):
+        SpatialControl({1: 8}, {2: 8})
