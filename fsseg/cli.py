@@ -11,6 +11,7 @@ is given, reads the ``config.yaml`` that the training run saved beside its check
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         from fsseg.demo import main as demo_main
 
         raise SystemExit(demo_main(argv[1:]))
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # we pass argv on purpose
     run_cli(argv)
 
 

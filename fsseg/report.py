@@ -43,9 +43,9 @@ def _plain(v):
     return v
 
 
-def write_test_report(trainer, values: dict, records: list[dict], class_ids: list[int]) -> Path:
-    """Write ``metrics.json`` and ``episodes.jsonl`` into the trainer's log directory; returns that directory."""
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+def write_test_report(log_dir, trainer, values: dict, records: list[dict], class_ids: list[int]) -> Path:
+    """Write ``metrics.json`` and ``episodes.jsonl`` into ``log_dir``; returns it."""
+    log_dir = Path(log_dir)
     dm = getattr(trainer, "datamodule", None)
     meta = dm.describe() if dm is not None and hasattr(dm, "describe") else {}
     per_class = _plain(values["per_class_iou"])

@@ -1,10 +1,24 @@
-"""Episodic few-shot datasets, the seeded evaluation protocol and the DataModule."""
+"""Episodic few-shot datasets, the seeded evaluation protocol and the DataModule.
 
-from fsseg.data.base import FewShotDataset
-from fsseg.data.coco import CocoFewShot
-from fsseg.data.datamodule import FewShotDataModule
-from fsseg.data.fss import FSS1000FewShot
-from fsseg.data.pascal import PascalFewShot
-from fsseg.data.protocol import Episode
+Imports are lazy so that light tools (``fsseg data ...``, the embedded generator) start without torch/lightning.
+"""
 
-__all__ = ["Episode", "FewShotDataset", "CocoFewShot", "PascalFewShot", "FSS1000FewShot", "FewShotDataModule"]
+from importlib import import_module
+
+_EXPORTS = {
+    "Episode": "fsseg.data.protocol",
+    "FewShotDataset": "fsseg.data.base",
+    "CocoFewShot": "fsseg.data.coco",
+    "PascalFewShot": "fsseg.data.pascal",
+    "FSS1000FewShot": "fsseg.data.fss",
+    "LVIS92iDataset": "fsseg.data.lvis",
+    "ADE20KFewShot": "fsseg.data.ade",
+    "FewShotDataModule": "fsseg.data.datamodule",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fsseg.data' has no attribute {name!r}")

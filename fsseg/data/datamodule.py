@@ -92,8 +92,10 @@ class FewShotDataModule(L.LightningDataModule):
     def _root(self, benchmark: str) -> Path:
         hp = self.hparams
         if benchmark == "embedded":
-            from fsseg.data.embedded import ensure_embedded_benchmark
+            from fsseg.data.embedded import MARKER_NAME, ensure_embedded_benchmark
 
+            if hp.root and (Path(hp.root) / MARKER_NAME).is_file():  # an embedded benchmark generated before
+                return Path(hp.root)
             return ensure_embedded_benchmark(Path(hp.root) if hp.root else None, seed=0)
         if hp.root is None:
             raise ValueError("data.root is not set: give the folder that holds COCO2014/, VOC2012/, FSS-1000/, LVIS/")

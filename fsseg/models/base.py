@@ -121,8 +121,9 @@ class FewShotModule(L.LightningModule):
 
         records = gather_records(self.test_records)
         self.test_records = []
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
-            write_test_report(self.trainer, values, records, self.test_iou.class_ids)
+            write_test_report(log_dir, self.trainer, values, records, self.test_iou.class_ids)
 
     def _record_episodes(self, batch: dict, inter: torch.Tensor, union: torch.Tensor) -> None:
         support_names = batch["support_names"]  # collated: K lists of B names
