@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import (  # typed so jsonargparse accepts class_path
+    LRSchedulerCallable,
+    OptimizerCallable,
+)
 
-from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
+from fsseg.models.base import FewShotModule
 from fsseg.models.diffseg.capture import CaptureStore, FeatureCapture, fuse_attention_maps, install_capture
 from fsseg.models.diffseg.hed import build_edge_source
-from fsseg.models.diffseg.loading import DECODER_ID, PRIOR_ID, clip_pixel_values, load_frozen_parts
+from fsseg.models.diffseg.loading import (
+    DECODER_ID,
+    PRIOR_ID,
+    FrozenParts,
+    clip_pixel_values,
+    load_frozen_parts,
+)
 from fsseg.models.diffseg.pam import ConvHead, PerceptualAttention
 from fsseg.models.diffseg.scm import SCMHooks, SpatialControl, unet_level_channels
 
@@ -89,7 +99,7 @@ class DiffSegModule(FewShotModule):
         bad_blocks = set(attn_blocks) - {"down", "mid", "up"}
         if bad_blocks or not attn_blocks:
             raise ValueError(f"attn_blocks must be a non-empty subset of down/mid/up, got {list(attn_blocks)}")
-        parts = load_frozen_parts(decoder, prior)
+        parts = self.load_frozen_parts(decoder, prior)
         self.movq = parts.movq
         self.noise_scheduler = parts.scheduler
         self.unet = parts.unet if use_unet else None
@@ -126,6 +136,11 @@ class DiffSegModule(FewShotModule):
             )
         else:
             self.head = ConvHead(self.latent_channels, map_channels)
+
+    def load_frozen_parts(self, decoder: str, prior: str) -> FrozenParts:
+        """The frozen UNet / MoVQ / scheduler / CLIP encoder + processor (``from_pretrained``; a subclass may build
+        them otherwise, e.g. the speed benchmark's random-weight Kandinsky)."""
+        return load_frozen_parts(decoder, prior)
 
     # ---- frozen parts stay in eval mode ---------------------------------------------------------------------
     def train(self, mode: bool = True):
