@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable  # base's alias returns Any, which jsonargparse rejects
 
-from fsseg.models.base import FewShotModule
+from fsseg.models.base import FewShotModule, OptimizerCallable
 from fsseg.models.diffews import generation as gen
 from fsseg.models.diffews.inputs import (
     INJECTIONS,
@@ -68,8 +69,8 @@ class DiffewsModule(FewShotModule):
         image_encoder: str | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
-        optimizer=None,
-        scheduler=None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)

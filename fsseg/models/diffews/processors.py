@@ -56,8 +56,8 @@ class FusionAttnProcessor:
         self.mode = mode
 
     def _heads(self, attn, x: torch.Tensor) -> torch.Tensor:  # [N, L, C] -> [N, H, L, d]
-        n, l, c = x.shape
-        return x.view(n, l, attn.heads, c // attn.heads).transpose(1, 2)
+        n, n_tok, c = x.shape
+        return x.view(n, n_tok, attn.heads, c // attn.heads).transpose(1, 2)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -75,8 +75,8 @@ class FusionAttnProcessor:
             out = self._kv_fusion(q, k, v)
         else:
             out = self._qkv_fusion(q, k, v)
-        n, h, l, d = out.shape
-        out = out.transpose(1, 2).reshape(n, l, h * d).to(q.dtype)
+        n, h, n_tok, d = out.shape
+        out = out.transpose(1, 2).reshape(n, n_tok, h * d).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
@@ -84,28 +84,28 @@ class FusionAttnProcessor:
 
     def _support_tokens(self, t: torch.Tensor) -> torch.Tensor:  # support rows [B*K, H, L, d] -> [B, H, K*L, d]
         b, k = self.ctx.n_query, self.ctx.n_shot
-        _, h, l, d = t.shape
-        return t.view(b, k, h, l, d).permute(0, 2, 1, 3, 4).reshape(b, h, k * l, d)
+        _, h, n_tok, d = t.shape
+        return t.view(b, k, h, n_tok, d).permute(0, 2, 1, 3, 4).reshape(b, h, k * n_tok, d)
 
     def _kv_fusion(self, q, k, v):
         ctx = self.ctx
         b = ctx.n_query
-        l = q.shape[2]
+        n_tok = q.shape[2]
         out_s = F.scaled_dot_product_attention(q[b:], k[b:], v[b:])  # supports: their own tokens only
         ks, vs = self._support_tokens(k[b:]), self._support_tokens(v[b:])  # [B, H, K*L, d]
         keep = None
         if ctx.support_mask is not None:
-            keep = layer_mask(ctx.support_mask, ctx.mask_hw, l)  # [B, K*L]
-        if ctx.sample_one_shot and ks.shape[2] > l:
+            keep = layer_mask(ctx.support_mask, ctx.mask_hw, n_tok)  # [B, K*L]
+        if ctx.sample_one_shot and ks.shape[2] > n_tok:
             idx = torch.stack(
-                [torch.randperm(ks.shape[2], generator=ctx.generator, device="cpu")[:l] for _ in range(b)]
+                [torch.randperm(ks.shape[2], generator=ctx.generator, device="cpu")[:n_tok] for _ in range(b)]
             ).to(ks.device)  # [B, n]
             gather = idx[:, None, :, None].expand(-1, ks.shape[1], -1, ks.shape[3])
             ks, vs = ks.gather(2, gather), vs.gather(2, gather)
             keep = keep.gather(1, idx) if keep is not None else None
         mask = None
         if keep is not None:
-            own = torch.ones(b, l, dtype=torch.bool, device=keep.device)
+            own = torch.ones(b, n_tok, dtype=torch.bool, device=keep.device)
             mask = torch.cat([own, keep], dim=1)[:, None, None, :]  # [B, 1, 1, L + n]
         out_q = F.scaled_dot_product_attention(q[:b], torch.cat([k[:b], ks], 2), torch.cat([v[:b], vs], 2), attn_mask=mask)
         return torch.cat([out_q, out_s], 0)
@@ -115,15 +115,15 @@ class FusionAttnProcessor:
         if ctx.support_mask is not None or ctx.sample_one_shot:
             raise ValueError("qkv fusion supports neither attention-mask injection nor support-token sampling")
         b, kk = ctx.n_query, ctx.n_shot
-        l = q.shape[2]
+        n_tok = q.shape[2]
 
         def joint(t):  # [N, H, L, d] -> [B, H, (1+K)*L, d], each episode's query tokens first
             return torch.cat([t[:b], self._support_tokens(t[b:])], 2)
 
         out = F.scaled_dot_product_attention(joint(q), joint(k), joint(v))  # [B, H, (1+K)L, d]
-        out_q = out[:, :, :l]
+        out_q = out[:, :, :n_tok]
         h, d = out.shape[1], out.shape[3]
-        out_s = out[:, :, l:].reshape(b, h, kk, l, d).permute(0, 2, 1, 3, 4).reshape(b * kk, h, l, d)
+        out_s = out[:, :, n_tok:].reshape(b, h, kk, n_tok, d).permute(0, 2, 1, 3, 4).reshape(b * kk, h, n_tok, d)
         return torch.cat([out_q, out_s], 0)
 
 
