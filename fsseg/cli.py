@@ -3,6 +3,7 @@
     fsseg fit --config configs/baseline.yaml
     fsseg test --ckpt runs/baseline/version_0/checkpoints/last.ckpt --fold 2
     fsseg data check --root data
+    fsseg predict-images --ckpt last.ckpt --support s.jpg --support-mask s.png --query photos/ --out preds/
 
 Shorthands: ``--fold N`` is ``--data.fold N``; ``--ckpt PATH`` is ``--ckpt_path PATH`` and, when no ``--config``
 is given, reads the ``config.yaml`` that the training run saved beside its checkpoints.
@@ -64,6 +65,7 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 
 def run_cli(argv: list[str]) -> LightningCLI:
     """Run one ``fsseg fit|validate|test|predict`` command in-process; returns the finished LightningCLI."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # argv is given on purpose
     return LightningCLI(
         FewShotModule,
         FewShotDataModule,
@@ -86,11 +88,22 @@ def main(argv: list[str] | None = None) -> None:
         from fsseg.data.tools import main as data_main
 
         raise SystemExit(data_main(argv[1:]))
+    if argv and argv[0] == "predict-images":
+        from fsseg.predict import main as predict_main
+
+        raise SystemExit(predict_main(argv[1:]))
+    if argv and argv[0] == "compare":
+        from fsseg.compare import main as compare_main
+
+        raise SystemExit(compare_main(argv[1:]))
+    if argv and argv[0] == "evaluate-seeds":
+        from fsseg.seeds import main as seeds_main
+
+        raise SystemExit(seeds_main(argv[1:]))
     if argv and argv[0] == "demo":
         from fsseg.demo import main as demo_main
 
         raise SystemExit(demo_main(argv[1:]))
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # we pass argv on purpose
     run_cli(argv)
 
 
