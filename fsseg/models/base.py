@@ -59,6 +59,27 @@ class FewShotModule(L.LightningModule):
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         """Binary query predictions ``[B, *out_size]`` (int64, {0, 1})."""
 
+    # ---- one support set, many queries (``fsseg predict-images``) ------------------------------------------
+    def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> object:
+        """Prepare one support set ``[K, 3, S, S]`` in [0, 1] / ``[K, S, S]`` in {0, 1, 255} for many queries.
+
+        The default keeps the tensors; a method overrides this (with `predict_with_support`) to do the support's
+        share of the work once.
+        """
+        return support_imgs, support_masks
+
+    def predict_with_support(self, support_state, query_imgs: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """Binary predictions ``[B, *out_size]`` (int64, {0, 1}) for ``query_imgs [B, 3, S, S]`` against a support
+        set from `encode_support`. The default builds an episode batch (image keys only) for `predict_masks`."""
+        s_imgs, s_masks = support_state
+        b = query_imgs.shape[0]
+        batch = {
+            "query_img": query_imgs,  # [B, 3, S, S]
+            "support_imgs": s_imgs.expand(b, *s_imgs.shape),  # [B, K, 3, S, S]
+            "support_masks": s_masks.expand(b, *s_masks.shape),  # [B, K, S, S]
+        }
+        return self.predict_masks(batch, out_size)
+
     # ---- shared steps ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

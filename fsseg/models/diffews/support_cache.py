@@ -43,21 +43,21 @@ class BankAttnProcessor(FusionAttnProcessor):
         if ctx.mode == "write":  # rows are the K supports
             ctx.bank[(self.name, ctx.t_key)] = (k, v)
             return F.scaled_dot_product_attention(q, k, v)
-        b, h, l, d = q.shape  # rows are the B queries
+        b, h, n_tok, d = q.shape  # rows are the B queries
         ks, vs = ctx.bank[(self.name, ctx.t_key)]  # [K, H, L, d]
         ks = ks.transpose(0, 1).reshape(1, h, -1, d).expand(b, -1, -1, -1)  # [B, H, K*L, d], shot-major as in the joint call
         vs = vs.transpose(0, 1).reshape(1, h, -1, d).expand(b, -1, -1, -1)
-        keep = layer_mask(ctx.support_mask, ctx.mask_hw, l) if ctx.support_mask is not None else None  # [B, K*L]
-        if ctx.sample_one_shot and ks.shape[2] > l:  # the same draws, in the same order, as FusionAttnProcessor
+        keep = layer_mask(ctx.support_mask, ctx.mask_hw, n_tok) if ctx.support_mask is not None else None  # [B, K*L]
+        if ctx.sample_one_shot and ks.shape[2] > n_tok:  # the same draws, in the same order, as FusionAttnProcessor
             idx = torch.stack(
-                [torch.randperm(ks.shape[2], generator=ctx.generator, device="cpu")[:l] for _ in range(b)]
+                [torch.randperm(ks.shape[2], generator=ctx.generator, device="cpu")[:n_tok] for _ in range(b)]
             ).to(ks.device)  # [B, L]
             gather = idx[:, None, :, None].expand(-1, h, -1, d)
             ks, vs = ks.gather(2, gather), vs.gather(2, gather)
             keep = keep.gather(1, idx) if keep is not None else None
         mask = None
         if keep is not None:
-            mask = torch.cat([torch.ones(b, l, dtype=torch.bool, device=keep.device), keep], 1)[:, None, None, :]
+            mask = torch.cat([torch.ones(b, n_tok, dtype=torch.bool, device=keep.device), keep], 1)[:, None, None, :]
         return F.scaled_dot_product_attention(q, torch.cat([k, ks], 2), torch.cat([v, vs], 2), attn_mask=mask)
 
 

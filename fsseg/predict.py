@@ -1,0 +1,236 @@
+"""``fsseg predict-images``: segment your own images from one (or K) annotated example(s).
+
+    fsseg predict-images --ckpt runs/demo_baseline/version_0/checkpoints/last.ckpt \\
+        --support cat.jpg --support-mask cat_mask.png --query photos/ --out predictions/
+
+For every query it writes ``<stem>_mask.png`` (0 = background, 255 = object) and ``<stem>_overlay.png`` at the
+query's own size. The support set is encoded once (`FewShotModule.encode_support`) and reused for every query
+(`FewShotModule.predict_with_support`). A support mask is a PNG with 0 for background and one other value for the
+object (1, 255, a palette index, a colour); ``--mask-value V`` picks one value of a multi-class label map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from fsseg.data.base import image_to_tensor, load_label, load_rgb, resize_mask
+from fsseg.models.base import FewShotModule
+from fsseg.visual import overlay
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------------
+def read_support_mask(path: Path, mask_value: int | None = None) -> np.ndarray:
+    """A support mask file as uint8 ``[H, W]`` in {0, 1}; clear errors for empty or non-binary masks."""
+    label = load_label(Path(path))  # palette indices kept, anything else as luminance
+    values = np.unique(label)
+    if mask_value is not None:
+        if mask_value not in values:
+            raise ValueError(f"support mask {path}: --mask-value {mask_value} does not occur; its values are {values.tolist()[:20]}")
+        fg = label == mask_value
+    else:
+        nonzero = values[values != 0]
+        if len(nonzero) > 1:
+            shown = ", ".join(map(str, nonzero.tolist()[:8])) + (", ..." if len(nonzero) > 8 else "")
+            raise ValueError(
+                f"support mask {path} is not binary: besides 0 it has {len(nonzero)} values ({shown}); expected 0 for "
+                f"background and one value (e.g. 1 or 255) for the object, or pick one with --mask-value"
+            )
+        fg = label != 0
+    if not fg.any():
+        raise ValueError(f"support mask {path} is empty: it has no foreground pixel (expected non-zero pixels on the object)")
+    return fg.astype(np.uint8)
+
+
+def load_support(image: Path, mask: Path, img_size: int, mask_value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One support pair -> image ``[3, S, S]`` in [0, 1] and mask ``[S, S]`` in {0, 1}."""
+    img = load_rgb(Path(image))
+    m = read_support_mask(Path(mask), mask_value)
+    if m.shape != (img.height, img.width):
+        raise ValueError(
+            f"support mask {mask} is {m.shape[1]}x{m.shape[0]} (WxH) but its image {image} is {img.width}x{img.height}; "
+            f"they must have the same size"
+        )
+    small = resize_mask(m, (img_size, img_size))  # [S, S]
+    if not small.any():
+        raise ValueError(f"support mask {mask}: the object vanishes at --img-size {img_size} (only {int(m.sum())} pixels); use a larger size")
+    return image_to_tensor(img, img_size), small
+
+
+def list_queries(paths: list[Path]) -> list[Path]:
+    """Query files: each path is an image or a folder of images (non-recursive, sorted); names must not clash."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise FileNotFoundError(f"query folder {p} holds no image ({', '.join(IMAGE_EXTS)})")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"query {p} does not exist")
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen:
+            raise ValueError(f"queries {seen[f.stem]} and {f} would write the same <stem>_mask.png; rename one")
+        seen[f.stem] = f
+    for f in files:  # fail before any work on a file that is not an image
+        try:
+            with Image.open(f) as im:
+                im.size  # noqa: B018
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"query image {f} is unreadable or not an image: {e}") from e
+    return files
+
+
+# ---- the model ----------------------------------------------------------------------------------------------------
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"model.class_path {class_path!r} cannot be imported: {e}") from e
+
+
+def threshold_override(cls: type, value: float) -> dict:
+    """The init argument that ``--threshold`` sets for this method."""
+    params = inspect.signature(cls.__init__).parameters
+    if "threshold_value" in params:
+        return {"threshold_value": value}
+    if "threshold" in params and isinstance(params["threshold"].default, float):
+        return {"threshold": value}
+    raise ValueError(f"--threshold does not apply to {cls.__name__}: it has no numeric threshold")
+
+
+def load_model(config: Path | None = None, ckpt: Path | None = None, threshold: float | None = None) -> tuple[FewShotModule, dict]:
+    """The method of a run (its config's ``model`` section), with the checkpoint's weights when given.
+
+    Returns (model in eval mode, the config's ``data`` section).
+    """
+    from jsonargparse import ArgumentParser
+
+    from fsseg.cli import find_run_config
+
+    if ckpt is None and config is None:
+        raise ValueError("give --ckpt (a Lightning checkpoint beside its run's config.yaml) or --config")
+    config = Path(config) if config is not None else find_run_config(Path(ckpt))
+    if not config.is_file():
+        raise FileNotFoundError(f"--config {config} does not exist")
+    cfg = yaml.safe_load(config.read_text()) or {}
+    model_cfg = cfg.get("model") or {}
+    if "class_path" not in model_cfg:
+        raise ValueError(f"{config}: no model.class_path")
+    init = {k: v for k, v in (model_cfg.get("init_args") or {}).items() if k not in ("optimizer", "scheduler")}
+    if threshold is not None:
+        init.update(threshold_override(_import(model_cfg["class_path"]), threshold))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(FewShotModule, "model", required=True)
+    try:
+        parsed = parser.parse_object({"model": {"class_path": model_cfg["class_path"], "init_args": init}})
+    except Exception as e:  # jsonargparse's ArgumentError and friends
+        raise ValueError(f"{config}: the model section does not parse: {e}") from e
+    model = parser.instantiate_classes(parsed).model
+    if ckpt is not None:
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--ckpt: checkpoint {ckpt} does not exist")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if "state_dict" not in state:
+            raise ValueError(f"--ckpt {ckpt} is not a Lightning checkpoint (no state_dict)")
+        model.load_state_dict(state["state_dict"])
+    return model.eval(), cfg.get("data") or {}
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------------
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG through a temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.no_grad()
+def predict_images(
+    model: FewShotModule,
+    supports: list[tuple[Path, Path]],
+    queries: list[Path],
+    out_dir: Path,
+    img_size: int,
+    mask_value: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """Segment every query against one support set (encoded once); returns one record per query."""
+    if not supports:
+        raise ValueError("give at least one --support IMG --support-mask MASK pair")
+    pairs = [load_support(i, m, img_size, mask_value) for i, m in supports]
+    s_imgs = torch.stack([p[0] for p in pairs]).to(device)  # [K, 3, S, S]
+    s_masks = torch.stack([p[1] for p in pairs]).to(device)  # [K, S, S]
+    model = model.to(device).eval()
+    state = model.encode_support(s_imgs, s_masks)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for q in queries:
+        img = load_rgb(Path(q))
+        x = image_to_tensor(img, img_size)[None].to(device)  # [1, 3, S, S]
+        pred = model.predict_with_support(state, x, (img.height, img.width))
+        if tuple(pred.shape) != (1, img.height, img.width):
+            raise RuntimeError(f"{type(model).__name__}.predict_with_support returned {tuple(pred.shape)}, expected (1, {img.height}, {img.width})")
+        mask = (pred[0].cpu().numpy() == 1).astype(np.uint8)  # [H, W]
+        mask_path, overlay_path = out_dir / f"{q.stem}_mask.png", out_dir / f"{q.stem}_overlay.png"
+        save_png(Image.fromarray(mask * 255, "L"), mask_path)
+        save_png(overlay(img, mask), overlay_path)
+        records.append({"query": str(q), "mask": str(mask_path), "overlay": str(overlay_path), "foreground": float(mask.mean())})
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fsseg predict-images", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=Path, help="Lightning checkpoint; the run's config.yaml is found beside it")
+    p.add_argument("--config", type=Path, help="run config (model section); without --ckpt the weights it names are used")
+    p.add_argument("--support", type=Path, action="append", default=[], required=True, help="support image (repeat for K shots)")
+    p.add_argument("--support-mask", type=Path, action="append", default=[], required=True, help="its mask (same order)")
+    p.add_argument("--query", type=Path, action="append", required=True, help="query image or folder of images (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--img-size", type=int, help="model input side (default: the run's data.img_size)")
+    p.add_argument("--threshold", type=float, help="foreground threshold, for methods that threshold a score")
+    p.add_argument("--mask-value", type=int, help="the object's value in a multi-valued support mask")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if len(args.support) != len(args.support_mask):
+            raise ValueError(f"{len(args.support)} --support images but {len(args.support_mask)} --support-mask files; give one mask per image")
+        queries = list_queries(args.query)
+        model, data_cfg = load_model(args.config, args.ckpt, args.threshold)
+        from fsseg.data.datamodule import FewShotDataModule
+
+        default_size = inspect.signature(FewShotDataModule).parameters["img_size"].default
+        img_size = args.img_size or int(data_cfg.get("img_size") or default_size)
+        records = predict_images(model, list(zip(args.support, args.support_mask)), queries, args.out, img_size, args.mask_value, args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fsseg predict-images: error: {e}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(f"{r['query']}: foreground {100 * r['foreground']:.1f}% -> {r['mask']}")
+    return 0

@@ -1,0 +1,285 @@
+"""``fsseg predict-images`` on generated images: every method with a checkpoint, outputs at the query's size equal to
+the method's own `predict_masks`, the support encoded once (DiffewS: its K/V computed once), and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fsseg.cli import main as fsseg_main
+from fsseg.cli import run_cli
+from fsseg.data.base import image_to_tensor, load_rgb
+from fsseg.models.baseline import PrototypeModule
+from fsseg.models.diffews import DiffewsModule, support_cache
+from fsseg.models.diffews.tiny import write_tiny_sd
+from fsseg.models.diffseg.tiny import save_tiny_components
+from fsseg.predict import load_model, load_support, predict_images, read_support_mask
+
+QUERY_SIZES = {"a.png": (40, 30), "b.jpg": (64, 64), "c.png": (50, 70)}  # (w, h)
+
+
+def noise_image(w: int, h: int, seed: int, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 120, (h, w, 3), dtype=np.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        arr[y0:y1, x0:x1] = (230, 40, 40)  # a red object
+    return Image.fromarray(arr)
+
+
+def save_mask(path: Path, w: int, h: int, box, value: int = 255, mode: str = "L") -> Path:
+    m = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = value
+    Image.fromarray(m, mode).save(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> dict:
+    """Two supports (a red box, its 0/255 mask) and a folder of three queries of different sizes."""
+    sup = []
+    for i, (w, h, box) in enumerate([(64, 48, (10, 8, 40, 30)), (56, 56, (20, 20, 50, 44))]):
+        noise_image(w, h, i, box).save(tmp_path / f"s{i}.png")
+        sup.append((tmp_path / f"s{i}.png", save_mask(tmp_path / f"s{i}_mask.png", w, h, box)))
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    for j, (name, (w, h)) in enumerate(QUERY_SIZES.items()):
+        noise_image(w, h, 10 + j, (w // 4, h // 4, w // 2, h // 2)).save(qdir / name)
+    (qdir / "notes.txt").write_text("not an image: skipped by extension")
+    return {"supports": sup, "queries": qdir, "out": tmp_path / "out"}
+
+
+def cli_args(images: dict, shots: int = 1) -> list[str]:
+    args = []
+    for img, mask in images["supports"][:shots]:
+        args += ["--support", str(img), "--support-mask", str(mask)]
+    return args + ["--query", str(images["queries"]), "--out", str(images["out"])]
+
+
+def direct_predictions(model, images: dict, shots: int, img_size: int) -> dict[str, np.ndarray]:
+    """The method's own `predict_masks` on an episode batch built by hand, per query."""
+    pairs = [load_support(i, m, img_size) for i, m in images["supports"][:shots]]
+    s_imgs, s_masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    out = {}
+    for name in QUERY_SIZES:
+        img = load_rgb(images["queries"] / name)
+        batch = {"query_img": image_to_tensor(img, img_size)[None], "support_imgs": s_imgs[None], "support_masks": s_masks[None]}
+        with torch.no_grad():
+            out[Path(name).stem] = model.predict_masks(batch, (img.height, img.width))[0].numpy()
+    return out
+
+
+def check_outputs(images: dict, expected: dict[str, np.ndarray]) -> None:
+    out = images["out"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(n).stem}_{k}.png" for n in QUERY_SIZES for k in ("mask", "overlay"))
+    for name, (w, h) in QUERY_SIZES.items():
+        stem = Path(name).stem
+        mask = np.array(Image.open(out / f"{stem}_mask.png"))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, expected[stem] == 1)
+        with Image.open(out / f"{stem}_overlay.png") as ov:
+            assert ov.size == (w, h) and ov.mode == "RGB"
+
+
+def save_lightning_checkpoint(model: L.LightningModule, run_dir: Path, config: dict) -> Path:
+    """A checkpoint in the layout of a training run: <run>/config.yaml, <run>/checkpoints/last.ckpt."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+# ---- the baseline, from a checkpoint of a real `fsseg fit` --------------------------------------------------------
+@pytest.fixture(scope="module")
+def baseline_ckpt(tmp_path_factory, small_embedded) -> Path:
+    tmp = tmp_path_factory.mktemp("baseline_run")
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "runs"), "name": "p"}},
+        },
+        "model": {"class_path": "fsseg.models.baseline.PrototypeModule",
+                  "init_args": {"out_indices": [1], "embed_dim": 16, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}}}},
+        "data": {"root": str(small_embedded), "benchmark": "embedded", "img_size": 48, "batch_size": 4, "train_episodes": 8},
+    }
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    fit = run_cli(["fit", "--config", str(tmp / "config.yaml")])
+    return Path(fit.trainer.checkpoint_callback.last_model_path)
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_baseline_from_checkpoint(baseline_ckpt, images, shots):
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images, shots)])
+    assert done.value.code == 0
+    model, data = load_model(ckpt=baseline_ckpt)
+    assert data["img_size"] == 48  # the run's input size is the default
+    trained = torch.load(baseline_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    check_outputs(images, direct_predictions(model, images, shots, 48))
+
+
+# ---- DiffewS and DiffSeg, tiny models in their real folder layouts ------------------------------------------------
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> str:
+    return str(write_tiny_sd(tmp_path_factory.mktemp("predict_diffews") / "sd", seed=0))
+
+
+@pytest.fixture(scope="module")
+def kandinsky_dir(tmp_path_factory) -> Path:
+    return save_tiny_components(tmp_path_factory.mktemp("predict_diffseg"), seed=0)
+
+
+def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
+    config = {"model": {"class_path": "fsseg.models.diffews.DiffewsModule", "init_args": {"pretrained": sd_dir}}, "data": {"img_size": 32}}
+    L.seed_everything(3)
+    model = DiffewsModule(pretrained=sd_dir)
+    with torch.no_grad():
+        model.unet.conv_in_ref.weight.add_(0.05 * torch.randn_like(model.unet.conv_in_ref.weight))  # differs from a fresh init
+    ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.5", *cli_args(images, 2)])
+    assert done.value.code == 0
+    model.eval().threshold_value = 0.5  # what --threshold sets
+    check_outputs(images, direct_predictions(model, images, 2, 32))  # so the checkpoint's weights were used
+
+
+def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):
+    init = {"decoder": str(kandinsky_dir / "decoder"), "prior": str(kandinsky_dir / "prior"), "edge_source": "sobel", "scm_zero_init": False}
+    config = {"model": {"class_path": "fsseg.models.diffseg.DiffSegModule", "init_args": init}, "data": {"img_size": 64}}
+    L.seed_everything(4)
+    model, _ = load_model(config=_write(tmp_path / "c.yaml", config))
+    ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.45", *cli_args(images, 1)])
+    assert done.value.code == 0
+    model.hparams.threshold = 0.45  # what --threshold sets
+    check_outputs(images, direct_predictions(model, images, 1, 64))
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---- the support is encoded once ----------------------------------------------------------------------------------
+class CachedDiffews(DiffewsModule):
+    """DiffewS with the support cache as its two methods (what `DiffewsModule` itself binds)."""
+
+    encode_support = support_cache.encode_support
+    predict_with_support = support_cache.predict_with_support
+
+
+def _count_rows(module: torch.nn.Module) -> list[int]:
+    """Records the batch size of every forward call of ``module``."""
+    rows: list[int] = []
+    module.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(int(args[0].shape[0])), with_kwargs=True)
+    return rows
+
+
+def _spy(model, name: str, calls: list) -> None:
+    method = getattr(model, name)
+
+    def wrapper(*args):
+        calls.append(name)
+        return method(*args)
+
+    setattr(model, name, wrapper)
+
+
+def test_support_encoded_once_for_all_queries(images):
+    model = PrototypeModule(out_indices=(1,), embed_dim=8)
+    calls: list[str] = []
+    _spy(model, "encode_support", calls)
+    _spy(model, "predict_with_support", calls)
+    queries = sorted(images["queries"].glob("*.*g"))
+    predict_images(model, images["supports"], queries, images["out"], 32)
+    assert calls == ["encode_support"] + ["predict_with_support"] * 3
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, pytest.param({"injection": "attention_mask", "generation": "mi2m", "num_inference_steps": 2}, marks=pytest.mark.slow)]
+)
+def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
+    """One support pass (K rows) per visited timestep, then query-only UNet passes (1 row each); the prediction
+    equals the joint one-pass call of `DiffewsModule.predict_masks`."""
+    torch.manual_seed(0)
+    model = CachedDiffews(pretrained=sd_dir, **kw).eval()
+    unet_rows, vae_rows = _count_rows(model.unet), _count_rows(model.vae.encoder)
+    queries = sorted(images["queries"].glob("*.*g"))
+    predict_images(model, images["supports"], queries, images["out"], 32)
+    steps = kw.get("num_inference_steps", 1)
+    support_rows = 2 if kw.get("injection") == "attention_mask" else 4  # concat also encodes the 2 mask images
+    assert vae_rows == [support_rows] + [1] * 3  # the supports once, then each query
+    assert unet_rows == [2] * steps + [1] * 3 * steps
+    # the stored K/V give what the joint one-pass call gives (up to uint8 rounding of the decoded image)
+    pairs = [load_support(i, m, 32) for i, m in images["supports"]]
+    s_imgs, s_masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [2, 3, 32, 32], [2, 32, 32]
+    q = torch.stack([image_to_tensor(load_rgb(p), 32) for p in queries])  # [3, 3, 32, 32]
+    batch = {"query_img": q, "support_imgs": s_imgs.expand(3, -1, -1, -1, -1), "support_masks": s_masks.expand(3, -1, -1, -1)}
+    with torch.no_grad():
+        joint = model.predict_image(batch)
+    cached = support_cache.support_prediction_image(model, model.encode_support(s_imgs, s_masks), q)
+    assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
+
+
+# ---- clear errors ------------------------------------------------------------------------------------------------
+def test_support_mask_errors_name_the_file(tmp_path):
+    box = (4, 4, 20, 20)
+    with pytest.raises(ValueError, match=r"empty\.png is empty"):
+        read_support_mask(save_mask(tmp_path / "empty.png", 32, 32, (0, 0, 0, 0)))
+    multi = np.zeros((32, 32), np.uint8)
+    multi[2:10, 2:10], multi[12:20, 12:20] = 100, 200
+    Image.fromarray(multi).save(tmp_path / "multi.png")
+    with pytest.raises(ValueError, match=r"multi\.png is not binary.*100, 200.*--mask-value"):
+        read_support_mask(tmp_path / "multi.png")
+    assert read_support_mask(tmp_path / "multi.png", mask_value=200).sum() == 64
+    with pytest.raises(ValueError, match=r"multi\.png: --mask-value 7 does not occur"):
+        read_support_mask(tmp_path / "multi.png", mask_value=7)
+    palette = save_mask(tmp_path / "palette.png", 32, 32, box, value=15, mode="P")  # a VOC-style class index
+    assert read_support_mask(palette).sum() == 16 * 16
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"garbage\.png is unreadable"):
+        read_support_mask(tmp_path / "garbage.png")
+    with pytest.raises(FileNotFoundError, match=r"missing\.png is missing"):
+        read_support_mask(tmp_path / "missing.png")
+
+
+def test_support_pair_errors_name_the_files(tmp_path):
+    noise_image(64, 48, 0).save(tmp_path / "img.png")
+    with pytest.raises(ValueError, match=r"small\.png is 32x32 \(WxH\) but its image .*img\.png is 64x48"):
+        load_support(tmp_path / "img.png", save_mask(tmp_path / "small.png", 32, 32, (4, 4, 20, 20)), 32)
+    with pytest.raises(ValueError, match=r"dot\.png: the object vanishes at --img-size 8"):
+        load_support(tmp_path / "img.png", save_mask(tmp_path / "dot.png", 64, 48, (33, 25, 34, 26)), 8)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ValueError, match=r"bad\.jpg is unreadable"):
+        load_support(tmp_path / "bad.jpg", tmp_path / "small.png", 32)
+
+
+def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
+    (images["queries"] / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "query image" in err and "broken.png is unreadable" in err
+    assert not images["out"].exists()  # nothing written before the inputs are checked
+    (images["queries"] / "broken.png").unlink()
+    bad = ["--support", str(images["supports"][0][0]), "--support-mask", str(images["supports"][1][1])]  # 56x56 mask for a 64x48 image
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *bad, "--query", str(images["queries"]), "--out", str(images["out"])])
+    assert done.value.code == 2 and "s1_mask.png is 56x56" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), "--threshold", "0.3", *cli_args(images)])
+    assert done.value.code == 2 and "--threshold does not apply to PrototypeModule" in capsys.readouterr().err
