@@ -25,5 +25,9 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check fsseg tests tools benchmarks
 
+# make reproduce-table1 DATA=<data root> CKPTS=<weights folder>   (SMOKE=1: embedded benchmark, tiny models, CPU)
+reproduce-table1 reproduce-table2: reproduce-%: install
+	$(PY) -m fsseg.reproduce $* $(if $(SMOKE),--smoke) --data "$(DATA)" --ckpts "$(CKPTS)"
+
 clean:
 	rm -rf $(VENV) runs reports .pytest_cache

@@ -1,0 +1,128 @@
+"""``fsseg compare RUN_A RUN_B``: two test runs on the same episodes, paired.
+
+Refuses unless both runs evaluated the identical episode set: the same dataset, fold, shot, resolution and classes,
+and per episode index the same query, supports and class. Then reports mIoU(B) - mIoU(A) with a paired bootstrap
+interval (the same resampled episode indices for both runs; each mIoU recomputed per REFERENCE §2 from the summed
+per-class intersection/union, never an episode mean) and the per-class IoU table. Deterministic for a given --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fsseg.reproduce.stats import TestRun, bootstrap_miou, load_run, percentile_interval, resample_indices
+
+SETTING_KEYS = ("dataset", "fold", "shot", "resolution")
+EPISODE_KEYS = ("query", "supports", "class_id")
+
+
+class EpisodeMismatch(ValueError):
+    """The two runs did not evaluate the same episodes."""
+
+
+def check_same_episodes(a: TestRun, b: TestRun, max_listed: int = 5) -> None:
+    """Raise `EpisodeMismatch` naming every differing setting and the first differing episodes."""
+    problems = [f"{k}: {a.metrics.get(k)!r} (A) vs {b.metrics.get(k)!r} (B)"
+                for k in SETTING_KEYS if a.metrics.get(k) != b.metrics.get(k)]  # fmt: skip
+    if a.class_ids != b.class_ids:
+        problems.append(f"classes: {a.class_ids} (A) vs {b.class_ids} (B)")
+    ia, ib = [e["episode"] for e in a.episodes], [e["episode"] for e in b.episodes]
+    if ia != ib:
+        problems.append(f"episode indices: A has {len(ia)} episodes, B has {len(ib)}"
+                        + ("" if len(ia) != len(ib) else " (different indices)"))  # fmt: skip
+    else:
+        diff = [(ea, eb) for ea, eb in zip(a.episodes, b.episodes) if any(ea[k] != eb[k] for k in EPISODE_KEYS)]
+        for ea, eb in diff[:max_listed]:
+            keys = [k for k in EPISODE_KEYS if ea[k] != eb[k]]
+            problems.append(f"episode {ea['episode']}: " + "; ".join(f"{k} {ea[k]!r} (A) vs {eb[k]!r} (B)" for k in keys))
+        if len(diff) > max_listed:
+            problems.append(f"... {len(diff) - max_listed} more episodes differ ({len(diff)} of {len(ia)})")
+    if problems:
+        raise EpisodeMismatch(
+            f"refusing to compare {a.path} (A) and {b.path} (B): they did not evaluate the same episodes\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def compare_runs(a: TestRun, b: TestRun, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """The paired comparison of two runs with identical episodes (B - A), as plain data."""
+    check_same_episodes(a, b)
+    n_classes = len(a.class_ids)
+    (cls, ia, ua), (_, ib, ub) = a.counts(), b.counts()
+    idx = resample_indices(np.random.default_rng(seed), len(cls), n_boot)  # [B, N], shared by both runs
+    boot_a = bootstrap_miou(cls, ia, ua, n_classes, idx)
+    boot_b = bootstrap_miou(cls, ib, ub, n_classes, idx)
+    full = np.arange(len(cls))[None]
+    miou_a = float(bootstrap_miou(cls, ia, ua, n_classes, full)[0])
+    miou_b = float(bootstrap_miou(cls, ib, ub, n_classes, full)[0])
+    for run, value in ((a, miou_a), (b, miou_b)):
+        if abs(value - float(run.metrics["miou"])) > 1e-4:
+            raise ValueError(f"{run.path}: metrics.json mIoU {run.metrics['miou']} differs from the mIoU "
+                             f"{value} recomputed from episodes.jsonl; the run's files are inconsistent")  # fmt: skip
+    diffs = boot_b - boot_a
+    lo, hi = percentile_interval(diffs, level)
+    per_class = []
+    for c, cid in enumerate(a.class_ids):
+        sel = cls == c
+        iou_a = 100 * ia[sel].sum() / max(ua[sel].sum(), 1)
+        iou_b = 100 * ib[sel].sum() / max(ub[sel].sum(), 1)
+        per_class.append({"class_id": cid, "episodes": int(sel.sum()), "iou_a": float(iou_a),
+                          "iou_b": float(iou_b), "diff": float(iou_b - iou_a)})  # fmt: skip
+    return {
+        "run_a": str(a.path), "run_b": str(b.path),
+        "setting": {k: a.metrics.get(k) for k in (*SETTING_KEYS, "seed")},
+        "models": [a.metrics.get("model"), b.metrics.get("model")],
+        "episodes": len(cls),
+        "miou_a": miou_a, "miou_b": miou_b, "diff": miou_b - miou_a,
+        "interval": [lo, hi], "level": level, "n_boot": n_boot, "seed": seed,
+        "p_b_not_better": float(np.mean(diffs <= 0)),
+        "per_class": per_class,
+    }  # fmt: skip
+
+
+def format_comparison(r: dict) -> str:
+    s = r["setting"]
+    lines = [
+        f"A: {r['run_a']} ({r['models'][0]})",
+        f"B: {r['run_b']} ({r['models'][1]})",
+        f"{s['dataset']} fold {s['fold']}, {s['shot']}-shot, {r['episodes']} paired episodes at {s['resolution']} px",
+        f"mIoU A {r['miou_a']:.2f}  B {r['miou_b']:.2f}  B - A {r['diff']:+.2f}  "
+        f"{100 * r['level']:.0f}% paired bootstrap interval [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}] "
+        f"({r['n_boot']} resamples of the episodes, seed {r['seed']}; share of resamples with B <= A: "
+        f"{r['p_b_not_better']:.3f})",
+        "",
+        f"{'class':>6}{'episodes':>10}{'IoU A':>9}{'IoU B':>9}{'B - A':>9}",
+    ]
+    for c in r["per_class"]:
+        lines.append(f"{c['class_id']:>6}{c['episodes']:>10}{c['iou_a']:>9.2f}{c['iou_b']:>9.2f}{c['diff']:>+9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fsseg compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("run_a", help="test run folder A (holds metrics.json and episodes.jsonl)")
+    p.add_argument("run_b", help="test run folder B; the difference reported is B - A")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--json", type=Path, default=None, help="also write the comparison as JSON here")
+    args = p.parse_args(argv)
+    if args.n_boot < 1 or not 0 < args.level < 1:
+        p.error("--n-boot must be >= 1 and --level in (0, 1)")
+    try:
+        result = compare_runs(load_run(args.run_a), load_run(args.run_b), args.n_boot, args.seed, args.level)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fsseg compare: {e}", file=sys.stderr)
+        return 2
+    print(format_comparison(result))
+    if args.json is not None:
+        from fsseg.report import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0

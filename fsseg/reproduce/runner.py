@@ -1,0 +1,88 @@
+"""Run a reproduction table: check every input, (smoke only) train the tiny models, evaluate each cell over its
+seeds with ordinary ``fsseg test`` runs, and write the table.
+
+Each evaluation is `fsseg.cli.run_cli` in this process on one device, so it writes ``metrics.json`` and
+``episodes.jsonl`` into ``<out>/runs/<table>/<row>/<benchmark>/fold<f>-<k>shot/seed<s>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fsseg.reproduce.spec import Cell, TableSpec, build_cells, load_spec, missing_inputs
+from fsseg.reproduce.tables import Measured, table_lines, write_table
+from fsseg.seeds import evaluate_seeds, logger_args
+
+
+class MissingInputs(RuntimeError):
+    """Some data folder, weight, checkpoint or config a table needs is absent; nothing was run."""
+
+
+def check_inputs(spec: TableSpec, cells: list[Cell], data: str | None, ckpts: str | None, smoke: bool) -> None:
+    lines = missing_inputs(spec, cells, data, ckpts, smoke)
+    if lines:
+        raise MissingInputs(
+            f"reproduce {spec.name}: cannot start, inputs are missing (nothing was run, no table written):\n  "
+            + "\n  ".join(lines)
+        )
+
+
+def train_smoke_models(cells: list[Cell], data: str | None, out: Path) -> None:
+    """Fit each distinct (config, fold, fit args) of the cells that have no checkpoint once; set their ckpt."""
+    from fsseg.cli import run_cli
+
+    trained: dict[tuple, str] = {}
+    for cell in cells:
+        if not cell.train:
+            continue
+        key = (cell.config, cell.fold, tuple(cell.fit_args))
+        if key not in trained:
+            name = Path(cell.config).stem
+            argv = ["fit", "--config", cell.config, "--data.fold", str(cell.fold), *cell.fit_args,
+                    *logger_args(out / "train" / name, f"fold{cell.fold}")]  # fmt: skip
+            if data:
+                argv += ["--data.root", data]
+            fit = run_cli(argv)
+            trained[key] = fit.trainer.checkpoint_callback.last_model_path
+            if not trained[key]:
+                raise RuntimeError(f"training {cell.config} on fold {cell.fold} saved no checkpoint")
+        cell.ckpt = trained[key]
+
+
+def test_argv(cell: Cell, data: str | None) -> list[str]:
+    argv = ["--config", cell.config, "--data.benchmark", cell.evaluated_on, "--data.fold", str(cell.fold),
+            "--data.shot", str(cell.shot), "--trainer.devices", "1"]  # fmt: skip
+    if data:
+        argv += ["--data.root", data]
+    if cell.ckpt:
+        argv += ["--ckpt_path", cell.ckpt]
+    return argv + cell.args
+
+
+def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | None = None, ckpts: str | None = None,
+              smoke: bool = False, rows: list[str] | None = None, n_boot: int = 1000) -> tuple[Path, Path]:  # fmt: skip
+    """Everything `make reproduce-tableN` does; returns the paths of the markdown and CSV tables."""
+    spec = load_spec(spec_path)
+    out = Path(out)
+    cells = build_cells(spec, data, ckpts, smoke, rows)
+    check_inputs(spec, cells, data, ckpts, smoke)
+    start = time.perf_counter()
+    if smoke:
+        train_smoke_models(cells, data, out / "runs" / spec.name)
+    measured = []
+    for cell in cells:
+        folder = out / "runs" / spec.name / cell.slug
+        summary = evaluate_seeds(test_argv(cell, data), cell.seeds, folder)
+        measured.append(Measured(cell.row, cell.setting, cell.published, cell.benchmark, cell.evaluated_on,
+                                 cell.fold, cell.shot, [Path(r) for r in summary["runs"]]))  # fmt: skip
+    lines = table_lines(measured, n_boot=n_boot)
+    note = (f"SMOKE RUN: every row evaluated on the embedded benchmark with the tiny demo models "
+            f"({time.perf_counter() - start:.0f} s); the published column is the paper's number for the row's "
+            f"benchmark, not comparable to ours." if smoke else "")  # fmt: skip
+    paths = write_table(lines, out, spec.name, spec.title, note)
+    from fsseg.report import atomic_write_text
+
+    atomic_write_text(out / "runs" / spec.name / "table.json", json.dumps(lines, indent=2) + "\n")
+    return paths

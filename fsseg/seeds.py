@@ -1,0 +1,79 @@
+"""``fsseg evaluate-seeds``: one test per protocol seed (``data.seed`` = 0..N-1), then mean +- std as JSON.
+
+``data.seed`` changes the support draws of the evaluation episodes; seed 0 gives the published episodes. DiffSeg
+reports the mean of 10 such runs, DiffewS one run (seed 0).
+
+    fsseg evaluate-seeds --seeds 10 --out runs/diffseg_seeds --config configs/diffseg.yaml --ckpt X.ckpt --fold 0
+
+Every argument not listed here goes to ``fsseg test``. Each seed's run is an ordinary test run in ``OUT/seed<s>/``
+(``metrics.json``, ``episodes.jsonl``); the summary is ``OUT/seeds.json``. Runs on one device (in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fsseg.report import atomic_write_text
+
+SETTING_KEYS = ("dataset", "fold", "shot", "resolution", "episodes", "model")
+
+
+def logger_args(save_dir: str | Path, version: str) -> list[str]:
+    """CLI arguments that send a run's logs and test report to ``save_dir/version`` exactly."""
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(save_dir), "name": "", "version": version}}  # fmt: skip
+    return ["--trainer.logger", json.dumps(logger)]
+
+
+def summarize_seeds(metrics: Sequence[dict], runs: Sequence[str | Path]) -> dict:
+    """Mean and sample standard deviation (ddof 1; 0 for one run) of mIoU and FB-IoU over seed runs."""
+    if not metrics:
+        raise ValueError("no seed runs to summarize")
+    for key in ("dataset", "fold", "shot", "resolution"):
+        values = {json.dumps(m.get(key)) for m in metrics}
+        if len(values) > 1:
+            raise ValueError(f"seed runs differ in {key}: {sorted(values)}")
+    out: dict = {"seeds": [m.get("seed") for m in metrics], "runs": [str(r) for r in runs],
+                 "setting": {k: metrics[0].get(k) for k in SETTING_KEYS}}  # fmt: skip
+    for key in ("miou", "fbiou"):
+        v = np.array([float(m[key]) for m in metrics])
+        out[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+    return out
+
+
+def evaluate_seeds(test_argv: Sequence[str], seeds: Sequence[int], out_dir: str | Path) -> dict:
+    """Run ``fsseg test *test_argv --data.seed s`` for each seed into ``out_dir/seed<s>``; write ``seeds.json``."""
+    from fsseg.cli import run_cli
+
+    if any(a == "--data.seed" or a.startswith("--data.seed=") for a in test_argv):
+        raise ValueError("evaluate-seeds sets --data.seed itself; remove it from the test arguments")
+    out_dir = Path(out_dir)
+    metrics, runs = [], []
+    for s in seeds:
+        cli = run_cli(["test", *test_argv, "--data.seed", str(s), *logger_args(out_dir, f"seed{s}")])
+        run = Path(cli.trainer.log_dir)
+        metrics.append(json.loads((run / "metrics.json").read_text()))
+        runs.append(run)
+    summary = summarize_seeds(metrics, runs)
+    atomic_write_text(out_dir / "seeds.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fsseg evaluate-seeds", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--seeds", type=int, default=10, help="evaluate seeds 0..N-1 (default 10)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the seed runs and seeds.json")
+    args, test_argv = p.parse_known_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    summary = evaluate_seeds(test_argv, range(args.seeds), args.out)
+    m, f = summary["miou"], summary["fbiou"]
+    print(f"{len(summary['seeds'])} seeds: mIoU {m['mean']:.2f} +- {m['std']:.2f}, FB-IoU {f['mean']:.2f} +- "
+          f"{f['std']:.2f} -> {args.out / 'seeds.json'}")  # fmt: skip
+    return 0
