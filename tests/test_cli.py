@@ -75,14 +75,20 @@ def test_mistyped_config_key_is_named(tmp_path, small_embedded, capsys):
 
 
 def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, small_embedded):
-    cfg = write_config(tmp_path, small_embedded, max_epochs=2)
-    full = run_cli(["fit", "--config", str(cfg)]).model.state_dict()
-    first = run_cli(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])
-    ckpt = first.trainer.checkpoint_callback.last_model_path
-    resumed = run_cli(["fit", "--config", str(cfg), "--ckpt_path", ckpt]).model.state_dict()
-    for k, v in full.items():
-        assert torch.equal(v, resumed[k]), k
-    other = run_cli(["fit", "--config", str(cfg), "--seed_everything", "1"]).model.state_dict()
+    # 2 epochs of 4 batches; checkpoints every 3 steps: step 3 is mid-epoch 0, step 6 mid-epoch 1
+    every3 = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+               "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}]
+    cfg = write_config(tmp_path, small_embedded, max_epochs=2, callbacks=every3)
+    run = run_cli(["fit", "--config", str(cfg)])
+    full = run.model.state_dict()
+    ckpts = Path(run.trainer.log_dir) / "checkpoints"
+    for name in ("step=3.ckpt", "step=6.ckpt"):  # a fit stopped part-way, resumed with --ckpt
+        resumed = run_cli(["fit", "--config", str(cfg), "--ckpt_path", str(ckpts / name)])
+        assert resumed.trainer.global_step == 8
+        state = resumed.model.state_dict()
+        for k, v in full.items():
+            assert torch.equal(v, state[k]), (name, k)
+    other = run_cli(["fit", "--config", str(cfg), "--seed_everything", "1", "--data.seed", "1"]).model.state_dict()
     assert not all(torch.equal(v, other[k]) for k, v in full.items())
 
 

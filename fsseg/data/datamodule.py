@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fsseg.data.base import FewShotDataset
-from fsseg.data.samplers import EpisodeSampler, EvalDistributedSampler
+from fsseg.data.samplers import EpisodeSampler, EvalDistributedSampler, ResumableLoader
 
 BENCHMARKS = ("coco20i", "pascal5i", "fss1000", "lvis92i", "ade20k", "embedded")
 
@@ -164,14 +164,21 @@ class FewShotDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["trn"]
-        return DataLoader(
+        return ResumableLoader(
             ds,
             batch_size=self.hparams.batch_size,
             sampler=EpisodeSampler(len(ds), seed=self.hparams.seed),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=True,
+            processed_batches=self._processed_batches,
         )
+
+    def _processed_batches(self) -> int:
+        """Batches of the current epoch the trainer has processed (what a mid-epoch checkpoint has consumed)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self.datasets[split]

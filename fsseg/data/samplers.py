@@ -5,11 +5,11 @@ Both subclass `DistributedSampler` so Lightning leaves them in place under DDP.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 def _world() -> tuple[int, int]:
@@ -27,8 +27,20 @@ class EpisodeSampler(DistributedSampler):
         self.num_replicas, self.rank = _world()
         self.num_samples = -(-self.n // self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, indices already consumed in it)
+
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        """Make the next pass over ``epoch`` (only) start after its first ``consumed`` indices."""
+        self._resume = (int(epoch), int(consumed))
 
     def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self._resume is not None:
+            skip = self._resume[1] if self._resume[0] == self.epoch else 0
+            self._resume = None
+        return iter(list(self._indices())[skip:])
+
+    def _indices(self) -> Iterator[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -56,3 +68,23 @@ class EvalDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader Lightning can resume mid-epoch (it saves and restores ``state_dict`` of such loaders).
+
+    The state is the sampler's epoch and how many batches the trainer had processed in it, read from the trainer
+    through ``processed_batches`` (the loader's own count would include Lightning's prefetched batch).
+    """
+
+    def __init__(self, *args, processed_batches: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpisodeSampler):
+            raise TypeError("ResumableLoader needs an EpisodeSampler")
+        self._processed_batches = processed_batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": int(self._processed_batches())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_from(state["epoch"], state["batches"] * self.batch_size)
