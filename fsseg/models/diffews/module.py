@@ -20,7 +20,7 @@ from fsseg.models.diffews.inputs import (
     threshold,
 )
 from fsseg.models.diffews.processors import FusionContext, install_fusion
-from fsseg.models.diffews.unet_loading import ConvInRouter, add_input_conv, load_component, load_unet
+from fsseg.models.diffews.unet_loading import ConvInRouter, add_input_conv, load_component, load_unet, resolve_source
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -78,6 +78,7 @@ class DiffewsModule(FewShotModule):
         self._check_choices()
         from diffusers import AutoencoderKL
 
+        pretrained, unet_path, image_encoder = map(resolve_source, (pretrained, unet_path, image_encoder))
         self.vae = load_component(AutoencoderKL, pretrained, "vae", "Stable Diffusion VAE").requires_grad_(False).eval()
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.unet, unet_source, unet_sub = load_unet(pretrained, unet_path)

@@ -24,6 +24,17 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 EXTRA_CONVS = {"conv_in_ref": "in_channels_ref", "conv_in_query": "in_channels_query"}
 
 
+def resolve_source(source: str | None) -> str | None:
+    """A relative folder that is not under the working directory is looked up beside the installed ``fsseg``
+    package, so ``fsseg/assets/tiny-diffews`` works from anywhere; hub ids and other values pass through."""
+    if source is None or Path(source).is_absolute() or Path(source).exists():
+        return source
+    import fsseg
+
+    candidate = Path(fsseg.__file__).resolve().parent.parent / source
+    return str(candidate) if candidate.exists() else source
+
+
 def load_component(cls, source: str, subfolder: str | None, what: str, hint: str = SD21_HINT, **kwargs):
     """``cls.from_pretrained(source, subfolder=...)`` with an error naming the missing component and where it goes."""
     try:
