@@ -7,8 +7,8 @@ Same classes and folder layout as the real checkpoints, so everything loads thro
 
 The UNet keeps Kandinsky's block types (ResnetDownsample + SimpleCrossAttn blocks with added-KV attention,
 ``encoder_hid_dim_type="image_proj"``, ``addition_embed_type="image"``); the MoVQ downsamples by 4 instead of 8 so a
-128 px image still gives a 32x32 latent and attention at 16/8/4 (Kandinsky at 512 px: 64x64 latent, attention at
-32/16/8: the same latent/2, /4, /8 levels).
+64 px image (the demo's input) still gives a 16x16 latent and attention at 8/4/2 (Kandinsky at 512 px: 64x64 latent,
+attention at 32/16/8: the same latent/2, /4, /8 levels).
 """
 
 from __future__ import annotations

@@ -30,15 +30,20 @@ from fsseg.models.diffseg.tiny import (
 )
 
 
-def load_training_images(root: Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train images [N, 3, S, S] in [0, 1] and label maps [N, S, S] (uint8, 255 ignore) of the embedded benchmark."""
+def load_training_images(root: Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train images [N, 3, S, S] in [0, 1] and label maps [N, S, S] (uint8, 255 ignore) of the embedded benchmark,
+    resized to ``size`` (images: area, labels: nearest) when given."""
     voc = Path(root) / "VOC2012"
     names = sorted(p.stem for p in (voc / "JPEGImages").glob("2000_*.jpg"))[:limit]
     if not names:
         raise FileNotFoundError(f"no training images (2000_*.jpg) under {voc / 'JPEGImages'}")
     imgs = np.stack([np.asarray(Image.open(voc / "JPEGImages" / f"{n}.jpg").convert("RGB")) for n in names])
     labels = np.stack([np.asarray(Image.open(voc / "SegmentationClassAug" / f"{n}.png")) for n in names])
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
+    images, labels = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
+    if size is not None and size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="area")
+        labels = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
+    return images, labels
 
 
 def random_object_masks(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -83,7 +88,7 @@ def train_movq(images, labels, seconds: float, batch: int = 16, crop: int = 64, 
         if step % 100 == 0:
             log(f"movq step {step}: loss {loss.item():.4f}")
     log(f"movq: {step} steps")
-    return movq.eval(), loss.item()
+    return movq.eval(), loss.item(), step
 
 
 @torch.no_grad()
@@ -121,17 +126,18 @@ def train_unet_clip(images, labels, movq, seconds: float, batch: int = 16, seed:
         if step % 50 == 0:
             log(f"unet+clip step {step}: loss {loss.item():.4f}")
     log(f"unet+clip: {step} steps")
-    return unet.eval(), clip.eval(), loss.item()
+    return unet.eval(), clip.eval(), loss.item(), step
 
 
 def train_tiny_diffseg(data_root: Path, out: Path, movq_seconds: float = 150, unet_seconds: float = 150,
-                       seed: int = 0, log=print) -> dict:
+                       seed: int = 0, size: int = 64, log=print) -> dict:
     torch.manual_seed(seed)
-    images, labels = load_training_images(data_root)
+    images, labels = load_training_images(data_root, size)
     log(f"{len(images)} training images of {images.shape[-1]} px from {data_root}")
-    movq, movq_loss = train_movq(images, labels, movq_seconds, seed=seed, log=log)
+    movq, movq_loss, movq_steps = train_movq(images, labels, movq_seconds, seed=seed, log=log)
     errors = movq_error(movq, images, labels)
     log(f"movq reconstruction (mean abs error in [0, 1]): {errors}")
-    unet, clip, unet_loss = train_unet_clip(images, labels, movq, unet_seconds, seed=seed, log=log)
+    unet, clip, unet_loss, unet_steps = train_unet_clip(images, labels, movq, unet_seconds, seed=seed, log=log)
     save_tiny_components(out, seed=seed, unet=unet, movq=movq, image_encoder=clip)
-    return {"movq_loss": movq_loss, "unet_loss": unet_loss, **errors}
+    return {"image_size": size, "movq_steps": movq_steps, "movq_loss": movq_loss, "unet_clip_steps": unet_steps,
+            "unet_loss": unet_loss, **errors}
