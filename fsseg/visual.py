@@ -35,18 +35,23 @@ def _mask_array(mask, size: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 0.45) -> Image.Image:
+def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 0.5, size: int | None = None) -> Image.Image:
     """The image with the mask's foreground (value 1) tinted and outlined, ignore pixels (255) greyed.
 
-    The mask is resized (nearest) to the image when their sizes differ.
+    ``size``: draw at ``size x size`` (the image resized bilinearly first, so the outline stays crisp and 2 px wide);
+    otherwise at the image's size with a 1 px outline. The mask is resized (nearest) to the drawing.
     """
     base = to_pil(img)
+    if size is not None:
+        base = base.resize((size, size), Image.BILINEAR)
     m = _mask_array(mask, base.size)
     fg = Image.fromarray(((m == 1) * 255).astype(np.uint8), "L")
     out = Image.composite(Image.new("RGB", base.size, color), base, fg.point(lambda v: int(v * alpha)))
     ignore = Image.fromarray(((m == 255) * 255).astype(np.uint8), "L")
     out = Image.composite(Image.new("RGB", base.size, IGNORE_COLOR), out, ignore.point(lambda v: int(v * 0.5)))
     edge = fg.filter(ImageFilter.FIND_EDGES)  # the outline: foreground pixels next to background
+    if size is not None:
+        edge = edge.filter(ImageFilter.MaxFilter(3))
     return Image.composite(Image.new("RGB", base.size, color), out, edge.point(lambda v: 255 if v else 0))
 
 
@@ -76,17 +81,18 @@ def grid(rows: list[list[Image.Image]], cell: int, titles: list[str] | None = No
     return canvas
 
 
-def episode_row(support_imgs, support_masks, query_img, query_gt, pred) -> list[Image.Image]:
+def episode_row(support_imgs, support_masks, query_img, query_gt, pred, size: int | None = None) -> list[Image.Image]:
     """One row of the papers' figures: supports with their masks, the query, its ground truth, the prediction.
 
     ``support_imgs [K, 3, S, S]``, ``support_masks [K, S, S]``, ``query_img [3, S, S]``, ``query_gt [h, w]``
-    ({0, 1, 255}; None leaves the cell out), ``pred [h, w]`` ({0, 1}).
+    ({0, 1, 255}; None leaves the cell out), ``pred [h, w]`` ({0, 1}); ``size``: draw each at ``size x size``.
     """
-    row = [overlay(img, m) for img, m in zip(support_imgs, support_masks)]
-    row.append(to_pil(query_img))
+    row = [overlay(img, m, size=size) for img, m in zip(support_imgs, support_masks)]
+    query = to_pil(query_img)
+    row.append(query.resize((size, size), Image.BILINEAR) if size is not None else query)
     if query_gt is not None:
-        row.append(overlay(query_img, query_gt, GT_COLOR))
-    row.append(overlay(query_img, pred))
+        row.append(overlay(query_img, query_gt, GT_COLOR, size=size))
+    row.append(overlay(query_img, pred, size=size))
     return row
 
 

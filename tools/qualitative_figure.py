@@ -1,0 +1,120 @@
+"""A qualitative figure from a test run, like the papers' figures: one row per episode with the support(s) and
+their masks, the query, its ground truth and the prediction (green: ground truth, red: prediction).
+
+    python tools/qualitative_figure.py runs/fsseg/version_3 --n 6 --out fig.png
+
+RUN_DIR is the log folder of an ``fsseg test`` run: its ``episodes.jsonl`` (which episodes, their IoU), its
+``config.yaml`` (the data and model the run used) and ``metrics.json`` (the checkpoint it tested; ``--ckpt``
+overrides). The episodes are rebuilt from the data root by the seeded protocol and checked against the records;
+the prediction is recomputed with the checkpoint. ``--pick spread`` (default) takes episodes at evenly spaced
+ranks of their foreground IoU, from the worst to the best; ``best``, ``worst`` and ``first`` do what they say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import default_collate
+
+from fsseg.callbacks import foreground_iou
+from fsseg.data.datamodule import FewShotDataModule
+from fsseg.predict import load_model, save_png
+from fsseg.visual import column_titles, episode_row, grid
+
+PICKS = ("spread", "best", "worst", "first")
+
+
+def record_iou(r: dict) -> float:
+    """Foreground IoU (percent) of one episodes.jsonl record; nan when prediction and truth are both empty."""
+    return 100.0 * r["inter"][1] / r["union"][1] if r["union"][1] else float("nan")
+
+
+def pick_episodes(records: list[dict], n: int, how: str) -> list[dict]:
+    if how == "first":
+        return records[:n]
+    scored = sorted((r for r in records if not math.isnan(record_iou(r))), key=record_iou)
+    if how == "best":
+        return scored[::-1][:n]
+    if how == "worst":
+        return scored[:n]
+    if n >= len(scored):
+        return scored
+    return [scored[round(i * (len(scored) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def read_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, Path]:
+    """(episode records, config, config path, checkpoint path) of a test run, with errors naming what is missing."""
+    paths = {name: run_dir / name for name in ("episodes.jsonl", "config.yaml", "metrics.json")}
+    missing = [str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished test run: missing {', '.join(missing)}")
+    records = [json.loads(line) for line in paths["episodes.jsonl"].read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{paths['episodes.jsonl']} holds no episode")
+    config = yaml.safe_load(paths["config.yaml"].read_text()) or {}
+    ckpt = ckpt or json.loads(paths["metrics.json"].read_text()).get("ckpt_path")
+    if not ckpt:
+        raise ValueError(f"{paths['metrics.json']} records no checkpoint (the run tested untrained weights?); pass --ckpt")
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} (recorded in {paths['metrics.json']}) does not exist; pass --ckpt")
+    return records, config, paths["config.yaml"], Path(ckpt)
+
+
+@torch.no_grad()
+def qualitative_figure(run_dir: Path, n: int = 6, pick: str = "spread", ckpt: str | None = None, cell: int = 160,
+                       device: str = "cpu"):
+    """The figure as a PIL image (see the module docstring)."""
+    records, config, config_path, ckpt_path = read_run(Path(run_dir), ckpt)
+    dataset = FewShotDataModule(**(config.get("data") or {})).build("test")
+    model, _ = load_model(config_path, ckpt_path)
+    model = model.to(device)
+    rows, labels = [], []
+    for r in pick_episodes(records, n, pick):
+        item = dataset[r["episode"]]
+        if item["query_name"] != r["query"] or list(item["support_names"]) != r["supports"]:
+            raise ValueError(
+                f"episode {r['episode']}: the dataset rebuilt from {config_path} gives query {item['query_name']!r} with supports "
+                f"{item['support_names']}, episodes.jsonl has {r['query']!r} with {r['supports']} (data root or split lists changed?)"
+            )
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in default_collate([item]).items()}
+        gt = item["query_mask_eval"]
+        pred = model.predict_masks(batch, tuple(gt.shape))[0].cpu()  # [h, w]
+        iou = foreground_iou(pred, gt)
+        if not math.isclose(iou, record_iou(r), abs_tol=0.5) and not (math.isnan(iou) and math.isnan(record_iou(r))):
+            print(f"warning: episode {r['episode']}: IoU now {iou:.1f}, the run recorded {record_iou(r):.1f}", file=sys.stderr)
+        rows.append(episode_row(item["support_imgs"], item["support_masks"], item["query_img"], gt, pred, cell))
+        labels.append(f"{r['query']} (class {r['class_id']}): IoU {iou:.1f}")
+    return grid(rows, cell, column_titles(len(records[0]["supports"])), labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/qualitative_figure.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, help="log folder of an `fsseg test` run")
+    p.add_argument("--n", type=int, default=6, help="episodes (rows)")
+    p.add_argument("--pick", choices=PICKS, default="spread")
+    p.add_argument("--ckpt", help="checkpoint (default: the one metrics.json records)")
+    p.add_argument("--cell", type=int, default=160, help="side of one image in pixels")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("qualitative.png"))
+    args = p.parse_args(argv)
+    if args.n < 1 or args.cell < 8:
+        p.error("--n must be >= 1 and --cell >= 8")
+    try:
+        fig = qualitative_figure(args.run_dir, args.n, args.pick, args.ckpt, args.cell, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qualitative_figure: error: {e}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(fig, args.out)
+    print(f"{args.out}: {fig.width}x{fig.height}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
