@@ -18,6 +18,8 @@ from fsseg.data.base import image_to_tensor, load_rgb
 from fsseg.models.baseline import PrototypeModule
 from fsseg.models.diffews import DiffewsModule, support_cache
 from fsseg.models.diffews.tiny import write_tiny_sd
+from fsseg.models.diffseg import DiffSegModule
+from fsseg.models.diffseg import support_cache as diffseg_cache
 from fsseg.models.diffseg.tiny import save_tiny_components
 from fsseg.predict import load_model, load_support, predict_images, read_support_mask
 
@@ -184,7 +186,10 @@ class CachedDiffews(DiffewsModule):
 def _count_rows(module: torch.nn.Module) -> list[int]:
     """Records the batch size of every forward call of ``module``."""
     rows: list[int] = []
-    module.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(int(args[0].shape[0])), with_kwargs=True)
+    def hook(mod, args, kwargs):
+        rows.append(int((args[0] if args else next(iter(kwargs.values()))).shape[0]))
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
     return rows
 
 
@@ -232,6 +237,20 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
         joint = model.predict_image(batch)
     cached = support_cache.support_prediction_image(model, model.encode_support(s_imgs, s_masks), q)
     assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
+
+
+class CachedDiffSeg(DiffSegModule):
+    encode_support = diffseg_cache.encode_support
+    predict_with_support = diffseg_cache.predict_with_support
+
+
+def test_diffseg_support_latent_and_embedding_computed_once(kandinsky_dir, images):
+    torch.manual_seed(0)
+    model = CachedDiffSeg(decoder=str(kandinsky_dir / "decoder"), prior=str(kandinsky_dir / "prior"), edge_source="sobel", scm_zero_init=False).eval()
+    movq_rows, clip_rows = _count_rows(model.movq.encoder), _count_rows(model.image_encoder)
+    predict_images(model, images["supports"], sorted(images["queries"].glob("*.*g")), images["out"], 64)
+    assert movq_rows == [2, 1, 1, 1] and clip_rows == [2]  # the 2 masked supports once, then each query
+    check_outputs(images, direct_predictions(model, images, 2, 64))  # what the joint predict_masks gives
 
 
 # ---- clear errors ------------------------------------------------------------------------------------------------
