@@ -17,7 +17,7 @@ from fsseg.cli import run_cli
 from fsseg.data.base import image_to_tensor, load_rgb
 from fsseg.models.baseline import PrototypeModule
 from fsseg.models.diffews import DiffewsModule, support_cache
-from fsseg.models.diffews.tiny import write_tiny_sd
+from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write_tiny_sd
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg import support_cache as diffseg_cache
 from fsseg.models.diffseg.tiny import save_tiny_components
@@ -236,6 +236,28 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     with torch.no_grad():
         joint = model.predict_image(batch)
     cached = support_cache.support_prediction_image(model, model.encode_support(s_imgs, s_masks), q)
+    assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"nshot": "sample"},  # the same support-token draws as the joint call
+        pytest.param({"interaction": "qkv"}, marks=pytest.mark.slow),  # only the VAE latents are reused
+        pytest.param({"interaction": "tca", "injection": "attention_mask"}, marks=pytest.mark.slow),  # CLIP tokens reused
+        pytest.param({"generation": "mn2m", "num_inference_steps": 2, "ensemble_size": 2}, marks=pytest.mark.slow),
+    ],
+)
+def test_diffews_support_cache_equals_joint_call_for_every_variant(sd_dir, tmp_path, kw):
+    tiny_image_encoder(seed=3).save_pretrained(tmp_path / "clip")
+    model = DiffewsModule(pretrained=sd_dir, image_encoder=str(tmp_path / "clip"), **kw).eval()
+    ep = random_episodes(b=1, k=2, size=32, seed=3)
+    q = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch = {"query_img": q, "support_imgs": ep["support_imgs"].expand(2, -1, -1, -1, -1), "support_masks": ep["support_masks"].expand(2, -1, -1, -1)}
+    with torch.no_grad():
+        joint = model.predict_image(batch)
+    state = support_cache.encode_support(model, ep["support_imgs"][0], ep["support_masks"][0])
+    cached = support_cache.support_prediction_image(model, state, q)
     assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
 
 
