@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="model input side (default: the run's data.img_size)")
     p.add_argument("--threshold", type=float, help="foreground threshold, for methods that threshold a score")
     p.add_argument("--mask-value", type=int, help="the object's value in a multi-valued support mask")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
     return p
 
 

@@ -38,8 +38,9 @@ def _mask_array(mask, size: tuple[int, int]) -> np.ndarray:
 def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 0.5, size: int | None = None) -> Image.Image:
     """The image with the mask's foreground (value 1) tinted and outlined, ignore pixels (255) greyed.
 
-    ``size``: draw at ``size x size`` (the image resized bilinearly first, so the outline stays crisp and 2 px wide);
-    otherwise at the image's size with a 1 px outline. The mask is resized (nearest) to the drawing.
+    ``size``: draw at ``size x size`` (the image resized bilinearly first, so the outline stays crisp); otherwise at
+    the image's size. The outline is 1 px wide below 256 px (3 px at ``size``), wider on larger images. The mask is
+    resized (nearest) to the drawing.
     """
     base = to_pil(img)
     if size is not None:
@@ -50,8 +51,9 @@ def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 
     ignore = Image.fromarray(((m == 255) * 255).astype(np.uint8), "L")
     out = Image.composite(Image.new("RGB", base.size, IGNORE_COLOR), out, ignore.point(lambda v: int(v * 0.5)))
     edge = fg.filter(ImageFilter.FIND_EDGES)  # the outline: foreground pixels next to background
-    if size is not None:
-        edge = edge.filter(ImageFilter.MaxFilter(3))
+    width = max(3 if size is not None else 1, 2 * (min(base.size) // 256) + 1)  # thicker on large images
+    if width > 1:
+        edge = edge.filter(ImageFilter.MaxFilter(width))
     return Image.composite(Image.new("RGB", base.size, color), out, edge.point(lambda v: 255 if v else 0))
 
 
