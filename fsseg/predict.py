@@ -133,16 +133,17 @@ def load_model(config: Path | None = None, ckpt: Path | None = None, threshold: 
     model_cfg = cfg.get("model") or {}
     if "class_path" not in model_cfg:
         raise ValueError(f"{config}: no model.class_path")
+    cls = _import(model_cfg["class_path"])
     init = {k: v for k, v in (model_cfg.get("init_args") or {}).items() if k not in ("optimizer", "scheduler")}
     if threshold is not None:
-        init.update(threshold_override(_import(model_cfg["class_path"]), threshold))
-    parser = ArgumentParser(exit_on_error=False)
+        init.update(threshold_override(cls, threshold))
+    parser = ArgumentParser(exit_on_error=False)  # checks names and types as the CLI does, fills in defaults
     parser.add_subclass_arguments(FewShotModule, "model", required=True)
     try:
         parsed = parser.parse_object({"model": {"class_path": model_cfg["class_path"], "init_args": init}})
     except Exception as e:  # jsonargparse's ArgumentError and friends
         raise ValueError(f"{config}: the model section does not parse: {e}") from e
-    model = parser.instantiate_classes(parsed).model
+    model = cls(**parsed.model.init_args.as_dict())  # built directly: its own errors (missing weights) stay readable
     if ckpt is not None:
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"--ckpt: checkpoint {ckpt} does not exist")
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         default_size = inspect.signature(FewShotDataModule).parameters["img_size"].default
         img_size = args.img_size or int(data_cfg.get("img_size") or default_size)
         records = predict_images(model, list(zip(args.support, args.support_mask)), queries, args.out, img_size, args.mask_value, args.device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing or unreadable files and weights
         print(f"fsseg predict-images: error: {e}", file=sys.stderr)
         return 2
     for r in records:

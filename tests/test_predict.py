@@ -324,3 +324,10 @@ def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), "--threshold", "0.3", *cli_args(images)])
     assert done.value.code == 2 and "--threshold does not apply to PrototypeModule" in capsys.readouterr().err
+    # a method whose weights are not there says which and where they go
+    missing = images["out"].parent / "no_sd_here"
+    config = _write(images["out"].parent / "diffews.yaml", {"model": {"class_path": "fsseg.models.diffews.DiffewsModule", "init_args": {"pretrained": str(missing)}}})
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--config", str(config), *cli_args(images)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "no_sd_here" in err and "Stable Diffusion" in err
