@@ -66,6 +66,25 @@ def test_refuses_before_any_work_listing_every_missing_input(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cells_of_the_full_and_the_smoke_table():
+    from fsseg.reproduce.spec import build_cells, load_spec
+
+    spec = load_spec(TABLE1)
+    full = build_cells(spec, "/d", "/w", smoke=False)
+    assert len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4  # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg, baseline
+    ds = [c for c in full if c.row == "DiffSeg" and c.fold == 3 and c.shot == 5][0]
+    assert ds.seeds == list(range(10)) and ds.ckpt == "/w/diffseg/pascal5i-fold3.ckpt"
+    assert ds.args[ds.args.index("--model.init_args.prior") + 1] == "/w/kandinsky-2-2-prior"
+    lvis = [c for c in full if c.benchmark == "lvis92i"]
+    assert sorted({c.fold for c in lvis}) == list(range(10)) and lvis[0].seeds == [0]
+    assert "--data.test_episodes" in lvis[0].args and "null" in lvis[0].args  # the protocol's 2300
+    smoke = build_cells(spec, None, None, smoke=True)
+    assert {(c.row, c.benchmark, c.shot) for c in smoke} == {(c.row, c.benchmark, c.shot) for c in full}
+    assert all(c.evaluated_on == "embedded" and c.fold == 0 and c.train and c.ckpt is None for c in smoke)
+    assert {c.row: len(c.seeds) for c in smoke} == {"DiffewS": 1, "DiffSeg": 2, "Prototype baseline": 1}
+    assert all(Path(c.config).is_file() for c in smoke)
+
+
 def test_table_writer_on_fake_runs(tmp_path):
     measured = []
     for fold in range(4):  # DiffSeg-like: 3 seeds per fold -> t intervals

@@ -71,12 +71,14 @@ def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | No
     start = time.perf_counter()
     if smoke:
         train_smoke_models(cells, data, out / "runs" / spec.name)
-    measured = []
+    measured, done = [], {}
     for cell in cells:
-        folder = out / "runs" / spec.name / cell.slug
-        summary = evaluate_seeds(test_argv(cell, data), cell.seeds, folder)
+        argv = test_argv(cell, data)
+        key = (*argv, *map(str, cell.seeds))  # an identical evaluation (smoke: several rows on one benchmark) runs once
+        if key not in done:
+            done[key] = evaluate_seeds(argv, cell.seeds, out / "runs" / spec.name / cell.slug)["runs"]
         measured.append(Measured(cell.row, cell.setting, cell.published, cell.benchmark, cell.evaluated_on,
-                                 cell.fold, cell.shot, [Path(r) for r in summary["runs"]]))  # fmt: skip
+                                 cell.fold, cell.shot, [Path(r) for r in done[key]]))  # fmt: skip
     lines = table_lines(measured, n_boot=n_boot)
     note = (f"SMOKE RUN: every row evaluated on the embedded benchmark with the tiny demo models "
             f"({time.perf_counter() - start:.0f} s); the published column is the paper's number for the row's "
