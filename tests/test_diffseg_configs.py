@@ -1,4 +1,4 @@
-"""Every DiffSeg config (PASCAL, COCO, demo, each ablation row of Tables 3-6) parses through the fsseg CLI classes,
+"""Every DiffSeg config (PASCAL, COCO, each ablation row of Tables 3-6, the demo) parses through the fsseg CLI classes,
 instantiates on the tiny Kandinsky-shaped components and runs one CPU training step plus one prediction."""
 
 from __future__ import annotations
@@ -93,3 +93,22 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dir):
     with torch.no_grad():
         pred = model.predict_masks(batch, (24, 24))
     assert pred.shape == (2, 24, 24) and set(pred.unique().tolist()) <= {0, 1}
+
+
+def test_demo_config_runs_on_the_shipped_tiny_assets():
+    assets = ROOT / "fsseg/assets/tiny-diffseg"
+    cfg = yaml.safe_load((ROOT / "configs/demo_diffseg.yaml").read_text())
+    assert cfg["model"]["init_args"]["decoder"] == "fsseg/assets/tiny-diffseg/decoder"  # relative to the repo root
+    assert cfg["data"]["benchmark"] == "embedded" and cfg["trainer"]["accelerator"] == "cpu"
+    args = ["--config", str(ROOT / "configs/demo_diffseg.yaml"), "--model.init_args.decoder", str(assets / "decoder"),
+            "--model.init_args.prior", str(assets / "prior"), "--trainer.logger", "false"]
+    cli = LightningCLI(FewShotModule, FewShotDataModule, subclass_mode_model=True, args=args, run=False)
+    model = cli.model
+    assert isinstance(model, DiffSegModule) and model.hparams.edge_source == "sobel"
+    optimizer = model.configure_optimizers()
+    batch = episodes(2, 1, size=cli.datamodule.hparams.img_size)
+    model.train()
+    loss = model.training_loss(batch)["loss"]
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
