@@ -109,3 +109,11 @@ class PrototypeModule(FewShotModule):
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         logits, _, _ = self(batch)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)
+
+    def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        """The support's prototypes, computed once for many queries: ``[1, 2, D]``."""
+        return self._prototypes(self.features(support_imgs)[None], support_masks[None])
+
+    def predict_with_support(self, protos: torch.Tensor, query_imgs: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        logits = self._logits(self.features(query_imgs), protos.expand(query_imgs.shape[0], -1, -1))
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)
