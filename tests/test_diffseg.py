@@ -167,3 +167,16 @@ def test_missing_weights_and_bad_switches_are_clear_errors(tiny_dir, tmp_path):
 def test_scm_rejects_mismatched_levels():
     with pytest.raises(ValueError, match="levels"):
         SpatialControl({1: 8}, {2: 8})
+
+
+def test_latent_fg_weight_only_reweights_foreground_cells(tiny_dir):
+    torch.manual_seed(0)
+    plain = make_module(tiny_dir)
+    torch.manual_seed(0)
+    weighted = make_module(tiny_dir, latent_fg_weight=3.0)
+    b = batch_of(2)
+    with torch.no_grad():
+        l_plain, l_weighted = plain.training_loss(b)["latent_loss"], weighted.training_loss(b)["latent_loss"]
+        assert not torch.allclose(l_plain, l_weighted)
+        empty = {**b, "query_mask": torch.where(b["query_mask"] == 1, 0, b["query_mask"])}  # no foreground
+        torch.testing.assert_close(plain.training_loss(empty)["latent_loss"], weighted.training_loss(empty)["latent_loss"])

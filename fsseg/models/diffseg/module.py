@@ -52,6 +52,8 @@ class DiffSegModule(FewShotModule):
         timestep / noise_query / noise_seed: the UNet pass (open in the paper; see README).
         pam_att1/2/3: ``attn`` | ``conv`` | ``none``: Table 5.
         scm_levels / scm_shared: Table 6.
+        latent_fg_weight: weight of foreground latent cells in the latent MSE (1 = the paper's plain MSE; >1 counters
+            small objects, used by the short demo run).
         threshold: foreground where the decoded prediction (mean over RGB, in [0, 1]) exceeds it.
     """
 
@@ -85,6 +87,7 @@ class DiffSegModule(FewShotModule):
         scm_zero_init: bool = True,
         map_loss_weight: float = 2.0,
         latent_loss_weight: float = 1.0,
+        latent_fg_weight: float = 1.0,
         threshold: float = 0.5,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
@@ -223,6 +226,9 @@ class DiffSegModule(FewShotModule):
         with torch.no_grad():
             l_gt = self.encode(self.mask_as_image(fg[:, 0]))  # [B, C, h, w]
         w = F.adaptive_avg_pool2d(valid, l_pre.shape[-2:])  # fraction of valid pixels per latent cell
+        if self.hparams.latent_fg_weight != 1.0:
+            fg_frac = F.adaptive_avg_pool2d(fg, l_pre.shape[-2:])  # [B, 1, h, w]
+            w = w * (1 + (self.hparams.latent_fg_weight - 1) * fg_frac)
         latent_loss = (w * (l_pre - l_gt) ** 2).sum() / (w.sum() * l_pre.shape[1]).clamp_min(1e-6)
         out = {"latent_loss": latent_loss}
         loss = self.hparams.latent_loss_weight * latent_loss
