@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         card = {
             "what": "tiny DiffewS for the embedded benchmark (not a real Stable Diffusion)",
             "held_out_fold": args.fold,
-            "unet_trained_on": f"embedded benchmark training classes of fold {args.fold} (PASCAL-5i layout)",
+            "unet_trained_on": f"embedded benchmark (PASCAL-5i layout), training classes of fold {args.fold} only: classes outside fold {args.fold}, never its test classes",
             "vae": {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE_CFG.items()}, "steps": args.vae_steps, **vae_quality},
             "unet": {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CFG.items()}, "steps": args.unet_steps, "final_loss": round(final_loss, 5)},
             "batch": args.batch, "threads": args.threads, "seed": args.seed,

@@ -99,6 +99,7 @@ class DiffewsModule(FewShotModule):
             self.noise_scheduler = gen.make_scheduler(pretrained, beta_start, beta_end, beta_schedule)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.unet.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes
         self.threshold_value = threshold_value if threshold_value is not None else (0.25 if threshold == "relative" else 0.15)
 
     # ---- construction ---------------------------------------------------------------------------------------
