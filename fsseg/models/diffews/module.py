@@ -20,7 +20,13 @@ from fsseg.models.diffews.inputs import (
     threshold,
 )
 from fsseg.models.diffews.processors import FusionContext, install_fusion
-from fsseg.models.diffews.unet_loading import ConvInRouter, add_input_conv, load_component, load_unet, resolve_source
+from fsseg.models.diffews.unet_loading import (
+    ConvInRouter,
+    add_input_conv,
+    load_component,
+    load_unet,
+    resolve_source,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
