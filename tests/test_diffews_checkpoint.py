@@ -125,3 +125,17 @@ def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
     batch = random_episodes(b=2, k=2, size=32, seed=7)
     assert torch.equal(loaded.predict_masks(batch, (32, 32)), m.predict_masks(batch, (32, 32)))
     torch.testing.assert_close(loaded.predict_image(batch), m.predict_image(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_fit_and_predict(sd_dir, precision):
+    m = DiffewsModule(pretrained=sd_dir)
+    episodes = random_episodes(b=2, k=1, size=32, seed=8)
+    items = [{k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v])) for k, v in episodes.items()} for i in range(2)]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision=precision, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, DataLoader(items, batch_size=1))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(torch.isfinite(p).all() for p in m.unet.parameters())
+    m.eval()
+    assert set(m.predict_masks(episodes, (32, 32)).unique().tolist()) <= {0, 1}
