@@ -176,11 +176,7 @@ def _write(path: Path, config: dict) -> Path:
 
 
 # ---- the support is encoded once ----------------------------------------------------------------------------------
-class CachedDiffews(DiffewsModule):
-    """DiffewS with the support cache as its two methods (what `DiffewsModule` itself binds)."""
-
-    encode_support = support_cache.encode_support
-    predict_with_support = support_cache.predict_with_support
+CachedDiffews = DiffewsModule  # binds the support cache as encode_support / predict_with_support
 
 
 def _count_rows(module: torch.nn.Module) -> list[int]:

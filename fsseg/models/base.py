@@ -9,16 +9,14 @@ scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a ``cl
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
-from typing import Any
 
 import lightning as L
 import torch
 
-from fsseg.metrics import FewShotIoU, episode_inter_union
+# Lightning's aliases: jsonargparse builds them from a `class_path` (e.g. torch.optim.AdamW, LinearLR) in a config.
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable  
 
-OptimizerCallable = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
+from fsseg.metrics import FewShotIoU, episode_inter_union
 
 
 class FewShotModule(L.LightningModule):

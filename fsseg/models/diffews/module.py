@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable  # base's alias returns Any, which jsonargparse rejects
 
-from fsseg.models.base import FewShotModule, OptimizerCallable
+from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
 from fsseg.models.diffews import generation as gen
+from fsseg.models.diffews import support_cache
 from fsseg.models.diffews.inputs import (
     INJECTIONS,
     SUPERVISIONS,
@@ -53,6 +53,9 @@ class DiffewsModule(FewShotModule):
     """
 
     frozen_modules = ("vae", "image_encoder")
+    # many queries, one support: the support pass runs once and its attn1 K/V are reused (fsseg predict-images)
+    encode_support = support_cache.encode_support
+    predict_with_support = support_cache.predict_with_support
 
     def __init__(
         self,
