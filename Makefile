@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# two test processes, one torch thread each: the 2-core CI machine is used without oversubscription
+TEST_ARGS ?= -n 2
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -q -m "not gpu"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TEST_ARGS) -m "not gpu"
 
 demo: install
 	$(VENV)/bin/fsseg demo
