@@ -19,7 +19,6 @@ from fsseg.models.baseline import PrototypeModule
 from fsseg.models.diffews import DiffewsModule, support_cache
 from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write_tiny_sd
 from fsseg.models.diffseg import DiffSegModule
-from fsseg.models.diffseg import support_cache as diffseg_cache
 from fsseg.models.diffseg.tiny import save_tiny_components
 from fsseg.predict import load_model, load_support, predict_images, read_support_mask
 
@@ -257,9 +256,7 @@ def test_diffews_support_cache_equals_joint_call_for_every_variant(sd_dir, tmp_p
     assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
 
 
-class CachedDiffSeg(DiffSegModule):
-    encode_support = diffseg_cache.encode_support
-    predict_with_support = diffseg_cache.predict_with_support
+CachedDiffSeg = DiffSegModule  # binds the support cache as encode_support / predict_with_support
 
 
 def test_diffseg_support_latent_and_embedding_computed_once(kandinsky_dir, images):

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 # Lightning's aliases: jsonargparse builds them from a `class_path` (e.g. torch.optim.AdamW, LinearLR) in a config.
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable  
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from fsseg.metrics import FewShotIoU, episode_inter_union
 

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import (  # typed so jsonargparse accepts class_path
 )
 
 from fsseg.models.base import FewShotModule
+from fsseg.models.diffseg import support_cache
 from fsseg.models.diffseg.capture import CaptureStore, FeatureCapture, fuse_attention_maps, install_capture
 from fsseg.models.diffseg.hed import build_edge_source
 from fsseg.models.diffseg.loading import (
@@ -58,6 +59,9 @@ class DiffSegModule(FewShotModule):
     """
 
     frozen_modules = ("unet", "movq", "image_encoder", "edge_net")
+    # many queries, one support: the support latent and CLIP embedding are computed once (fsseg predict-images)
+    encode_support = support_cache.encode_support
+    predict_with_support = support_cache.predict_with_support
 
     def __init__(
         self,
