@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from fsseg.data.base import FewShotDataset, load_label
-from fsseg.data.protocol import Episode, choose, draw_random_supports, draw_supports
+from fsseg.data.protocol import Episode, class_first_episodes, class_first_random_episode
 
 NCLASS = 150
 FORMAT = "fsseg-ade-index/1"
@@ -156,20 +156,10 @@ class ADE20KFewShot(FewShotDataset):
         return sorted(self.classwise)
 
     def protocol_episodes(self, rs: np.random.RandomState, n: int) -> list[Episode]:
-        classes = self.class_ids()
-        eps = []
-        for _ in range(n):
-            cls = choose(rs, classes)
-            query = choose(rs, self.classwise[cls])
-            eps.append(Episode(cls, query, draw_supports(rs, self.classwise[cls], query, self.shot)))
-        return eps
+        return class_first_episodes(rs, self.class_ids(), self.classwise, self.shot, n)
 
     def random_episode(self, rng: np.random.Generator, index: int) -> Episode:
-        classes = self.class_ids()
-        cls = classes[int(rng.integers(len(classes)))]
-        pool = self.classwise[cls]
-        query = pool[int(rng.integers(len(pool)))]
-        return Episode(cls, query, draw_random_supports(rng, pool, query, self.shot))
+        return class_first_random_episode(rng, self.class_ids(), self.classwise, self.shot)
 
     def default_train_length(self) -> int:
         return len(self.images)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fsseg.data.base import IGNORE, FewShotDataset, load_label
-from fsseg.data.protocol import Episode, choose, draw_random_supports, draw_supports
+from fsseg.data.protocol import Episode, class_first_episodes, class_first_random_episode
 from fsseg.data.splits_io import read_json_gz, resolve_splits_dir
 
 
@@ -52,20 +52,10 @@ class CocoFewShot(FewShotDataset):
         return [c for c in range(self.nclass) if c not in test] if self.training else test
 
     def protocol_episodes(self, rs: np.random.RandomState, n: int) -> list[Episode]:
-        classes = self.class_ids()
-        eps = []
-        for _ in range(n):
-            cls = choose(rs, classes)
-            query = choose(rs, self.classwise[cls])
-            eps.append(Episode(cls, query, draw_supports(rs, self.classwise[cls], query, self.shot)))
-        return eps
+        return class_first_episodes(rs, self.class_ids(), self.classwise, self.shot, n)
 
     def random_episode(self, rng: np.random.Generator, index: int) -> Episode:
-        classes = self.class_ids()
-        cls = classes[int(rng.integers(len(classes)))]
-        pool = self.classwise[cls]
-        query = pool[int(rng.integers(len(pool)))]
-        return Episode(cls, query, draw_random_supports(rng, pool, query, self.shot))
+        return class_first_random_episode(rng, self.class_ids(), self.classwise, self.shot)
 
     def default_train_length(self) -> int:
         return len(self.images)

@@ -48,3 +48,25 @@ def draw_random_supports(rng: np.random.Generator, pool: Sequence[str], query: s
     if not others:
         raise ValueError(f"cannot draw supports for query {query!r}: its class has no other image")
     return tuple(others[i] for i in rng.integers(0, len(others), size=shot))
+
+
+def class_first_episodes(
+    rs: np.random.RandomState, classes: Sequence[int], classwise: dict[int, Sequence[str]], shot: int, n: int
+) -> list[Episode]:
+    """The COCO-20i protocol: per episode a class uniformly, a query of it uniformly, then its supports."""
+    eps = []
+    for _ in range(n):
+        cls = choose(rs, classes)
+        query = choose(rs, classwise[cls])
+        eps.append(Episode(cls, query, draw_supports(rs, classwise[cls], query, shot)))
+    return eps
+
+
+def class_first_random_episode(
+    rng: np.random.Generator, classes: Sequence[int], classwise: dict[int, Sequence[str]], shot: int
+) -> Episode:
+    """A training episode drawn class first (any generator)."""
+    cls = classes[int(rng.integers(len(classes)))]
+    pool = classwise[cls]
+    query = pool[int(rng.integers(len(pool)))]
+    return Episode(cls, query, draw_random_supports(rng, pool, query, shot))
