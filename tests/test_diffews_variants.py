@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _steps import assert_one_step_then_predict
 from lightning.pytorch.cli import LightningCLI
 
 from fsseg.data.datamodule import FewShotDataModule
@@ -68,13 +69,4 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dirs):
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == 1e-5
     assert cli.trainer.accumulate_grad_batches == 4 and cli.trainer.gradient_clip_val == 1.0
     batch = random_episodes(b=1, k=dm.hparams.shot, size=32, seed=1)
-    before = [p.detach().clone() for p in model.trainable_parameters()]
-    model.train()
-    loss = model.training_loss(batch)["loss"]
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.trainable_parameters()))
-    model.eval()
-    pred = model.predict_masks(batch, (32, 32))
-    assert pred.shape == (1, 32, 32) and set(pred.unique().tolist()) <= {0, 1}
+    assert_one_step_then_predict(model, optimizer, batch, (32, 32))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _steps import assert_one_step_then_predict
 from lightning.pytorch.cli import LightningCLI
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -82,17 +83,7 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dir):
     assert isinstance(sched["scheduler"], torch.optim.lr_scheduler.StepLR) and sched["interval"] == "epoch"
     assert cli.trainer.max_epochs == 200
     batch = episodes(2, dm.hparams.shot)
-    before = [p.detach().clone() for p in model.trainable_parameters()]
-    model.train()
-    loss = model.training_loss(batch)["loss"]
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.trainable_parameters()))
-    model.eval()
-    with torch.no_grad():
-        pred = model.predict_masks(batch, (24, 24))
-    assert pred.shape == (2, 24, 24) and set(pred.unique().tolist()) <= {0, 1}
+    assert_one_step_then_predict(model, optimizer, batch, (24, 24))
 
 
 def test_demo_config_runs_on_the_shipped_tiny_assets():
