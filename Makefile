@@ -26,6 +26,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check fsseg tests tools benchmarks
+	$(VENV)/bin/ruff format --check fsseg tests tools benchmarks
 
 # make reproduce-table1 DATA=<data root> CKPTS=<weights folder>   (SMOKE=1: embedded benchmark, tiny models, CPU)
 reproduce-table1 reproduce-table2: reproduce-%: install

@@ -30,16 +30,35 @@ from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SD21_UNET = dict(  # stabilityai/stable-diffusion-2-1 unet/config.json
-    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=96,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True,
-    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", center_input_sample=False,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    upcast_attention=True,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    act_fn="silu",
+    center_input_sample=False,
 )
 SD21_VAE = dict(  # stabilityai/stable-diffusion-2-1 vae/config.json
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    sample_size=768, scaling_factor=0.18215, act_fn="silu",
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+    act_fn="silu",
 )
 
 
@@ -89,7 +108,15 @@ class BankProcessor:
     def __init__(self, state: dict, layer: int):
         self.state, self.layer = state, layer
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, bank_mode="read"):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        bank_mode="read",
+    ):
         b, n, c = hidden_states.shape
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         bank = self.state["bank"][self.layer]
@@ -146,7 +173,9 @@ class TwoPass:
         m = self.m
         q_img, s_img, s_mask = m._episode_tensors(batch)
         q_mask = binary_mask(batch["query_mask"])
-        z_q, z_mq = m.encode(torch.cat([q_img, supervision_image(q_img, q_mask, "white_fg")]), sample=True).chunk(2)
+        z_q, z_mq = m.encode(
+            torch.cat([q_img, supervision_image(q_img, q_mask, "white_fg")]), sample=True
+        ).chunk(2)
         support = m._support_inputs(s_img, s_mask, sample=True)
         t = torch.ones(z_q.shape[0], dtype=torch.long, device=z_q.device)
         return F.mse_loss(self.unet_call(z_q, support, t, m.prompt_train).float(), -z_mq.float())
@@ -157,8 +186,12 @@ def build_sd21(workdir: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer(workdir / "vocab")
-    text = tiny_text_encoder(len(tok), seed, hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16)
-    return save_sd_folder(workdir / "sd21", UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD21_VAE), text, tok)
+    text = tiny_text_encoder(
+        len(tok), seed, hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16
+    )
+    return save_sd_folder(
+        workdir / "sd21", UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD21_VAE), text, tok
+    )
 
 
 def sync(device):
@@ -184,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=("tiny", "sd21"), default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--pretrained", default="fsseg/assets/tiny-diffews", help="the tiny model folder (--model tiny)")
+    p.add_argument(
+        "--pretrained", default="fsseg/assets/tiny-diffews", help="the tiny model folder (--model tiny)"
+    )
     p.add_argument("--size", type=int, default=None, help="image side (default 128 tiny, 512 sd21)")
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
@@ -207,12 +242,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             pretrained = str(build_sd21(Path(tmp), 0))
             print(f"built SD 2.1-architecture folder in {time.perf_counter() - t0:.0f}s", flush=True)
-        module = DiffewsModule(pretrained=pretrained, gradient_checkpointing=args.gradient_checkpointing).to(device)
+        module = DiffewsModule(pretrained=pretrained, gradient_checkpointing=args.gradient_checkpointing).to(
+            device
+        )
     module.vae.to(dtype)
     if dtype != torch.float32:
         module.unet.to(dtype)
-        module.prompt_train, module.prompt_infer = module.prompt_train.to(dtype), module.prompt_infer.to(dtype)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in random_episodes(args.batch, args.shots, size, seed=0).items()}
+        module.prompt_train, module.prompt_infer = (
+            module.prompt_train.to(dtype),
+            module.prompt_infer.to(dtype),
+        )
+    batch = {
+        k: v.to(device) if torch.is_tensor(v) else v
+        for k, v in random_episodes(args.batch, args.shots, size, seed=0).items()
+    }
     two = TwoPass(module)
     # both formulations agree on these weights (the parity the tests check in float32)
     module.eval()
@@ -222,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         diff = (one_img - two.predict_image(batch)).abs().max().item()
         two.restore()
     results = {}
-    for name, predict, loss in (("one_pass", module.predict_image, module.training_loss),
-                                ("two_pass", two.predict_image, two.training_loss)):
+    for name, predict, loss in (
+        ("one_pass", module.predict_image, module.training_loss),
+        ("two_pass", two.predict_image, two.training_loss),
+    ):
         if name == "two_pass":
             two.install()
         module.eval()
@@ -239,24 +284,36 @@ def main(argv: list[str] | None = None) -> int:
         trn = measure(step, device, iters, warmup)
         results[name] = {
             "inference_episodes_per_s": round(args.batch / inf["seconds"], 4),
-            "inference_peak_mib": inf["peak_mib"], "inference_peak_total_mib": inf["peak_total_mib"],
-            "train_step_s": round(trn["seconds"], 4), "train_peak_mib": trn["peak_mib"], "train_peak_total_mib": trn["peak_total_mib"],
+            "inference_peak_mib": inf["peak_mib"],
+            "inference_peak_total_mib": inf["peak_total_mib"],
+            "train_step_s": round(trn["seconds"], 4),
+            "train_peak_mib": trn["peak_mib"],
+            "train_peak_total_mib": trn["peak_total_mib"],
         }
         print(name, results[name], flush=True)
     one, two_r = results["one_pass"], results["two_pass"]
     report = {
-        "model": args.model, "pretrained": args.pretrained if args.model == "tiny" else "SD 2.1 architecture, random weights",
-        "image_size": size, "batch": args.batch, "shots": args.shots, "iters": iters, "warmup": warmup,
-        "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
+        "model": args.model,
+        "pretrained": args.pretrained if args.model == "tiny" else "SD 2.1 architecture, random weights",
+        "image_size": size,
+        "batch": args.batch,
+        "shots": args.shots,
+        "iters": iters,
+        "warmup": warmup,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "results": results,
         "ratio_two_over_one": {
             "inference_time": round(one["inference_episodes_per_s"] / two_r["inference_episodes_per_s"], 3),
             "train_step_time": round(two_r["train_step_s"] / one["train_step_s"], 3),
         },
         "max_abs_diff_decoded_image": diff,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
-        "command": "python benchmarks/diffews_speed.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python benchmarks/diffews_speed.py "
+        + " ".join(argv if argv is not None else os.sys.argv[1:]),
     }
     out = Path(args.out or ROOT / f"benchmarks/results/diffews_{args.model}_{device.type}_{args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +329,11 @@ def _versions() -> dict:
     import lightning
     import transformers
 
-    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__}
+    return {
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+    }
 
 
 if __name__ == "__main__":

@@ -39,12 +39,19 @@ class EpisodePanels(Callback):
         on_validation: also draw the first batch of every validation run (tag ``val/episodes``).
     """
 
-    def __init__(self, every_n_steps: int = 100, n_episodes: int = 2, cell: int = 128, on_validation: bool = True) -> None:
+    def __init__(
+        self, every_n_steps: int = 100, n_episodes: int = 2, cell: int = 128, on_validation: bool = True
+    ) -> None:
         if every_n_steps < 0 or n_episodes < 1 or cell < 8:
             raise ValueError(
                 f"EpisodePanels: every_n_steps >= 0, n_episodes >= 1 and cell >= 8 expected, got {every_n_steps}, {n_episodes}, {cell}"
             )
-        self.every_n_steps, self.n_episodes, self.cell, self.on_validation = every_n_steps, n_episodes, cell, on_validation
+        self.every_n_steps, self.n_episodes, self.cell, self.on_validation = (
+            every_n_steps,
+            n_episodes,
+            cell,
+            on_validation,
+        )
         self._last_step = -1
         self._warned = False
 
@@ -69,8 +76,19 @@ class EpisodePanels(Callback):
         rows, labels = [], []
         for i in range(n):
             gt = sub[gt_key][i].cpu()
-            rows.append(episode_row(sub["support_imgs"][i], sub["support_masks"][i], sub["query_img"][i], gt, pred[i], self.cell))
-            labels.append(f"episode {int(sub['episode_idx'][i])}, class {int(sub['class_id'][i])}: IoU {foreground_iou(pred[i], gt):.1f}")
+            rows.append(
+                episode_row(
+                    sub["support_imgs"][i],
+                    sub["support_masks"][i],
+                    sub["query_img"][i],
+                    gt,
+                    pred[i],
+                    self.cell,
+                )
+            )
+            labels.append(
+                f"episode {int(sub['episode_idx'][i])}, class {int(sub['class_id'][i])}: IoU {foreground_iou(pred[i], gt):.1f}"
+            )
         image = grid(rows, self.cell, column_titles(sub["support_imgs"].shape[1]), labels)
         return np.asarray(image)
 
@@ -83,13 +101,17 @@ class EpisodePanels(Callback):
             w.add_image(tag, image, trainer.global_step, dataformats="HWC")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimiser steps done, so the first panel comes after every_n_steps of them
+        step = (
+            trainer.global_step
+        )  # optimiser steps done, so the first panel comes after every_n_steps of them
         if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step  # with gradient accumulation several batches share a step
         if trainer.is_global_zero:
             self._log(trainer, pl_module, batch, "train/episodes", "query_mask")
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0
+    ) -> None:
         if self.on_validation and batch_idx == 0 and not trainer.sanity_checking and trainer.is_global_zero:
             self._log(trainer, pl_module, batch, "val/episodes", "query_mask_eval")

@@ -65,7 +65,9 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 
 def run_cli(argv: list[str]) -> LightningCLI:
     """Run one ``fsseg fit|validate|test|predict`` command in-process; returns the finished LightningCLI."""
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # argv is given on purpose
+    warnings.filterwarnings(
+        "ignore", message="LightningCLI's args parameter is intended"
+    )  # argv is given on purpose
     return LightningCLI(
         FewShotModule,
         FewShotDataModule,
@@ -74,7 +76,10 @@ def run_cli(argv: list[str]) -> LightningCLI:
         seed_everything_default=0,
         trainer_defaults={
             "default_root_dir": "runs",
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "fsseg"}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "fsseg"},
+            },
             "callbacks": [ModelCheckpoint(save_last=True)],
         },
         save_config_kwargs={"overwrite": True},

@@ -36,10 +36,14 @@ def check_same_episodes(a: TestRun, b: TestRun, max_listed: int = 5) -> None:
         problems.append(f"episode indices: A has {len(ia)} episodes, B has {len(ib)}"
                         + ("" if len(ia) != len(ib) else " (different indices)"))  # fmt: skip
     else:
-        diff = [(ea, eb) for ea, eb in zip(a.episodes, b.episodes) if any(ea[k] != eb[k] for k in EPISODE_KEYS)]
+        diff = [
+            (ea, eb) for ea, eb in zip(a.episodes, b.episodes) if any(ea[k] != eb[k] for k in EPISODE_KEYS)
+        ]
         for ea, eb in diff[:max_listed]:
             keys = [k for k in EPISODE_KEYS if ea[k] != eb[k]]
-            problems.append(f"episode {ea['episode']}: " + "; ".join(f"{k} {ea[k]!r} (A) vs {eb[k]!r} (B)" for k in keys))
+            problems.append(
+                f"episode {ea['episode']}: " + "; ".join(f"{k} {ea[k]!r} (A) vs {eb[k]!r} (B)" for k in keys)
+            )
         if len(diff) > max_listed:
             problems.append(f"... {len(diff) - max_listed} more episodes differ ({len(diff)} of {len(ia)})")
     if problems:
@@ -99,7 +103,9 @@ def format_comparison(r: dict) -> str:
         f"{'class':>6}{'episodes':>10}{'IoU A':>9}{'IoU B':>9}{'B - A':>9}",
     ]
     for c in r["per_class"]:
-        lines.append(f"{c['class_id']:>6}{c['episodes']:>10}{c['iou_a']:>9.2f}{c['iou_b']:>9.2f}{c['diff']:>+9.2f}")
+        lines.append(
+            f"{c['class_id']:>6}{c['episodes']:>10}{c['iou_a']:>9.2f}{c['iou_b']:>9.2f}{c['diff']:>+9.2f}"
+        )
     return "\n".join(lines)
 
 

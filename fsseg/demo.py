@@ -38,8 +38,14 @@ def references(config: Path, extra_data: dict) -> list[dict]:
     rows = []
     for name, model in (("all foreground", AllForeground()), ("paste support mask", PasteSupportMask())):
         dm = FewShotDataModule(**data_args)
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                            default_root_dir="runs/demo/references", enable_model_summary=False)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir="runs/demo/references",
+            enable_model_summary=False,
+        )
         out = trainer.test(model, datamodule=dm, verbose=False)[0]
         rows.append({"method": name, "miou": out["test/miou"], "fbiou": out["test/fbiou"]})
     return rows
@@ -57,16 +63,24 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"fsseg demo: config {config} does not exist")
         m = fit_and_test(config, extra)
         meta = meta or m
-        rows.append({"method": m["model"], "miou": m["miou"], "fbiou": m["fbiou"], "seconds": m["total_seconds"]})
+        rows.append(
+            {"method": m["model"], "miou": m["miou"], "fbiou": m["fbiou"], "seconds": m["total_seconds"]}
+        )
     if meta is None:
         raise SystemExit("fsseg demo: no config given")
-    rows += references(Path(args.configs[0]), {"test_episodes": args.test_episodes} if args.test_episodes else {})
-    header = (f"embedded benchmark, fold {meta['fold']}, {meta['shot']}-shot, {meta['episodes']} test episodes "
-              f"at {meta['resolution']} px")
+    rows += references(
+        Path(args.configs[0]), {"test_episodes": args.test_episodes} if args.test_episodes else {}
+    )
+    header = (
+        f"embedded benchmark, fold {meta['fold']}, {meta['shot']}-shot, {meta['episodes']} test episodes "
+        f"at {meta['resolution']} px"
+    )
     lines = [header, f"{'method':<22}{'mIoU':>8}{'FB-IoU':>9}{'time (s)':>10}"]
     for r in rows:
         secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         lines.append(f"{r['method']:<22}{r['miou']:>8.1f}{r['fbiou']:>9.1f}{secs:>10}")
     print("\n" + "\n".join(lines))
-    atomic_write_text(Path("runs/demo/summary.json"), json.dumps({"setting": header, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(
+        Path("runs/demo/summary.json"), json.dumps({"setting": header, "rows": rows}, indent=2) + "\n"
+    )
     return 0

@@ -38,7 +38,9 @@ def read_support_mask(path: Path, mask_value: int | None = None) -> np.ndarray:
     values = np.unique(label)
     if mask_value is not None:
         if mask_value not in values:
-            raise ValueError(f"support mask {path}: --mask-value {mask_value} does not occur; its values are {values.tolist()[:20]}")
+            raise ValueError(
+                f"support mask {path}: --mask-value {mask_value} does not occur; its values are {values.tolist()[:20]}"
+            )
         fg = label == mask_value
     else:
         nonzero = values[values != 0]
@@ -50,11 +52,15 @@ def read_support_mask(path: Path, mask_value: int | None = None) -> np.ndarray:
             )
         fg = label != 0
     if not fg.any():
-        raise ValueError(f"support mask {path} is empty: it has no foreground pixel (expected non-zero pixels on the object)")
+        raise ValueError(
+            f"support mask {path} is empty: it has no foreground pixel (expected non-zero pixels on the object)"
+        )
     return fg.astype(np.uint8)
 
 
-def load_support(image: Path, mask: Path, img_size: int, mask_value: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_support(
+    image: Path, mask: Path, img_size: int, mask_value: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One support pair -> image ``[3, S, S]`` in [0, 1] and mask ``[S, S]`` in {0, 1}."""
     img = load_rgb(Path(image))
     m = read_support_mask(Path(mask), mask_value)
@@ -65,7 +71,9 @@ def load_support(image: Path, mask: Path, img_size: int, mask_value: int | None 
         )
     small = resize_mask(m, (img_size, img_size))  # [S, S]
     if not small.any():
-        raise ValueError(f"support mask {mask}: the object vanishes at --img-size {img_size} (only {int(m.sum())} pixels); use a larger size")
+        raise ValueError(
+            f"support mask {mask}: the object vanishes at --img-size {img_size} (only {int(m.sum())} pixels); use a larger size"
+        )
     return image_to_tensor(img, img_size), small
 
 
@@ -85,7 +93,9 @@ def list_queries(paths: list[Path]) -> list[Path]:
     seen: dict[str, Path] = {}
     for f in files:
         if f.stem in seen:
-            raise ValueError(f"queries {seen[f.stem]} and {f} would write the same <stem>_mask.png; rename one")
+            raise ValueError(
+                f"queries {seen[f.stem]} and {f} would write the same <stem>_mask.png; rename one"
+            )
         seen[f.stem] = f
     for f in files:  # fail before any work on a file that is not an image
         try:
@@ -115,7 +125,9 @@ def threshold_override(cls: type, value: float) -> dict:
     raise ValueError(f"--threshold does not apply to {cls.__name__}: it has no numeric threshold")
 
 
-def load_model(config: Path | None = None, ckpt: Path | None = None, threshold: float | None = None) -> tuple[FewShotModule, dict]:
+def load_model(
+    config: Path | None = None, ckpt: Path | None = None, threshold: float | None = None
+) -> tuple[FewShotModule, dict]:
     """The method of a run (its config's ``model`` section), with the checkpoint's weights when given.
 
     Returns (model in eval mode, the config's ``data`` section).
@@ -134,7 +146,9 @@ def load_model(config: Path | None = None, ckpt: Path | None = None, threshold: 
     if "class_path" not in model_cfg:
         raise ValueError(f"{config}: no model.class_path")
     cls = _import(model_cfg["class_path"])
-    init = {k: v for k, v in (model_cfg.get("init_args") or {}).items() if k not in ("optimizer", "scheduler")}
+    init = {
+        k: v for k, v in (model_cfg.get("init_args") or {}).items() if k not in ("optimizer", "scheduler")
+    }
     if threshold is not None:
         init.update(threshold_override(cls, threshold))
     parser = ArgumentParser(exit_on_error=False)  # checks names and types as the CLI does, fills in defaults
@@ -143,7 +157,9 @@ def load_model(config: Path | None = None, ckpt: Path | None = None, threshold: 
         parsed = parser.parse_object({"model": {"class_path": model_cfg["class_path"], "init_args": init}})
     except Exception as e:  # jsonargparse's ArgumentError and friends
         raise ValueError(f"{config}: the model section does not parse: {e}") from e
-    model = cls(**parsed.model.init_args.as_dict())  # built directly: its own errors (missing weights) stay readable
+    model = cls(
+        **parsed.model.init_args.as_dict()
+    )  # built directly: its own errors (missing weights) stay readable
     if ckpt is not None:
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"--ckpt: checkpoint {ckpt} does not exist")
@@ -193,27 +209,57 @@ def predict_images(
         x = image_to_tensor(img, img_size)[None].to(device)  # [1, 3, S, S]
         pred = model.predict_with_support(state, x, (img.height, img.width))
         if tuple(pred.shape) != (1, img.height, img.width):
-            raise RuntimeError(f"{type(model).__name__}.predict_with_support returned {tuple(pred.shape)}, expected (1, {img.height}, {img.width})")
+            raise RuntimeError(
+                f"{type(model).__name__}.predict_with_support returned {tuple(pred.shape)}, expected (1, {img.height}, {img.width})"
+            )
         mask = (pred[0].cpu().numpy() == 1).astype(np.uint8)  # [H, W]
         mask_path, overlay_path = out_dir / f"{q.stem}_mask.png", out_dir / f"{q.stem}_overlay.png"
         save_png(Image.fromarray(mask * 255, "L"), mask_path)
         save_png(overlay(img, mask), overlay_path)
-        records.append({"query": str(q), "mask": str(mask_path), "overlay": str(overlay_path), "foreground": float(mask.mean())})
+        records.append(
+            {
+                "query": str(q),
+                "mask": str(mask_path),
+                "overlay": str(overlay_path),
+                "foreground": float(mask.mean()),
+            }
+        )
     return records
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fsseg predict-images", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=Path, help="Lightning checkpoint; the run's config.yaml is found beside it")
-    p.add_argument("--config", type=Path, help="run config (model section); without --ckpt the weights it names are used")
-    p.add_argument("--support", type=Path, action="append", default=[], required=True, help="support image (repeat for K shots)")
-    p.add_argument("--support-mask", type=Path, action="append", default=[], required=True, help="its mask (same order)")
-    p.add_argument("--query", type=Path, action="append", required=True, help="query image or folder of images (repeatable)")
+    p.add_argument(
+        "--config", type=Path, help="run config (model section); without --ckpt the weights it names are used"
+    )
+    p.add_argument(
+        "--support",
+        type=Path,
+        action="append",
+        default=[],
+        required=True,
+        help="support image (repeat for K shots)",
+    )
+    p.add_argument(
+        "--support-mask", type=Path, action="append", default=[], required=True, help="its mask (same order)"
+    )
+    p.add_argument(
+        "--query",
+        type=Path,
+        action="append",
+        required=True,
+        help="query image or folder of images (repeatable)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--img-size", type=int, help="model input side (default: the run's data.img_size)")
     p.add_argument("--threshold", type=float, help="foreground threshold, for methods that threshold a score")
     p.add_argument("--mask-value", type=int, help="the object's value in a multi-valued support mask")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     return p
 
 
@@ -221,14 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if len(args.support) != len(args.support_mask):
-            raise ValueError(f"{len(args.support)} --support images but {len(args.support_mask)} --support-mask files; give one mask per image")
+            raise ValueError(
+                f"{len(args.support)} --support images but {len(args.support_mask)} --support-mask files; give one mask per image"
+            )
         queries = list_queries(args.query)
         model, data_cfg = load_model(args.config, args.ckpt, args.threshold)
         from fsseg.data.datamodule import FewShotDataModule
 
         default_size = inspect.signature(FewShotDataModule).parameters["img_size"].default
         img_size = args.img_size or int(data_cfg.get("img_size") or default_size)
-        records = predict_images(model, list(zip(args.support, args.support_mask)), queries, args.out, img_size, args.mask_value, args.device)
+        records = predict_images(
+            model,
+            list(zip(args.support, args.support_mask)),
+            queries,
+            args.out,
+            img_size,
+            args.mask_value,
+            args.device,
+        )
     except (ValueError, OSError) as e:  # bad input, missing or unreadable files and weights
         print(f"fsseg predict-images: error: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,11 @@ def summarize_seeds(metrics: Sequence[dict], runs: Sequence[str | Path]) -> dict
                  "setting": {k: metrics[0].get(k) for k in SETTING_KEYS}}  # fmt: skip
     for key in ("miou", "fbiou"):
         v = np.array([float(m[key]) for m in metrics])
-        out[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+        out[key] = {
+            "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "values": v.tolist(),
+        }
     return out
 
 

@@ -22,7 +22,9 @@ def to_pil(img: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
     if isinstance(img, Image.Image):
         return img.convert("RGB")
     if isinstance(img, torch.Tensor):
-        img = (img.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()  # [H, W, 3]
+        img = (
+            (img.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        )  # [H, W, 3]
     return Image.fromarray(np.asarray(img, dtype=np.uint8), "RGB")
 
 
@@ -35,7 +37,9 @@ def _mask_array(mask, size: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 0.5, size: int | None = None) -> Image.Image:
+def overlay(
+    img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 0.5, size: int | None = None
+) -> Image.Image:
     """The image with the mask's foreground (value 1) tinted and outlined, ignore pixels (255) greyed.
 
     ``size``: draw at ``size x size`` (the image resized bilinearly first, so the outline stays crisp); otherwise at
@@ -49,7 +53,9 @@ def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 
     fg = Image.fromarray(((m == 1) * 255).astype(np.uint8), "L")
     out = Image.composite(Image.new("RGB", base.size, color), base, fg.point(lambda v: int(v * alpha)))
     ignore = Image.fromarray(((m == 255) * 255).astype(np.uint8), "L")
-    out = Image.composite(Image.new("RGB", base.size, IGNORE_COLOR), out, ignore.point(lambda v: int(v * 0.5)))
+    out = Image.composite(
+        Image.new("RGB", base.size, IGNORE_COLOR), out, ignore.point(lambda v: int(v * 0.5))
+    )
     edge = fg.filter(ImageFilter.FIND_EDGES)  # the outline: foreground pixels next to background
     width = max(3 if size is not None else 1, 2 * (min(base.size) // 256) + 1)  # thicker on large images
     if width > 1:
@@ -57,8 +63,9 @@ def overlay(img, mask, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 
     return Image.composite(Image.new("RGB", base.size, color), out, edge.point(lambda v: 255 if v else 0))
 
 
-def grid(rows: list[list[Image.Image]], cell: int, titles: list[str] | None = None,
-         labels: list[str] | None = None) -> Image.Image:
+def grid(
+    rows: list[list[Image.Image]], cell: int, titles: list[str] | None = None, labels: list[str] | None = None
+) -> Image.Image:
     """Panels in a grid of ``cell x cell`` squares on white, with optional column titles and per-row labels.
 
     Size: ``width = n_cols * cell + (n_cols + 1) * PAD``; ``height = [TITLE_H] + n_rows * (cell + [TITLE_H]) +
@@ -83,7 +90,9 @@ def grid(rows: list[list[Image.Image]], cell: int, titles: list[str] | None = No
     return canvas
 
 
-def episode_row(support_imgs, support_masks, query_img, query_gt, pred, size: int | None = None) -> list[Image.Image]:
+def episode_row(
+    support_imgs, support_masks, query_img, query_gt, pred, size: int | None = None
+) -> list[Image.Image]:
     """One row of the papers' figures: supports with their masks, the query, its ground truth, the prediction.
 
     ``support_imgs [K, 3, S, S]``, ``support_masks [K, S, S]``, ``query_img [3, S, S]``, ``query_gt [h, w]``

@@ -35,7 +35,9 @@ def test_predict_shapes_and_cached_support_equals_plain_path():
         state = m.encode_support(x["support_imgs"][0], x["support_masks"][0])
         queries = torch.cat([x["query_img"], torch.rand(2, 3, 32, 32)])
         cached = m.predict_with_support(state, queries, (40, 24))
-        plain = FewShotModule.predict_with_support(m, FewShotModule.encode_support(m, x["support_imgs"][0], x["support_masks"][0]), queries, (40, 24))
+        plain = FewShotModule.predict_with_support(
+            m, FewShotModule.encode_support(m, x["support_imgs"][0], x["support_masks"][0]), queries, (40, 24)
+        )
     assert torch.equal(cached, plain) and torch.equal(cached[:1], pred)
 
 

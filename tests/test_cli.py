@@ -18,19 +18,42 @@ def write_config(tmp: Path, data_root: Path, **trainer) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
-            "enable_progress_bar": False, "enable_model_summary": False, "deterministic": True, "log_every_n_steps": 1,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(tmp / "runs"), "name": "t"}},
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": True,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp / "runs"), "name": "t"},
+            },
             **trainer,
         },
         "model": {
             "class_path": "fsseg.models.baseline.PrototypeModule",
-            "init_args": {"backbone": "resnet18", "out_indices": [1], "embed_dim": 16,
-                          "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}}},
+            "init_args": {
+                "backbone": "resnet18",
+                "out_indices": [1],
+                "embed_dim": 16,
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}},
+            },
         },
-        "data": {"root": str(data_root), "benchmark": "embedded", "fold": 0, "shot": 1, "img_size": 48,
-                 "batch_size": 4, "eval_batch_size": 4, "train_episodes": 16, "test_episodes": 24, "val_episodes": 8},
+        "data": {
+            "root": str(data_root),
+            "benchmark": "embedded",
+            "fold": 0,
+            "shot": 1,
+            "img_size": 48,
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "train_episodes": 16,
+            "test_episodes": 24,
+            "val_episodes": 8,
+        },
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -76,8 +99,12 @@ def test_mistyped_config_key_is_named(tmp_path, small_embedded, capsys):
 
 def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, small_embedded):
     # 2 epochs of 4 batches; checkpoints every 3 steps: step 3 is mid-epoch 0, step 6 mid-epoch 1
-    every3 = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-               "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}]
+    every3 = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"},
+        }
+    ]
     cfg = write_config(tmp_path, small_embedded, max_epochs=2, callbacks=every3)
     run = run_cli(["fit", "--config", str(cfg)])
     full = run.model.state_dict()
@@ -88,7 +115,9 @@ def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, small_embedded)
         state = resumed.model.state_dict()
         for k, v in full.items():
             assert torch.equal(v, state[k]), (name, k)
-    other = run_cli(["fit", "--config", str(cfg), "--seed_everything", "1", "--data.seed", "1"]).model.state_dict()
+    other = run_cli(
+        ["fit", "--config", str(cfg), "--seed_everything", "1", "--data.seed", "1"]
+    ).model.state_dict()
     assert not all(torch.equal(v, other[k]) for k, v in full.items())
 
 
@@ -107,7 +136,18 @@ def test_ddp_test_equals_single_process(tmp_path, small_embedded):
     reports = []
     for name, extra in (("one", []), ("ddp", ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
         log = ["--trainer.logger.init_args.name", name]
-        _fsseg("test", "--config", str(cfg), "--ckpt_path", ckpt, "--data.test_episodes", "23", *log, *extra, cwd=tmp_path)
+        _fsseg(
+            "test",
+            "--config",
+            str(cfg),
+            "--ckpt_path",
+            ckpt,
+            "--data.test_episodes",
+            "23",
+            *log,
+            *extra,
+            cwd=tmp_path,
+        )
         out = tmp_path / "runs" / name / "version_0"
         reports.append(((out / "metrics.json").read_text(), (out / "episodes.jsonl").read_text()))
     (m1, e1), (m2, e2) = reports

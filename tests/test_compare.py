@@ -32,13 +32,29 @@ def write_run(folder: Path, skill: float, seed: int, n: int = 60, fold: int = 1,
         metric.update(pred, target, torch.tensor([cls]))
         inter, union = episode_inter_union(pred, target)
         support = int(torch.randint(0, 1000, (1,), generator=draw))
-        records.append({"episode": i, "query": f"q{i}", "supports": [f"s{support}"], "class_id": cls,
-                        "inter": inter[0].tolist(), "union": union[0].tolist()})
+        records.append(
+            {
+                "episode": i,
+                "query": f"q{i}",
+                "supports": [f"s{support}"],
+                "class_id": cls,
+                "inter": inter[0].tolist(),
+                "union": union[0].tolist(),
+            }
+        )
     values = metric.compute()
-    metrics = {"miou": float(values["miou"]), "fbiou": float(values["fbiou"]),
-               "per_class_iou": {str(c): float(v) for c, v in zip(CLASSES, values["per_class_iou"])},
-               "dataset": "embedded", "fold": fold, "shot": 1, "resolution": 16, "seed": data_seed,
-               "episodes": n, "model": "Fake"}
+    metrics = {
+        "miou": float(values["miou"]),
+        "fbiou": float(values["fbiou"]),
+        "per_class_iou": {str(c): float(v) for c, v in zip(CLASSES, values["per_class_iou"])},
+        "dataset": "embedded",
+        "fold": fold,
+        "shot": 1,
+        "resolution": 16,
+        "seed": data_seed,
+        "episodes": n,
+        "model": "Fake",
+    }
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

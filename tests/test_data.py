@@ -7,15 +7,33 @@ from fsseg.data import FewShotDataModule, PascalFewShot
 
 
 def make_dm(root, **kw):
-    args = dict(root=str(root), benchmark="embedded", fold=0, shot=2, img_size=48, batch_size=4, eval_batch_size=3,
-                val_episodes=12, test_episodes=12, train_episodes=16)
+    args = dict(
+        root=str(root),
+        benchmark="embedded",
+        fold=0,
+        shot=2,
+        img_size=48,
+        batch_size=4,
+        eval_batch_size=3,
+        val_episodes=12,
+        test_episodes=12,
+        train_episodes=16,
+    )
     args.update(kw)
     return FewShotDataModule(**args)
 
 
 def test_episode_tensors(small_embedded):
-    ds = PascalFewShot(small_embedded, "test", fold=1, shot=2, img_size=48, eval_size=40, n_episodes=5,
-                       splits_dir=small_embedded / "splits")
+    ds = PascalFewShot(
+        small_embedded,
+        "test",
+        fold=1,
+        shot=2,
+        img_size=48,
+        eval_size=40,
+        n_episodes=5,
+        splits_dir=small_embedded / "splits",
+    )
     ep = ds[0]
     assert ep["query_img"].shape == (3, 48, 48) and ep["query_img"].dtype == torch.float32
     assert 0 <= ep["query_img"].min() and ep["query_img"].max() <= 1
@@ -23,8 +41,14 @@ def test_episode_tensors(small_embedded):
     assert ep["query_mask_eval"].shape == (40, 40)
     assert set(ep["query_mask"].unique().tolist()) <= {0, 1, 255} and (ep["query_mask"] == 1).any()
     assert int(ep["class_id"]) in range(5, 10) and ds.class_ids() == [5, 6, 7, 8, 9]
-    original = PascalFewShot(small_embedded, "test", fold=1, eval_size="original", n_episodes=1,
-                             splits_dir=small_embedded / "splits")
+    original = PascalFewShot(
+        small_embedded,
+        "test",
+        fold=1,
+        eval_size="original",
+        n_episodes=1,
+        splits_dir=small_embedded / "splits",
+    )
     assert original[0]["query_mask_eval"].shape == (64, 64)
 
 
@@ -92,10 +116,16 @@ def test_bad_split_list_line_is_named(small_embedded, tmp_path):
 
 
 def test_supports_never_equal_query(small_embedded):
-    ds = PascalFewShot(small_embedded, "test", fold=2, shot=5, n_episodes=40, splits_dir=small_embedded / "splits")
+    ds = PascalFewShot(
+        small_embedded, "test", fold=2, shot=5, n_episodes=40, splits_dir=small_embedded / "splits"
+    )
     assert all(ep.query not in ep.supports for ep in ds.episodes)
     tr = PascalFewShot(small_embedded, "trn", fold=2, shot=3, splits_dir=small_embedded / "splits")
     eps = [tr.episode(i) for i in range(30)]
     assert all(ep.query not in ep.supports for ep in eps)
     assert eps == [tr.episode(i) for i in range(30)]  # per-index generator: same again
-    assert {tr.episode(i).class_id for i in range(len(tr))} == set(tr.class_ids()) == set(range(20)) - set(range(10, 15))
+    assert (
+        {tr.episode(i).class_id for i in range(len(tr))}
+        == set(tr.class_ids())
+        == set(range(20)) - set(range(10, 15))
+    )

@@ -61,7 +61,9 @@ def fsseg(*args, cwd: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [baseline_model, diffews_model, diffseg_model], ids=["baseline", "diffews", "diffseg"])
+@pytest.mark.parametrize(
+    "model", [baseline_model, diffews_model, diffseg_model], ids=["baseline", "diffews", "diffseg"]
+)
 def test_ddp_training_runs_and_ddp_evaluation_equals_one_process(model, tmp_path, small_embedded):
     cfg = write_config(tmp_path, small_embedded, model(tmp_path))
     fsseg("fit", "--config", str(cfg), "--trainer.logger.init_args.name", "fit", *DDP, cwd=tmp_path)

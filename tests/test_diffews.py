@@ -23,7 +23,9 @@ def test_fusion_processors_on_every_attn1_only(sd_dir):
     fused = [n for n, p in procs.items() if isinstance(p, FusionAttnProcessor)]
     assert m.n_fusion_layers == len(blocks) == len(fused) == 6
     assert all(n.endswith("attn1.processor") for n in fused)
-    assert not any(isinstance(p, FusionAttnProcessor) for n, p in procs.items() if n.endswith("attn2.processor"))
+    assert not any(
+        isinstance(p, FusionAttnProcessor) for n, p in procs.items() if n.endswith("attn2.processor")
+    )
 
 
 def test_conv_in_ref_init_and_text_encoder_not_kept(sd_dir):
@@ -55,7 +57,10 @@ def test_duplicate_support_gives_plain_unet_output(sd_dir, shots):
     torch.manual_seed(1)
     z_q = torch.randn(2, 4, 16, 16)
     t = torch.ones(2, dtype=torch.long)
-    support = {"x": torch.cat([z_q.repeat_interleave(shots, 0), torch.randn(2 * shots, 4, 16, 16)], 1), "k": shots}
+    support = {
+        "x": torch.cat([z_q.repeat_interleave(shots, 0), torch.randn(2 * shots, 4, 16, 16)], 1),
+        "k": shots,
+    }
     with torch.no_grad():
         fused = m.unet_call(z_q, support, t, m.prompt_infer)
         m.fusion.clear()  # no supports: every processor runs plain self-attention
@@ -84,7 +89,9 @@ def test_training_loss_is_mse_to_negative_mask_latent(sd_dir):
         loss = m.training_loss(batch)["loss"]
     finally:
         h.remove()
-    torch.manual_seed(7)  # the module's first random draw is the posterior sample of [query, query-mask image]
+    torch.manual_seed(
+        7
+    )  # the module's first random draw is the posterior sample of [query, query-mask image]
     z = m.encode(torch.cat([batch["query_img"], mask_image(binary_mask(batch["query_mask"]))]), sample=True)
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen[0], -z[2:]), rtol=1e-5, atol=1e-7)
 
@@ -111,7 +118,10 @@ def test_predict_masks_postprocessing(sd_dir):
 
 
 def test_missing_weights_error_names_component(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)Stable Diffusion VAE.*huggingface-cli download stabilityai/stable-diffusion-2-1"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)Stable Diffusion VAE.*huggingface-cli download stabilityai/stable-diffusion-2-1",
+    ):
         DiffewsModule(pretrained=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="injection='nope'"):
         DiffewsModule(pretrained=str(tmp_path), injection="nope")

@@ -34,8 +34,15 @@ def test_asset_loads_and_vae_reconstructs(tmp_path):
     saved = load_file(str(ASSET / "unet/diffusion_pytorch_model.safetensors"))
     torch.testing.assert_close(m.unet.conv_in_ref.weight, saved["conv_in_ref.weight"], rtol=0, atol=0)
     root = generate_embedded_benchmark(tmp_path / "embedded", seed=1, image_size=128, n_train=40, n_val=40)
-    dm = FewShotDataModule(root=str(root), benchmark="embedded", fold=0, shot=1, img_size=128,
-                           val_episodes=16, eval_batch_size=16)
+    dm = FewShotDataModule(
+        root=str(root),
+        benchmark="embedded",
+        fold=0,
+        shot=1,
+        img_size=128,
+        val_episodes=16,
+        eval_batch_size=16,
+    )
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     img, mask = batch["query_img"], binary_mask(batch["query_mask"])

@@ -60,13 +60,17 @@ class BankProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def two_pass_predict_latent(unet_dir: str, prompt: torch.Tensor, z_q: torch.Tensor, z_sup: torch.Tensor) -> torch.Tensor:
+def two_pass_predict_latent(
+    unet_dir: str, prompt: torch.Tensor, z_q: torch.Tensor, z_sup: torch.Tensor
+) -> torch.Tensor:
     """-(UNet output) per episode: one support pass per shot (``cat(z_s, z_ms)`` through conv_in_ref) fills the
     bank, then the query pass (``z_q`` through conv_in). z_q [B, 4, h, w], z_sup [B, K, 8, h, w]."""
     unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     weights = load_file(f"{unet_dir}/diffusion_pytorch_model.safetensors")
     conv_ref = torch.nn.Conv2d(8, unet.conv_in.out_channels, 3, padding=1)
-    conv_ref.load_state_dict({k[len("conv_in_ref."):]: v for k, v in weights.items() if k.startswith("conv_in_ref.")})
+    conv_ref.load_state_dict(
+        {k[len("conv_in_ref.") :]: v for k, v in weights.items() if k.startswith("conv_in_ref.")}
+    )
     names = [n for n in unet.attn_processors if n.endswith("attn1.processor")]
     state = {"mode": "write"}
     t = torch.ones(1, dtype=torch.long)
@@ -74,7 +78,9 @@ def two_pass_predict_latent(unet_dir: str, prompt: torch.Tensor, z_q: torch.Tens
     outs = []
     for b in range(z_q.shape[0]):
         bank = [[] for _ in names]
-        unet.set_attn_processor({**unet.attn_processors, **{n: BankProcessor(bank, i, state) for i, n in enumerate(names)}})
+        unet.set_attn_processor(
+            {**unet.attn_processors, **{n: BankProcessor(bank, i, state) for i, n in enumerate(names)}}
+        )
         state["mode"] = "write"
         unet.conv_in = conv_ref  # the support pass takes the 8-channel input
         for j in range(z_sup.shape[1]):
@@ -93,9 +99,15 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
     batch = random_episodes(b=2, k=shots, size=32, seed=5)
     with torch.no_grad():  # the latents, as the module computes them (posterior means)
         z_q = m.encode(batch["query_img"], sample=False)
-        z_sup = m._support_inputs(batch["support_imgs"], binary_mask(batch["support_masks"]), sample=False)["x"]
-        one_pass = -m.unet_call(z_q, {"x": z_sup, "k": shots}, torch.ones(2, dtype=torch.long), m.prompt_infer)
-        two_pass = two_pass_predict_latent(released_unet, m.prompt_infer, z_q, z_sup.view(2, shots, 8, *z_sup.shape[-2:]))
+        z_sup = m._support_inputs(batch["support_imgs"], binary_mask(batch["support_masks"]), sample=False)[
+            "x"
+        ]
+        one_pass = -m.unet_call(
+            z_q, {"x": z_sup, "k": shots}, torch.ones(2, dtype=torch.long), m.prompt_infer
+        )
+        two_pass = two_pass_predict_latent(
+            released_unet, m.prompt_infer, z_q, z_sup.view(2, shots, 8, *z_sup.shape[-2:])
+        )
     torch.testing.assert_close(one_pass, two_pass, rtol=1e-5, atol=1e-5)
     assert one_pass.abs().max() > 1e-2
     # end to end: the module's thresholded prediction is the released post-processing of the two-pass latent
@@ -111,8 +123,21 @@ def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
     L.seed_everything(0)
     m = DiffewsModule(pretrained=sd_dir)
     episodes = random_episodes(b=2, k=1, size=32, seed=6)
-    items = [{k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v])) for k, v in episodes.items()} for i in range(2)]
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    items = [
+        {
+            k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v]))
+            for k, v in episodes.items()
+        }
+        for i in range(2)
+    ]
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     before = m.unet.conv_in_ref.weight.detach().clone()
     trainer.fit(m, DataLoader(items, batch_size=1))
     assert not torch.equal(before, m.unet.conv_in_ref.weight)  # it trained
@@ -131,9 +156,23 @@ def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
 def test_mixed_precision_fit_and_predict(sd_dir, precision):
     m = DiffewsModule(pretrained=sd_dir)
     episodes = random_episodes(b=2, k=1, size=32, seed=8)
-    items = [{k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v])) for k, v in episodes.items()} for i in range(2)]
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision=precision, gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    items = [
+        {
+            k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v]))
+            for k, v in episodes.items()
+        }
+        for i in range(2)
+    ]
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        precision=precision,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(m, DataLoader(items, batch_size=1))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(torch.isfinite(p).all() for p in m.unet.parameters())

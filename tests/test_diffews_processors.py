@@ -24,7 +24,9 @@ def setup(mode="kv"):
 def reference(attn, q_rows, kv_rows, mask=None):
     """softmax(QK^T)V of ``q_rows`` [n, Lq, C] over ``kv_rows`` [n, Lk, C] through attn's projections."""
     split = lambda t: t.view(t.shape[0], -1, H, C // H).transpose(1, 2)  # noqa: E731
-    o = F.scaled_dot_product_attention(split(attn.to_q(q_rows)), split(attn.to_k(kv_rows)), split(attn.to_v(kv_rows)), attn_mask=mask)
+    o = F.scaled_dot_product_attention(
+        split(attn.to_q(q_rows)), split(attn.to_k(kv_rows)), split(attn.to_v(kv_rows)), attn_mask=mask
+    )
     return attn.to_out[0](o.transpose(1, 2).reshape(q_rows.shape[0], -1, C))
 
 
@@ -33,7 +35,9 @@ def test_kv_fusion_query_sees_supports_supports_see_themselves():
     attn, ctx, x = setup("kv")
     out = attn(x)
     sup = x[B:].view(B, K * L, C)  # query b's supports, concatenated
-    torch.testing.assert_close(out[:B], reference(attn, x[:B], torch.cat([x[:B], sup], 1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out[:B], reference(attn, x[:B], torch.cat([x[:B], sup], 1)), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(out[B:], reference(attn, x[B:], x[B:]), rtol=1e-5, atol=1e-6)
     x2 = x.clone()
     x2[:B] += 1  # supports do not look at the query
@@ -58,11 +62,17 @@ def test_attention_mask_hides_background_support_tokens():
     ctx.support_mask, ctx.mask_hw = mask, (8, 8)
     out = attn(x)
     keep = layer_mask(mask, (8, 8), L)
-    assert keep.shape == (B, K * L) and keep.view(B, K, 4, 4)[:, :, :2].all() and not keep.view(B, K, 4, 4)[:, :, 2:].any()
+    assert (
+        keep.shape == (B, K * L)
+        and keep.view(B, K, 4, 4)[:, :, :2].all()
+        and not keep.view(B, K, 4, 4)[:, :, 2:].any()
+    )
     sup = x[B:].view(B, K * L, C)
     for b in range(B):
         visible = torch.cat([x[b], sup[b][keep[b]]])[None]
-        torch.testing.assert_close(out[b : b + 1], reference(attn, x[b : b + 1], visible), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out[b : b + 1], reference(attn, x[b : b + 1], visible), rtol=1e-5, atol=1e-6
+        )
     ctx.support_mask = torch.zeros(B, K, 8, 8)  # nothing visible: plain self-attention of the query
     torch.testing.assert_close(attn(x)[:B], reference(attn, x[:B], x[:B]), rtol=1e-5, atol=1e-6)
 
@@ -77,11 +87,18 @@ def test_sampling_keeps_one_shot_count_of_support_tokens():
     sup = x[B:].view(B, K * L, C)
     for b in range(B):
         idx = torch.randperm(K * L, generator=g)[:L]
-        torch.testing.assert_close(out[b : b + 1], reference(attn, x[b : b + 1], torch.cat([x[b], sup[b][idx]])[None]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out[b : b + 1],
+            reference(attn, x[b : b + 1], torch.cat([x[b], sup[b][idx]])[None]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     full = FusionContext(n_query=B, n_shot=K)
     attn.set_processor(FusionAttnProcessor(full, "kv"))
     assert (attn(x)[:B] - out[:B]).abs().max() > 1e-4  # sampling changed something
     one = FusionContext(n_query=B, n_shot=1, sample_one_shot=True)  # 1-shot: nothing to drop
     attn.set_processor(FusionAttnProcessor(one, "kv"))
     x1 = x[: 2 * B]
-    torch.testing.assert_close(attn(x1)[:B], reference(attn, x1[:B], torch.cat([x1[:B], x1[B:]], 1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attn(x1)[:B], reference(attn, x1[:B], torch.cat([x1[:B], x1[B:]], 1)), rtol=1e-5, atol=1e-6
+    )

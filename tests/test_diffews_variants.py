@@ -18,12 +18,24 @@ from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = sorted((ROOT / "configs/ablations/diffews").glob("*.yaml"))
 # one row per kind of switch runs by default; the rest are marked slow (`make test-all`)
-FAST = {"fusion_qkv", "tca_attention_mask", "fsa_multiply_latent", "supervision_overlay", "generation_mi2m_beta2",
-        "generation_mn2m", "threshold_absolute_0.15", "nshot_sample_5shot", "train_shots_1to5"}
+FAST = {
+    "fusion_qkv",
+    "tca_attention_mask",
+    "fsa_multiply_latent",
+    "supervision_overlay",
+    "generation_mi2m_beta2",
+    "generation_mn2m",
+    "threshold_absolute_0.15",
+    "nshot_sample_5shot",
+    "train_shots_1to5",
+}
 CONFIGS = [[ROOT / "configs/diffews.yaml"], [ROOT / "configs/diffews_incontext.yaml"]] + [
-    [ROOT / ("configs/diffews_incontext.yaml" if p.name.startswith("nshot") else "configs/diffews.yaml"), p] for p in ABLATIONS
+    [ROOT / ("configs/diffews_incontext.yaml" if p.name.startswith("nshot") else "configs/diffews.yaml"), p]
+    for p in ABLATIONS
 ]
-CONFIGS = [c if len(c) == 1 or c[-1].stem in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CONFIGS]
+CONFIGS = [
+    c if len(c) == 1 or c[-1].stem in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CONFIGS
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +48,22 @@ def tiny_dirs(tmp_path_factory):
 
 def build(configs: list[Path], sd: str, clip: str) -> LightningCLI:
     args = [a for c in configs for a in ("--config", str(c))]
-    args += ["--model.init_args.pretrained", sd, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-             "--trainer.precision", "32-true", "--trainer.logger", "false",
-             "--model.init_args.num_inference_steps", "2", "--model.init_args.ensemble_size", "2"]  # multi-step: keep it short
+    args += [
+        "--model.init_args.pretrained",
+        sd,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.logger",
+        "false",
+        "--model.init_args.num_inference_steps",
+        "2",
+        "--model.init_args.ensemble_size",
+        "2",
+    ]  # multi-step: keep it short
     if any("tca_" in c.name for c in configs):
         args += ["--model.init_args.image_encoder", clip]
     return LightningCLI(FewShotModule, FewShotDataModule, subclass_mode_model=True, args=args, run=False)
@@ -47,10 +72,28 @@ def build(configs: list[Path], sd: str, clip: str) -> LightningCLI:
 def test_every_ablation_row_has_a_config():
     names = {p.stem for p in ABLATIONS}
     inter = {f"{i}_{j}" for i in ("fsa", "tca") for j in ("concat", "multiply_rgb", "add", "attention_mask")}
-    assert inter | {"fsa_multiply_latent", "fusion_kv", "fusion_qkv", "generation_oi2m", "generation_mi2m_beta1",
-                    "generation_mi2m_beta2", "generation_mn2m", "train_shots_1to5", "train_shots_1to7"} <= names
+    assert (
+        inter
+        | {
+            "fsa_multiply_latent",
+            "fusion_kv",
+            "fusion_qkv",
+            "generation_oi2m",
+            "generation_mi2m_beta1",
+            "generation_mi2m_beta2",
+            "generation_mn2m",
+            "train_shots_1to5",
+            "train_shots_1to7",
+        }
+        <= names
+    )
     assert {f"supervision_{s}" for s in ("white_fg", "real_fg", "black_fg", "overlay")} <= names
-    assert {"threshold_relative_0.25", "threshold_absolute_0.15", "nshot_sample_5shot", "nshot_concat_5shot"} <= names
+    assert {
+        "threshold_relative_0.25",
+        "threshold_absolute_0.15",
+        "nshot_sample_5shot",
+        "nshot_concat_5shot",
+    } <= names
 
 
 @pytest.mark.parametrize("configs", CONFIGS, ids=lambda cs: cs[-1].stem if isinstance(cs, list) else None)

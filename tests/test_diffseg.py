@@ -53,7 +53,9 @@ def test_scm_gets_gradients_through_frozen_unet_which_stays_unchanged(tiny_dir):
     unet_before = {k: v.clone() for k, v in m.unet.state_dict().items()}
     scm_before = {k: v.clone() for k, v in m.scm.state_dict().items()}
     opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
-    assert {id(p) for p in m.trainable_parameters()} == {id(p) for p in [*m.scm.parameters(), *m.head.parameters()]}
+    assert {id(p) for p in m.trainable_parameters()} == {
+        id(p) for p in [*m.scm.parameters(), *m.head.parameters()]
+    }
     out = m.training_loss(batch_of(2))
     out["map_loss"].backward()  # M_a depends on SCM only through the UNet's up path
     for name, p in m.scm.named_parameters():
@@ -93,8 +95,13 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
     torch.manual_seed(0)
     m = make_module(tiny_dir)
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(m, train_dataloaders=DataLoader([episode(i) for i in range(4)], batch_size=2))
     assert all(not p.requires_grad for p in m.unet.parameters())
@@ -104,7 +111,9 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert keys and all(k.startswith(("scm.", "head.")) for k in keys)
-    assert keys == {k for k, p in m.named_parameters() if p.requires_grad} | {k for k, _ in m.named_buffers() if k.startswith(("scm.", "head."))}
+    assert keys == {k for k, p in m.named_parameters() if p.requires_grad} | {
+        k for k, _ in m.named_buffers() if k.startswith(("scm.", "head."))
+    }
     assert ckpt["hyper_parameters"]["decoder"] == str(tiny_dir / "decoder")
     loaded = DiffSegModule.load_from_checkpoint(path, map_location="cpu")
     b = batch_of(2)
@@ -137,8 +146,16 @@ def test_k_shot_averages_embeddings_and_latents(tiny_dir):
     b = batch_of(2, k=3)
     with torch.no_grad():
         ls, emb = m.support_inputs(b)
-        singles = [m.support_inputs({**b, "support_imgs": b["support_imgs"][:, j:j + 1],
-                                     "support_masks": b["support_masks"][:, j:j + 1]}) for j in range(3)]
+        singles = [
+            m.support_inputs(
+                {
+                    **b,
+                    "support_imgs": b["support_imgs"][:, j : j + 1],
+                    "support_masks": b["support_masks"][:, j : j + 1],
+                }
+            )
+            for j in range(3)
+        ]
     torch.testing.assert_close(ls, torch.stack([s[0] for s in singles]).mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(emb, torch.stack([s[1] for s in singles]).mean(0), rtol=1e-4, atol=1e-5)
 
@@ -147,7 +164,9 @@ def test_prediction_shape_and_threshold(tiny_dir):
     m = make_module(tiny_dir, threshold=2.0)
     with torch.no_grad():
         pred = m.predict_masks(batch_of(2), (40, 30))
-    assert pred.shape == (2, 40, 30) and pred.dtype == torch.long and pred.sum() == 0  # scores are within [0, 1]
+    assert (
+        pred.shape == (2, 40, 30) and pred.dtype == torch.long and pred.sum() == 0
+    )  # scores are within [0, 1]
 
 
 def test_missing_weights_and_bad_switches_are_clear_errors(tiny_dir, tmp_path):
@@ -179,4 +198,6 @@ def test_latent_fg_weight_only_reweights_foreground_cells(tiny_dir):
         l_plain, l_weighted = plain.training_loss(b)["latent_loss"], weighted.training_loss(b)["latent_loss"]
         assert not torch.allclose(l_plain, l_weighted)
         empty = {**b, "query_mask": torch.where(b["query_mask"] == 1, 0, b["query_mask"])}  # no foreground
-        torch.testing.assert_close(plain.training_loss(empty)["latent_loss"], weighted.training_loss(empty)["latent_loss"])
+        torch.testing.assert_close(
+            plain.training_loss(empty)["latent_loss"], weighted.training_loss(empty)["latent_loss"]
+        )

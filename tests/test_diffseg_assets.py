@@ -13,12 +13,19 @@ ASSETS = Path(__file__).resolve().parents[1] / "fsseg" / "assets" / "tiny-diffse
 
 def test_tiny_assets_load_and_reconstruct(small_embedded):
     parts = load_frozen_parts(str(ASSETS / "decoder"), str(ASSETS / "prior"))
-    assert parts.unet.config.encoder_hid_dim_type == "image_proj" and parts.unet.config.addition_embed_type == "image"
+    assert (
+        parts.unet.config.encoder_hid_dim_type == "image_proj"
+        and parts.unet.config.addition_embed_type == "image"
+    )
     assert all("AddedKV" in type(p).__name__ for p in parts.unet.attn_processors.values())
     voc = small_embedded / "VOC2012"
-    names = sorted(p.stem for p in (voc / "JPEGImages").glob("2001_*.jpg"))[:4]  # val images: never trained on
+    names = sorted(p.stem for p in (voc / "JPEGImages").glob("2001_*.jpg"))[
+        :4
+    ]  # val images: never trained on
     img = torch.from_numpy(np.stack([np.asarray(Image.open(voc / "JPEGImages" / f"{n}.jpg")) for n in names]))
-    lab = torch.from_numpy(np.stack([np.asarray(Image.open(voc / "SegmentationClassAug" / f"{n}.png")) for n in names]))
+    lab = torch.from_numpy(
+        np.stack([np.asarray(Image.open(voc / "SegmentationClassAug" / f"{n}.png")) for n in names])
+    )
     img = img.permute(0, 3, 1, 2).float() / 255  # [4, 3, 64, 64]: the size the assets were trained at
     mask = ((lab != 0) & (lab != 255)).float()[:, None].expand(-1, 3, -1, -1)
     with torch.no_grad():

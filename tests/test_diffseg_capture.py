@@ -73,7 +73,9 @@ def test_store_filters_sizes_and_blocks(unet):
         _run(unet, latent_size=16)
     finally:
         remove_capture(unet)
-    assert list(store.cross_maps) == [(8, 8)] and len(store.cross_maps[(8, 8)]) == 2  # the up block's 2 layers
+    assert (
+        list(store.cross_maps) == [(8, 8)] and len(store.cross_maps[(8, 8)]) == 2
+    )  # the up block's 2 layers
 
 
 def test_ma_is_self_map_times_cross_map():

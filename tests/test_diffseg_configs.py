@@ -36,9 +36,22 @@ def tiny_dir(tmp_path_factory):
 
 def build(configs: list[Path], tiny: Path, edge_source: str | None = None) -> LightningCLI:
     args = [a for c in configs for a in ("--config", str(c))]
-    args += ["--model.init_args.decoder", str(tiny / "decoder"), "--model.init_args.prior", str(tiny / "prior"),
-             "--model.init_args.hed_weights", str(tiny / "hed.safetensors"), "--trainer.accelerator", "cpu",
-             "--trainer.devices", "1", "--trainer.precision", "32-true", "--trainer.logger", "false"]
+    args += [
+        "--model.init_args.decoder",
+        str(tiny / "decoder"),
+        "--model.init_args.prior",
+        str(tiny / "prior"),
+        "--model.init_args.hed_weights",
+        str(tiny / "hed.safetensors"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.logger",
+        "false",
+    ]
     if edge_source:
         args += ["--model.init_args.edge_source", edge_source]
     return LightningCLI(FewShotModule, FewShotDataModule, subclass_mode_model=True, args=args, run=False)
@@ -49,18 +62,37 @@ def episodes(n: int, k: int, size: int = 32) -> dict:
     items = []
     for _ in range(n):
         mask = torch.zeros(size, size, dtype=torch.long)
-        mask[size // 4: size // 2, size // 8: size // 2] = 1
-        items.append({"query_img": torch.rand(3, size, size, generator=g), "query_mask": mask,
-                      "support_imgs": torch.rand(k, 3, size, size, generator=g), "support_masks": mask.expand(k, -1, -1).clone()})
+        mask[size // 4 : size // 2, size // 8 : size // 2] = 1
+        items.append(
+            {
+                "query_img": torch.rand(3, size, size, generator=g),
+                "query_mask": mask,
+                "support_imgs": torch.rand(k, 3, size, size, generator=g),
+                "support_masks": mask.expand(k, -1, -1).clone(),
+            }
+        )
     return next(iter(DataLoader(items, batch_size=n)))
 
 
 def test_every_ablation_row_has_a_config():
     names = {p.stem for p in ABLATIONS}
     assert {"full", "modules_no_unet_scm", "modules_no_scm", "modules_no_pam"} <= names  # Table 3
-    assert {"knowledge_self_only", "knowledge_cross_only", "knowledge_frb", "knowledge_fst"} <= names  # Table 4
-    pam = {"none_none_none", "none_attn_attn", "attn_none_attn", "attn_attn_none", "conv_conv_conv",
-           "conv_attn_attn", "attn_conv_attn", "attn_attn_conv"}
+    assert {
+        "knowledge_self_only",
+        "knowledge_cross_only",
+        "knowledge_frb",
+        "knowledge_fst",
+    } <= names  # Table 4
+    pam = {
+        "none_none_none",
+        "none_attn_attn",
+        "attn_none_attn",
+        "attn_attn_none",
+        "conv_conv_conv",
+        "conv_attn_attn",
+        "attn_conv_attn",
+        "attn_attn_conv",
+    }
     assert {f"pam_{r}" for r in pam} <= names  # Table 5
     assert {"scm_without_8", "scm_without_16", "scm_without_32", "scm_per_level"} <= names  # Table 6
 
@@ -89,10 +121,20 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dir):
 def test_demo_config_runs_on_the_shipped_tiny_assets():
     assets = ROOT / "fsseg/assets/tiny-diffseg"
     cfg = yaml.safe_load((ROOT / "configs/demo_diffseg.yaml").read_text())
-    assert cfg["model"]["init_args"]["decoder"] == "fsseg/assets/tiny-diffseg/decoder"  # relative to the repo root
+    assert (
+        cfg["model"]["init_args"]["decoder"] == "fsseg/assets/tiny-diffseg/decoder"
+    )  # relative to the repo root
     assert cfg["data"]["benchmark"] == "embedded" and cfg["trainer"]["accelerator"] == "cpu"
-    args = ["--config", str(ROOT / "configs/demo_diffseg.yaml"), "--model.init_args.decoder", str(assets / "decoder"),
-            "--model.init_args.prior", str(assets / "prior"), "--trainer.logger", "false"]
+    args = [
+        "--config",
+        str(ROOT / "configs/demo_diffseg.yaml"),
+        "--model.init_args.decoder",
+        str(assets / "decoder"),
+        "--model.init_args.prior",
+        str(assets / "prior"),
+        "--trainer.logger",
+        "false",
+    ]
     cli = LightningCLI(FewShotModule, FewShotDataModule, subclass_mode_model=True, args=args, run=False)
     model = cli.model
     assert isinstance(model, DiffSegModule) and model.hparams.edge_source == "sobel"

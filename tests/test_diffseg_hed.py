@@ -34,7 +34,9 @@ def synthetic_pytorch_hed(prefix="module", seed=0) -> dict[str, torch.Tensor]:
     sd = {}
     for stage, convs in _STAGES:
         for idx, cin, cout in convs:
-            sd[f"{prefix}{stage}.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
+            sd[f"{prefix}{stage}.{idx}.weight"] = (
+                torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
+            )
             sd[f"{prefix}{stage}.{idx}.bias"] = torch.randn(cout, generator=g) * 0.01
     for name, cin in _SCORES:
         sd[f"{prefix}{name}.weight"] = torch.randn(1, cin, 1, 1, generator=g) * 0.05
@@ -52,10 +54,14 @@ def reference_hed(sd: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Te
         if stage != "VggOne":
             x = F.max_pool2d(x, 2, 2)
         for idx, _, _ in convs:
-            x = F.relu(F.conv2d(x, sd[f"module{stage}.{idx}.weight"], sd[f"module{stage}.{idx}.bias"], padding=1))
+            x = F.relu(
+                F.conv2d(x, sd[f"module{stage}.{idx}.weight"], sd[f"module{stage}.{idx}.bias"], padding=1)
+            )
         s = F.conv2d(x, sd[f"module{score}.weight"], sd[f"module{score}.bias"])
         sides.append(F.interpolate(s, size=images.shape[-2:], mode="bilinear", align_corners=False))
-    return torch.sigmoid(F.conv2d(torch.cat(sides, 1), sd["moduleCombine.0.weight"], sd["moduleCombine.0.bias"]))
+    return torch.sigmoid(
+        F.conv2d(torch.cat(sides, 1), sd["moduleCombine.0.weight"], sd["moduleCombine.0.bias"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,14 @@ def converted(tmp_path_factory):
     sd = synthetic_pytorch_hed()
     torch.save(sd, d / "network-bsds500.pytorch")
     subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "convert_hed.py"), str(d / "network-bsds500.pytorch"), str(d / "hed.safetensors")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_hed.py"),
+            str(d / "network-bsds500.pytorch"),
+            str(d / "hed.safetensors"),
+        ],
+        check=True,
+        capture_output=True,
     )
     return sd, d / "hed.safetensors"
 

@@ -130,8 +130,12 @@ def test_ignore_boundary_separates_every_label_change(bench):
         band = mask == 255
         assert band.any() and band.mean() < 0.2
         # no two differently labelled pixels touch, not even diagonally: the band sits on every contour
-        for a, b in ((mask[:, :-1], mask[:, 1:]), (mask[:-1, :], mask[1:, :]),
-                     (mask[:-1, :-1], mask[1:, 1:]), (mask[:-1, 1:], mask[1:, :-1])):
+        for a, b in (
+            (mask[:, :-1], mask[:, 1:]),
+            (mask[:-1, :], mask[1:, :]),
+            (mask[:-1, :-1], mask[1:, 1:]),
+            (mask[:-1, 1:], mask[1:, :-1]),
+        ):
             both = (a != 255) & (b != 255)
             assert (a[both] == b[both]).all(), f"{image_id}: labels touch without an ignore pixel"
         # thin: every ignore pixel has a labelled pixel within 2 px
@@ -139,7 +143,7 @@ def test_ignore_boundary_separates_every_label_change(bench):
         near_valid = np.zeros_like(band)
         for dy in range(5):
             for dx in range(5):
-                near_valid |= padded[dy:dy + 64, dx:dx + 64]
+                near_valid |= padded[dy : dy + 64, dx : dx + 64]
         assert near_valid[band].all(), image_id
 
 
@@ -170,8 +174,10 @@ def test_bad_arguments_are_rejected(tmp_path):
 def _start_and_interrupt(tmp_path: Path, sig: int) -> Path:
     """Start a long generation in a child process and send ``sig`` once it has written a few images."""
     root = tmp_path / "bench"
-    code = ("from pathlib import Path; from fsseg.data.embedded import generate_embedded_benchmark as g; "
-            f"g(Path({str(root)!r}), image_size=64, n_train=5000, n_val=40)")
+    code = (
+        "from pathlib import Path; from fsseg.data.embedded import generate_embedded_benchmark as g; "
+        f"g(Path({str(root)!r}), image_size=64, n_train=5000, n_val=40)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 60
@@ -205,7 +211,9 @@ def test_interrupted_generation_cleans_up(tmp_path):
 def test_pascal_reader_loads_episodes(bench):
     from fsseg.data.pascal import PascalFewShot
 
-    test = PascalFewShot(bench, split="test", fold=1, shot=2, img_size=64, n_episodes=12, splits_dir=bench / "splits")
+    test = PascalFewShot(
+        bench, split="test", fold=1, shot=2, img_size=64, n_episodes=12, splits_dir=bench / "splits"
+    )
     for i in range(len(test)):
         ep = test[i]
         assert 5 <= int(ep["class_id"]) <= 9 and ep["query_name"] not in ep["support_names"]
@@ -213,16 +221,22 @@ def test_pascal_reader_loads_episodes(bench):
         assert (ep["query_mask"] == 1).any() and (ep["query_mask"] == 255).any()
         assert (ep["support_masks"] == 1).flatten(1).any(1).all()
         assert (ep["query_mask"] == 0).any()  # other objects and background are not the target
-    train = PascalFewShot(bench, split="trn", fold=1, shot=1, img_size=64, n_episodes=8, splits_dir=bench / "splits")
+    train = PascalFewShot(
+        bench, split="trn", fold=1, shot=1, img_size=64, n_episodes=8, splits_dir=bench / "splits"
+    )
     assert {int(train[i]["class_id"]) for i in range(8)}.isdisjoint(range(5, 10))
 
 
 def test_concurrent_ensure_calls_agree(tmp_path):
     """Two processes (e.g. DDP ranks) generating at once: both return the same complete root, no leftovers."""
     root = tmp_path / "shared"
-    code = ("import sys; from pathlib import Path; from fsseg.data.embedded import ensure_embedded_benchmark as e; "
-            f"print(e(Path({str(root)!r}), seed=0, image_size=64, n_train=60, n_val=40))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    code = (
+        "import sys; from pathlib import Path; from fsseg.data.embedded import ensure_embedded_benchmark as e; "
+        f"print(e(Path({str(root)!r}), seed=0, image_size=64, n_train=60, n_val=40))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs == [str(root)] * 2
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]

@@ -71,7 +71,11 @@ def direct_predictions(model, images: dict, shots: int, img_size: int) -> dict[s
     out = {}
     for name in QUERY_SIZES:
         img = load_rgb(images["queries"] / name)
-        batch = {"query_img": image_to_tensor(img, img_size)[None], "support_imgs": s_imgs[None], "support_masks": s_masks[None]}
+        batch = {
+            "query_img": image_to_tensor(img, img_size)[None],
+            "support_imgs": s_imgs[None],
+            "support_masks": s_masks[None],
+        }
         with torch.no_grad():
             out[Path(name).stem] = model.predict_masks(batch, (img.height, img.width))[0].numpy()
     return out
@@ -79,7 +83,9 @@ def direct_predictions(model, images: dict, shots: int, img_size: int) -> dict[s
 
 def check_outputs(images: dict, expected: dict[str, np.ndarray]) -> None:
     out = images["out"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(n).stem}_{k}.png" for n in QUERY_SIZES for k in ("mask", "overlay"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{Path(n).stem}_{k}.png" for n in QUERY_SIZES for k in ("mask", "overlay")
+    )
     for name, (w, h) in QUERY_SIZES.items():
         stem = Path(name).stem
         mask = np.array(Image.open(out / f"{stem}_mask.png"))
@@ -93,7 +99,9 @@ def save_lightning_checkpoint(model: L.LightningModule, run_dir: Path, config: d
     """A checkpoint in the layout of a training run: <run>/config.yaml, <run>/checkpoints/last.ckpt."""
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(model)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return run_dir / "checkpoints" / "last.ckpt"
@@ -106,13 +114,33 @@ def baseline_ckpt(tmp_path_factory, small_embedded) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "runs"), "name": "p"}},
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp / "runs"), "name": "p"},
+            },
         },
-        "model": {"class_path": "fsseg.models.baseline.PrototypeModule",
-                  "init_args": {"out_indices": [1], "embed_dim": 16, "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}}}},
-        "data": {"root": str(small_embedded), "benchmark": "embedded", "img_size": 48, "batch_size": 4, "train_episodes": 8},
+        "model": {
+            "class_path": "fsseg.models.baseline.PrototypeModule",
+            "init_args": {
+                "out_indices": [1],
+                "embed_dim": 16,
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}},
+            },
+        },
+        "data": {
+            "root": str(small_embedded),
+            "benchmark": "embedded",
+            "img_size": 48,
+            "batch_size": 4,
+            "train_episodes": 8,
+        },
     }
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
     fit = run_cli(["fit", "--config", str(tmp / "config.yaml")])
@@ -143,11 +171,16 @@ def kandinsky_dir(tmp_path_factory) -> Path:
 
 
 def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
-    config = {"model": {"class_path": "fsseg.models.diffews.DiffewsModule", "init_args": {"pretrained": sd_dir}}, "data": {"img_size": 32}}
+    config = {
+        "model": {"class_path": "fsseg.models.diffews.DiffewsModule", "init_args": {"pretrained": sd_dir}},
+        "data": {"img_size": 32},
+    }
     L.seed_everything(3)
     model = DiffewsModule(pretrained=sd_dir)
     with torch.no_grad():
-        model.unet.conv_in_ref.weight.add_(0.05 * torch.randn_like(model.unet.conv_in_ref.weight))  # differs from a fresh init
+        model.unet.conv_in_ref.weight.add_(
+            0.05 * torch.randn_like(model.unet.conv_in_ref.weight)
+        )  # differs from a fresh init
     ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.5", *cli_args(images, 2)])
@@ -157,8 +190,16 @@ def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
 
 
 def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):
-    init = {"decoder": str(kandinsky_dir / "decoder"), "prior": str(kandinsky_dir / "prior"), "edge_source": "sobel", "scm_zero_init": False}
-    config = {"model": {"class_path": "fsseg.models.diffseg.DiffSegModule", "init_args": init}, "data": {"img_size": 64}}
+    init = {
+        "decoder": str(kandinsky_dir / "decoder"),
+        "prior": str(kandinsky_dir / "prior"),
+        "edge_source": "sobel",
+        "scm_zero_init": False,
+    }
+    config = {
+        "model": {"class_path": "fsseg.models.diffseg.DiffSegModule", "init_args": init},
+        "data": {"img_size": 64},
+    }
     L.seed_everything(4)
     model, _ = load_model(config=_write(tmp_path / "c.yaml", config))
     ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
@@ -181,6 +222,7 @@ CachedDiffews = DiffewsModule  # binds the support cache as encode_support / pre
 def _count_rows(module: torch.nn.Module) -> list[int]:
     """Records the batch size of every forward call of ``module``."""
     rows: list[int] = []
+
     def hook(mod, args, kwargs):
         rows.append(int((args[0] if args else next(iter(kwargs.values()))).shape[0]))
 
@@ -209,7 +251,14 @@ def test_support_encoded_once_for_all_queries(images):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, pytest.param({"injection": "attention_mask", "generation": "mi2m", "num_inference_steps": 2}, marks=pytest.mark.slow)]
+    "kw",
+    [
+        {},
+        pytest.param(
+            {"injection": "attention_mask", "generation": "mi2m", "num_inference_steps": 2},
+            marks=pytest.mark.slow,
+        ),
+    ],
 )
 def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     """One support pass (K rows) per visited timestep, then query-only UNet passes (1 row each); the prediction
@@ -220,14 +269,23 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     queries = sorted(images["queries"].glob("*.*g"))
     predict_images(model, images["supports"], queries, images["out"], 32)
     steps = kw.get("num_inference_steps", 1)
-    support_rows = 2 if kw.get("injection") == "attention_mask" else 4  # concat also encodes the 2 mask images
+    support_rows = (
+        2 if kw.get("injection") == "attention_mask" else 4
+    )  # concat also encodes the 2 mask images
     assert vae_rows == [support_rows] + [1] * 3  # the supports once, then each query
     assert unet_rows == [2] * steps + [1] * 3 * steps
     # the stored K/V give what the joint one-pass call gives (up to uint8 rounding of the decoded image)
     pairs = [load_support(i, m, 32) for i, m in images["supports"]]
-    s_imgs, s_masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [2, 3, 32, 32], [2, 32, 32]
+    s_imgs, s_masks = (
+        torch.stack([p[0] for p in pairs]),
+        torch.stack([p[1] for p in pairs]),
+    )  # [2, 3, 32, 32], [2, 32, 32]
     q = torch.stack([image_to_tensor(load_rgb(p), 32) for p in queries])  # [3, 3, 32, 32]
-    batch = {"query_img": q, "support_imgs": s_imgs.expand(3, -1, -1, -1, -1), "support_masks": s_masks.expand(3, -1, -1, -1)}
+    batch = {
+        "query_img": q,
+        "support_imgs": s_imgs.expand(3, -1, -1, -1, -1),
+        "support_masks": s_masks.expand(3, -1, -1, -1),
+    }
     with torch.no_grad():
         joint = model.predict_image(batch)
     cached = support_cache.support_prediction_image(model, model.encode_support(s_imgs, s_masks), q)
@@ -239,8 +297,12 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     [
         {"nshot": "sample"},  # the same support-token draws as the joint call
         pytest.param({"interaction": "qkv"}, marks=pytest.mark.slow),  # only the VAE latents are reused
-        pytest.param({"interaction": "tca", "injection": "attention_mask"}, marks=pytest.mark.slow),  # CLIP tokens reused
-        pytest.param({"generation": "mn2m", "num_inference_steps": 2, "ensemble_size": 2}, marks=pytest.mark.slow),
+        pytest.param(
+            {"interaction": "tca", "injection": "attention_mask"}, marks=pytest.mark.slow
+        ),  # CLIP tokens reused
+        pytest.param(
+            {"generation": "mn2m", "num_inference_steps": 2, "ensemble_size": 2}, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_diffews_support_cache_equals_joint_call_for_every_variant(sd_dir, tmp_path, kw):
@@ -248,7 +310,11 @@ def test_diffews_support_cache_equals_joint_call_for_every_variant(sd_dir, tmp_p
     model = DiffewsModule(pretrained=sd_dir, image_encoder=str(tmp_path / "clip"), **kw).eval()
     ep = random_episodes(b=1, k=2, size=32, seed=3)
     q = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    batch = {"query_img": q, "support_imgs": ep["support_imgs"].expand(2, -1, -1, -1, -1), "support_masks": ep["support_masks"].expand(2, -1, -1, -1)}
+    batch = {
+        "query_img": q,
+        "support_imgs": ep["support_imgs"].expand(2, -1, -1, -1, -1),
+        "support_masks": ep["support_masks"].expand(2, -1, -1, -1),
+    }
     with torch.no_grad():
         joint = model.predict_image(batch)
     state = support_cache.encode_support(model, ep["support_imgs"][0], ep["support_masks"][0])
@@ -261,7 +327,12 @@ CachedDiffSeg = DiffSegModule  # binds the support cache as encode_support / pre
 
 def test_diffseg_support_latent_and_embedding_computed_once(kandinsky_dir, images):
     torch.manual_seed(0)
-    model = CachedDiffSeg(decoder=str(kandinsky_dir / "decoder"), prior=str(kandinsky_dir / "prior"), edge_source="sobel", scm_zero_init=False).eval()
+    model = CachedDiffSeg(
+        decoder=str(kandinsky_dir / "decoder"),
+        prior=str(kandinsky_dir / "prior"),
+        edge_source="sobel",
+        scm_zero_init=False,
+    ).eval()
     movq_rows, clip_rows = _count_rows(model.movq.encoder), _count_rows(model.image_encoder)
     predict_images(model, images["supports"], sorted(images["queries"].glob("*.*g")), images["out"], 64)
     assert movq_rows == [2, 1, 1, 1] and clip_rows == [2]  # the 2 masked supports once, then each query
@@ -310,16 +381,40 @@ def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
     assert "query image" in err and "broken.png is unreadable" in err
     assert not images["out"].exists()  # nothing written before the inputs are checked
     (images["queries"] / "broken.png").unlink()
-    bad = ["--support", str(images["supports"][0][0]), "--support-mask", str(images["supports"][1][1])]  # 56x56 mask for a 64x48 image
+    bad = [
+        "--support",
+        str(images["supports"][0][0]),
+        "--support-mask",
+        str(images["supports"][1][1]),
+    ]  # 56x56 mask for a 64x48 image
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *bad, "--query", str(images["queries"]), "--out", str(images["out"])])
+        fsseg_main(
+            [
+                "predict-images",
+                "--ckpt",
+                str(baseline_ckpt),
+                *bad,
+                "--query",
+                str(images["queries"]),
+                "--out",
+                str(images["out"]),
+            ]
+        )
     assert done.value.code == 2 and "s1_mask.png is 56x56" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), "--threshold", "0.3", *cli_args(images)])
     assert done.value.code == 2 and "--threshold does not apply to PrototypeModule" in capsys.readouterr().err
     # a method whose weights are not there says which and where they go
     missing = images["out"].parent / "no_sd_here"
-    config = _write(images["out"].parent / "diffews.yaml", {"model": {"class_path": "fsseg.models.diffews.DiffewsModule", "init_args": {"pretrained": str(missing)}}})
+    config = _write(
+        images["out"].parent / "diffews.yaml",
+        {
+            "model": {
+                "class_path": "fsseg.models.diffews.DiffewsModule",
+                "init_args": {"pretrained": str(missing)},
+            }
+        },
+    )
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--config", str(config), *cli_args(images)])
     err = capsys.readouterr().err

@@ -83,7 +83,11 @@ def test_fss1000_order_and_supports(tmp_path):
     ds = FSS1000FewShot(tmp_path, "test", fold=0, shot=1, splits_dir=tmp_path / "splits")
     assert len(ds) == 30
     # sorted categories, then string-sorted file names (1, 10, 2, ...); ids offset by 760
-    assert [(e.class_id, e.query) for e in ds.episodes[:3]] == [(760, "burj_al/1"), (760, "burj_al/10"), (760, "burj_al/2")]
+    assert [(e.class_id, e.query) for e in ds.episodes[:3]] == [
+        (760, "burj_al/1"),
+        (760, "burj_al/10"),
+        (760, "burj_al/2"),
+    ]
     assert ds.episodes[10].class_id == 761 and ds.class_ids() == [760, 761, 762]
     np.random.seed(0)
     for ep in ds.episodes:

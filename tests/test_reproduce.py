@@ -71,7 +71,9 @@ def test_cells_of_the_full_and_the_smoke_table():
 
     spec = load_spec(TABLE1)
     full = build_cells(spec, "/d", "/w", smoke=False)
-    assert len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4  # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg, baseline
+    assert (
+        len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4
+    )  # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg, baseline
     ds = [c for c in full if c.row == "DiffSeg" and c.fold == 3 and c.shot == 5][0]
     assert ds.seeds == list(range(10)) and ds.ckpt == "/w/diffseg/pascal5i-fold3.ckpt"
     assert ds.args[ds.args.index("--model.init_args.prior") + 1] == "/w/kandinsky-2-2-prior"
@@ -93,7 +95,9 @@ def test_table_writer_on_fake_runs(tmp_path):
         measured.append(Measured("DiffSeg", "strict", "diffseg", "pascal5i", "pascal5i", fold, 1, runs))
     for fold in range(2):  # one seed -> bootstrap over episodes
         run = write_run(tmp_path / f"dw{fold}", skill=0.8, seed=fold, fold=fold)
-        measured.append(Measured("DiffewS", "in-context", "diffews_incontext", "coco20i", "embedded", fold, 1, [run]))
+        measured.append(
+            Measured("DiffewS", "in-context", "diffews_incontext", "coco20i", "embedded", fold, 1, [run])
+        )
     measured.append(Measured("Baseline", "strict", None, "pascal5i", "pascal5i", 0, 1, [tmp_path / "dw0"]))
     lines = table_lines(measured, n_boot=300)
     by = {(r["method"], r["fold"]): r for r in lines}
@@ -108,15 +112,20 @@ def test_table_writer_on_fake_runs(tmp_path):
     assert mean["published"] == 69.3 and mean["episodes"] == 240
     assert mean["ours"] == pytest.approx(sum(by["DiffSeg", str(f)]["ours"] for f in range(4)) / 4)
     dw = by["DiffewS", "mean(0,1)"]
-    assert dw["published"] == 71.3 and dw["interval"].startswith("bootstrap") and dw["ci_low"] < dw["ours"] < dw["ci_high"]
+    assert (
+        dw["published"] == 71.3
+        and dw["interval"].startswith("bootstrap")
+        and dw["ci_low"] < dw["ours"] < dw["ci_high"]
+    )
     assert by["DiffewS", "0"]["published"] is None and by["DiffewS", "0"]["diff"] is None
     assert by["Baseline", "mean(0)"]["published"] is None
     assert table_lines(measured, n_boot=300) == lines  # seeded
     md, csv_path = write_table(lines, tmp_path / "reports", "table1", "Table 1", note="test note")
     rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert csv_path.read_text() == to_csv(lines) and len(rows) == len(lines)
-    assert [float(r["published"]) for r in rows if r["method"] == "DiffSeg" and r["fold"] != "mean(0,1,2,3)"] == [
-        70.5, 75.8, 67.9, 63.2]
+    assert [
+        float(r["published"]) for r in rows if r["method"] == "DiffSeg" and r["fold"] != "mean(0,1,2,3)"
+    ] == [70.5, 75.8, 67.9, 63.2]
     assert [r["published"] for r in rows if r["method"] == "Baseline"] == ["", ""]
     text = md.read_text()
     assert "test note" in text and "| DiffSeg | strict | PASCAL-5i | 1 | mean(0,1,2,3) |" in text
@@ -138,7 +147,9 @@ def test_evaluation_over_seeds_and_compare_on_real_runs(tmp_path, small_embedded
     assert summary["miou"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
     # seed 0 is the published episodes: the same as a plain test run
     plain = load_run(run_cli(["test", "--config", str(cfg), "--ckpt_path", ckpt]).trainer.log_dir)
-    assert [(e["query"], e["supports"]) for e in plain.episodes] == [(e["query"], e["supports"]) for e in s0.episodes]
+    assert [(e["query"], e["supports"]) for e in plain.episodes] == [
+        (e["query"], e["supports"]) for e in s0.episodes
+    ]
     assert [e["query"] for e in s1.episodes] == [e["query"] for e in s0.episodes]  # PASCAL: queries fixed
     assert [e["supports"] for e in s1.episodes] != [e["supports"] for e in s0.episodes]  # supports redrawn
     assert compare_runs(plain, s0, n_boot=100)["diff"] == 0

@@ -41,7 +41,11 @@ def test_grid_size_and_titles():
     assert g.size == (4 * 32 + 5 * PAD, TITLE_H + 2 * (32 + TITLE_H) + 3 * PAD)
     assert column_titles(2) == ["support 1", "support 2", "query", "ground truth", "prediction"]
     assert column_titles(1, with_gt=False) == ["support", "query", "prediction"]
-    assert np.asarray(g)[TITLE_H + PAD + TITLE_H + 5, PAD + 5].tolist() == [0, 0, 255]  # first cell, below its label
+    assert np.asarray(g)[TITLE_H + PAD + TITLE_H + 5, PAD + 5].tolist() == [
+        0,
+        0,
+        255,
+    ]  # first cell, below its label
 
 
 def test_foreground_iou_ignores_255():
@@ -60,18 +64,47 @@ def trained(tmp_path_factory, small_embedded) -> dict:
     cfg = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
-            "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp / "runs"), "name": "v"}},
-            "callbacks": [{"class_path": "fsseg.callbacks.EpisodePanels", "init_args": {"every_n_steps": 2, "n_episodes": 3, "cell": 48}}],
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "limit_val_batches": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp / "runs"), "name": "v"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "fsseg.callbacks.EpisodePanels",
+                    "init_args": {"every_n_steps": 2, "n_episodes": 3, "cell": 48},
+                }
+            ],
         },
-        "model": {"class_path": "fsseg.models.baseline.PrototypeModule", "init_args": {"out_indices": [1], "embed_dim": 16}},
-        "data": {"root": str(small_embedded), "benchmark": "embedded", "img_size": 48, "batch_size": 4, "train_episodes": 16,
-                 "val_episodes": 4, "eval_batch_size": 2, "test_episodes": 10},
+        "model": {
+            "class_path": "fsseg.models.baseline.PrototypeModule",
+            "init_args": {"out_indices": [1], "embed_dim": 16},
+        },
+        "data": {
+            "root": str(small_embedded),
+            "benchmark": "embedded",
+            "img_size": 48,
+            "batch_size": 4,
+            "train_episodes": 16,
+            "val_episodes": 4,
+            "eval_batch_size": 2,
+            "test_episodes": 10,
+        },
     }
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
     fit = run_cli(["fit", "--config", str(tmp / "config.yaml")])
-    return {"config": tmp / "config.yaml", "log_dir": Path(fit.trainer.log_dir), "ckpt": fit.trainer.checkpoint_callback.last_model_path}
+    return {
+        "config": tmp / "config.yaml",
+        "log_dir": Path(fit.trainer.log_dir),
+        "ckpt": fit.trainer.checkpoint_callback.last_model_path,
+    }
 
 
 def test_callback_writes_episode_panels_to_tensorboard(trained):
@@ -81,11 +114,19 @@ def test_callback_writes_episode_panels_to_tensorboard(trained):
     train = acc.Images("train/episodes")
     assert [e.step for e in train] == [2, 4]  # 16 episodes / batch 4 = 4 steps, a panel every 2
     cell, cols = 48, 4  # support, query, ground truth, prediction
-    for event, rows in ((train[0], 3), (acc.Images("val/episodes")[0], 2)):  # 3 of a batch of 4; the val batch has 2
+    for event, rows in (
+        (train[0], 3),
+        (acc.Images("val/episodes")[0], 2),
+    ):  # 3 of a batch of 4; the val batch has 2
         img = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
-        assert (event.width, event.height) == (cols * cell + (cols + 1) * PAD, TITLE_H + rows * (cell + TITLE_H) + (rows + 1) * PAD)
+        assert (event.width, event.height) == (
+            cols * cell + (cols + 1) * PAD,
+            TITLE_H + rows * (cell + TITLE_H) + (rows + 1) * PAD,
+        )
         assert img.shape == (event.height, event.width, 3)
-        assert (img == GT_COLOR).all(-1).any() and (img == MASK_COLOR).all(-1).any()  # the masks' outlines are drawn
+        assert (img == GT_COLOR).all(-1).any() and (img == MASK_COLOR).all(
+            -1
+        ).any()  # the masks' outlines are drawn
 
 
 def _figure(capsys, *args: str) -> tuple[int, str]:
@@ -104,7 +145,9 @@ def test_qualitative_figure_from_a_test_run(trained, tmp_path, capsys):
     with Image.open(out) as fig:
         assert fig.size == (4 * 64 + 5 * PAD, TITLE_H + 3 * (64 + TITLE_H) + 4 * PAD)
         px = np.asarray(fig.convert("RGB"))
-    assert (px == GT_COLOR).all(-1).any() and len(np.unique(px.reshape(-1, 3), axis=0)) > 100  # real pictures, not blank
+    assert (px == GT_COLOR).all(-1).any() and len(
+        np.unique(px.reshape(-1, 3), axis=0)
+    ) > 100  # real pictures, not blank
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     code, err = _figure(capsys, str(empty), "--out", str(tmp_path / "x.png"))

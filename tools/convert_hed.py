@@ -23,7 +23,9 @@ from fsseg.models.diffseg.hed import convert_hed_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert pytorch-hed's network-bsds500.pytorch to safetensors for fsseg")
+    parser = argparse.ArgumentParser(
+        description="Convert pytorch-hed's network-bsds500.pytorch to safetensors for fsseg"
+    )
     parser.add_argument("src", help="pytorch-hed state dict (network-bsds500.pytorch)")
     parser.add_argument("dst", help="output .safetensors")
     args = parser.parse_args(argv)

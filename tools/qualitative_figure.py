@@ -51,7 +51,9 @@ def pick_episodes(records: list[dict], n: int, how: str) -> list[dict]:
 def read_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, Path]:
     """(episode records, config, config path, checkpoint path) of a test run, with errors naming what is missing."""
     paths = {name: run_dir / name for name in ("episodes.jsonl", "config.yaml", "metrics.json")}
-    missing = [str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)]
+    missing = [
+        str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)
+    ]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished test run: missing {', '.join(missing)}")
     records = [json.loads(line) for line in paths["episodes.jsonl"].read_text().splitlines() if line.strip()]
@@ -60,15 +62,25 @@ def read_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, P
     config = yaml.safe_load(paths["config.yaml"].read_text()) or {}
     ckpt = ckpt or json.loads(paths["metrics.json"].read_text()).get("ckpt_path")
     if not ckpt:
-        raise ValueError(f"{paths['metrics.json']} records no checkpoint (the run tested untrained weights?); pass --ckpt")
+        raise ValueError(
+            f"{paths['metrics.json']} records no checkpoint (the run tested untrained weights?); pass --ckpt"
+        )
     if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} (recorded in {paths['metrics.json']}) does not exist; pass --ckpt")
+        raise FileNotFoundError(
+            f"checkpoint {ckpt} (recorded in {paths['metrics.json']}) does not exist; pass --ckpt"
+        )
     return records, config, paths["config.yaml"], Path(ckpt)
 
 
 @torch.no_grad()
-def qualitative_figure(run_dir: Path, n: int = 6, pick: str = "spread", ckpt: str | None = None, cell: int = 160,
-                       device: str = "cpu"):
+def qualitative_figure(
+    run_dir: Path,
+    n: int = 6,
+    pick: str = "spread",
+    ckpt: str | None = None,
+    cell: int = 160,
+    device: str = "cpu",
+):
     """The figure as a PIL image (see the module docstring)."""
     records, config, config_path, ckpt_path = read_run(Path(run_dir), ckpt)
     dataset = FewShotDataModule(**(config.get("data") or {})).build("test")
@@ -86,9 +98,16 @@ def qualitative_figure(run_dir: Path, n: int = 6, pick: str = "spread", ckpt: st
         gt = item["query_mask_eval"]
         pred = model.predict_masks(batch, tuple(gt.shape))[0].cpu()  # [h, w]
         iou = foreground_iou(pred, gt)
-        if not math.isclose(iou, record_iou(r), abs_tol=0.5) and not (math.isnan(iou) and math.isnan(record_iou(r))):
-            print(f"warning: episode {r['episode']}: IoU now {iou:.1f}, the run recorded {record_iou(r):.1f}", file=sys.stderr)
-        rows.append(episode_row(item["support_imgs"], item["support_masks"], item["query_img"], gt, pred, cell))
+        if not math.isclose(iou, record_iou(r), abs_tol=0.5) and not (
+            math.isnan(iou) and math.isnan(record_iou(r))
+        ):
+            print(
+                f"warning: episode {r['episode']}: IoU now {iou:.1f}, the run recorded {record_iou(r):.1f}",
+                file=sys.stderr,
+            )
+        rows.append(
+            episode_row(item["support_imgs"], item["support_masks"], item["query_img"], gt, pred, cell)
+        )
         labels.append(f"{r['query']} (class {r['class_id']}): IoU {iou:.1f}")
     return grid(rows, cell, column_titles(len(records[0]["supports"])), labels)
 

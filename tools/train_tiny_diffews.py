@@ -27,14 +27,29 @@ from fsseg.data.datamodule import FewShotDataModule
 from fsseg.models.diffews.inputs import binary_mask, mask_image
 from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
 
-VAE_CFG = dict(block_out_channels=(16, 32, 64), norm_num_groups=8, layers_per_block=1, sample_size=128,
-               down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+VAE_CFG = dict(
+    block_out_channels=(16, 32, 64),
+    norm_num_groups=8,
+    layers_per_block=1,
+    sample_size=128,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+)
 UNET_CFG = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, attention_head_dim=8)
 
 
 def episodes(fold: int, batch: int, n: int, seed: int):
-    dm = FewShotDataModule(benchmark="embedded", fold=fold, shot=1, img_size=128, batch_size=batch,
-                           train_episodes=n * batch, val_episodes=64, num_workers=0, seed=seed)
+    dm = FewShotDataModule(
+        benchmark="embedded",
+        fold=fold,
+        shot=1,
+        img_size=128,
+        batch_size=batch,
+        train_episodes=n * batch,
+        val_episodes=64,
+        num_workers=0,
+        seed=seed,
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -72,12 +87,17 @@ def evaluate_vae(vae, dm) -> dict:
     b = next(iter(dm.val_dataloader()))
     img = b["query_img"]
     m = binary_mask(b["query_mask"])
-    rec = ((vae.decode(vae.encode(img * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2)
+    rec = (vae.decode(vae.encode(img * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
     mse = F.mse_loss(rec, img).item()
-    rec_m = ((vae.decode(vae.encode(mask_image(m) * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2).mean(1) > 0.5
+    rec_m = (
+        (vae.decode(vae.encode(mask_image(m) * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    ).mean(1) > 0.5
     inter = (rec_m & (m > 0)).sum().item()
     union = (rec_m | (m > 0)).sum().item()
-    return {"val_image_psnr_db": round(10 * torch.log10(torch.tensor(1 / mse)).item(), 2), "val_mask_iou": round(inter / max(union, 1), 4)}
+    return {
+        "val_image_psnr_db": round(10 * torch.log10(torch.tensor(1 / mse)).item(), 2),
+        "val_mask_iou": round(inter / max(union, 1), 4),
+    }
 
 
 def train_unet(module, dm, steps: int, lr: float, log) -> float:
@@ -139,9 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             "what": "tiny DiffewS for the embedded benchmark (not a real Stable Diffusion)",
             "held_out_fold": args.fold,
             "unet_trained_on": f"embedded benchmark (PASCAL-5i layout), training classes of fold {args.fold} only: classes outside fold {args.fold}, never its test classes",
-            "vae": {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE_CFG.items()}, "steps": args.vae_steps, **vae_quality},
-            "unet": {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CFG.items()}, "steps": args.unet_steps, "final_loss": round(final_loss, 5)},
-            "batch": args.batch, "threads": args.threads, "seed": args.seed,
+            "vae": {
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE_CFG.items()},
+                "steps": args.vae_steps,
+                **vae_quality,
+            },
+            "unet": {
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CFG.items()},
+                "steps": args.unet_steps,
+                "final_loss": round(final_loss, 5),
+            },
+            "batch": args.batch,
+            "threads": args.threads,
+            "seed": args.seed,
             "seconds": round(time.perf_counter() - start, 1),
             "command": "python tools/train_tiny_diffews.py " + " ".join(argv or []),
         }

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--movq-seconds", type=float, default=150)
     p.add_argument("--unet-seconds", type=float, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image side the components are trained at (demo img_size)")
+    p.add_argument(
+        "--size", type=int, default=64, help="image side the components are trained at (demo img_size)"
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -33,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     stats = train_tiny_diffseg(root, tmp, args.movq_seconds, args.unet_seconds, args.seed, args.size)
-    (tmp / "training.json").write_text(json.dumps({**stats, **vars(args), "data_root": str(root)}, indent=2) + "\n")
+    (tmp / "training.json").write_text(
+        json.dumps({**stats, **vars(args), "data_root": str(root)}, indent=2) + "\n"
+    )
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -52,7 +52,9 @@ def load_label(path: Path, grayscale: bool = False) -> np.ndarray:
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> float32 ``[3, size, size]`` in [0, 1] (bilinear)."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[
+        0
+    ].clamp_(0, 1)
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
@@ -101,7 +103,9 @@ class FewShotDataset(Dataset, ABC):
             )
         if int(shot) < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
-        if not (eval_size is None or eval_size == "original" or (isinstance(eval_size, int) and eval_size > 0)):
+        if not (
+            eval_size is None or eval_size == "original" or (isinstance(eval_size, int) and eval_size > 0)
+        ):
             raise ValueError(f"eval_size must be a positive int, 'original' or None, got {eval_size!r}")
         self.root = Path(root)
         self.split, self.fold, self.shot, self.seed = split, int(fold), int(shot), int(seed)
@@ -177,7 +181,9 @@ class FewShotDataset(Dataset, ABC):
             raise ValueError(
                 f"mask of {self.image_path(ep.query)} has shape {q_mask.shape}, image is {(q_img.height, q_img.width)}"
             )
-        eval_hw = (q_img.height, q_img.width) if self.eval_size == "original" else (self.eval_size, self.eval_size)
+        eval_hw = (
+            (q_img.height, q_img.width) if self.eval_size == "original" else (self.eval_size, self.eval_size)
+        )
         s_imgs, s_masks = [], []
         for key in ep.supports:
             s_imgs.append(image_to_tensor(load_rgb(self.image_path(key)), s))

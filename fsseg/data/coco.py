@@ -32,13 +32,17 @@ class CocoFewShot(FewShotDataset):
 
     def build_index(self) -> None:
         split = "trn" if self.training else "val"
-        folds = range(self.nfolds) if self.fold == -1 else [self.fold]  # -1: every class (in-context training)
+        folds = (
+            range(self.nfolds) if self.fold == -1 else [self.fold]
+        )  # -1: every class (in-context training)
         self.classwise: dict[int, list[str]] = {}
         for fold in folds:
             path = resolve_splits_dir(self.splits_dir) / "coco20i" / split / f"fold{fold}.json.gz"
             for key, images in read_json_gz(path).items():
                 if not key.isdigit() or not 0 <= int(key) < self.nclass or not isinstance(images, list):
-                    raise ValueError(f"{path}: expected class keys '0'..'{self.nclass - 1}' with image lists, got {key!r}")
+                    raise ValueError(
+                        f"{path}: expected class keys '0'..'{self.nclass - 1}' with image lists, got {key!r}"
+                    )
                 self.classwise.setdefault(int(key), list(images))
         for c in self.class_ids():
             if not self.classwise.get(c):

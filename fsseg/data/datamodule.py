@@ -98,7 +98,9 @@ class FewShotDataModule(L.LightningDataModule):
                 return Path(hp.root)
             return ensure_embedded_benchmark(Path(hp.root) if hp.root else None, seed=0)
         if hp.root is None:
-            raise ValueError("data.root is not set: give the folder that holds COCO2014/, VOC2012/, FSS-1000/, LVIS/")
+            raise ValueError(
+                "data.root is not set: give the folder that holds COCO2014/, VOC2012/, FSS-1000/, LVIS/"
+            )
         root = Path(hp.root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"data.root {root} does not exist")
@@ -135,7 +137,9 @@ class FewShotDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit"):
             if hp.train_benchmarks:
-                self.datasets["trn"] = EpisodeConcat([self.build("trn", b, fold=-1) for b in hp.train_benchmarks])
+                self.datasets["trn"] = EpisodeConcat(
+                    [self.build("trn", b, fold=-1) for b in hp.train_benchmarks]
+                )
             else:
                 self.datasets["trn"] = self.build("trn")
         if stage in (None, "fit", "validate"):

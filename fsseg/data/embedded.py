@@ -51,14 +51,26 @@ _COLOURS = {
 # (colour, texture, shape) of classes 1..20 (PASCAL-5i numbering: fold f tests classes 5f+1..5f+5).
 # Colour+texture pairs are unique, and classes sharing a texture or a colour differ in shape.
 _CLASSES = (
-    ("red", "striped", "disc"), ("green", "plain", "square"), ("blue", "dotted", "triangle"),
-    ("yellow", "checkered", "ring"), ("magenta", "striped", "cross"),
-    ("cyan", "plain", "star"), ("orange", "dotted", "disc"), ("white", "checkered", "square"),
-    ("red", "plain", "triangle"), ("green", "striped", "ring"),
-    ("blue", "checkered", "cross"), ("yellow", "dotted", "star"), ("magenta", "plain", "disc"),
-    ("cyan", "striped", "square"), ("orange", "checkered", "triangle"),
-    ("white", "dotted", "ring"), ("red", "checkered", "star"), ("green", "dotted", "cross"),
-    ("blue", "plain", "ring"), ("yellow", "striped", "triangle"),
+    ("red", "striped", "disc"),
+    ("green", "plain", "square"),
+    ("blue", "dotted", "triangle"),
+    ("yellow", "checkered", "ring"),
+    ("magenta", "striped", "cross"),
+    ("cyan", "plain", "star"),
+    ("orange", "dotted", "disc"),
+    ("white", "checkered", "square"),
+    ("red", "plain", "triangle"),
+    ("green", "striped", "ring"),
+    ("blue", "checkered", "cross"),
+    ("yellow", "dotted", "star"),
+    ("magenta", "plain", "disc"),
+    ("cyan", "striped", "square"),
+    ("orange", "checkered", "triangle"),
+    ("white", "dotted", "ring"),
+    ("red", "checkered", "star"),
+    ("green", "dotted", "cross"),
+    ("blue", "plain", "ring"),
+    ("yellow", "striped", "triangle"),
 )
 EMBEDDED_CLASS_NAMES: tuple[str, ...] = tuple(f"{c}-{t}-{s}" for c, t, s in _CLASSES)
 
@@ -85,8 +97,22 @@ def _unit_polygon(shape: str) -> np.ndarray:
         return np.stack([np.cos(a), np.sin(a)], 1) * 1.05
     if shape == "cross":
         w = 0.34
-        return np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
-                         [-w, w], [-1, w], [-1, -w], [-w, -w]])
+        return np.array(
+            [
+                [-w, -1],
+                [w, -1],
+                [w, -w],
+                [1, -w],
+                [1, w],
+                [w, w],
+                [w, 1],
+                [-w, 1],
+                [-w, w],
+                [-1, w],
+                [-1, -w],
+                [-w, -w],
+            ]
+        )
     if shape == "star":
         a = np.deg2rad(90 + 36 * np.arange(10))
         r = np.where(np.arange(10) % 2 == 0, 1.05, 0.45)
@@ -142,8 +168,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         pts = rng.uniform(0, size, size=4).tolist()
         shade = int(rng.integers(60, 190))
         tint = rng.integers(-15, 16, size=3)
-        draw.line(pts, fill=tuple(int(np.clip(shade + t, 0, 255)) for t in tint),
-                  width=int(rng.integers(1, max(2, size // 40) + 1)))
+        draw.line(
+            pts,
+            fill=tuple(int(np.clip(shade + t, 0, 255)) for t in tint),
+            width=int(rng.integers(1, max(2, size // 40) + 1)),
+        )
     return np.asarray(field, dtype=np.float32)
 
 
@@ -154,7 +183,7 @@ def _ignore_boundary(label: np.ndarray) -> np.ndarray:
     h, w = label.shape
     edge = np.zeros(label.shape, dtype=bool)
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        edge |= padded[dy:dy + h, dx:dx + w] != label
+        edge |= padded[dy : dy + h, dx : dx + w] != label
     return edge
 
 
@@ -232,8 +261,13 @@ def _write_lists(tmp: Path, by_split: dict[str, dict[int, list[str]]]) -> dict[s
 
 
 def _params(seed: int, image_size: int, n_train: int, n_val: int) -> dict:
-    return {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
-            "n_val": n_val}
+    return {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_val": n_val,
+    }
 
 
 def generate_embedded_benchmark(
@@ -248,7 +282,9 @@ def generate_embedded_benchmark(
             raise ValueError(f"{key} must be >= {2 * N_CLASSES} (two images per class), got {n}")
     if root.exists():
         if not root.is_dir() or any(root.iterdir()):
-            raise FileExistsError(f"embedded benchmark root {root} already exists and is not an empty directory")
+            raise FileExistsError(
+                f"embedded benchmark root {root} already exists and is not an empty directory"
+            )
         root.rmdir()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -256,24 +292,35 @@ def generate_embedded_benchmark(
         (tmp / "VOC2012" / "JPEGImages").mkdir(parents=True)
         (tmp / "VOC2012" / "SegmentationClassAug").mkdir(parents=True)
         sizes = {"trn": n_train, "val": n_val}
-        by_split = {name: _write_split(tmp, s, name, sizes[name], seed, image_size) for s, name in enumerate(_SPLITS)}
+        by_split = {
+            name: _write_split(tmp, s, name, sizes[name], seed, image_size) for s, name in enumerate(_SPLITS)
+        }
         pairs = _write_lists(tmp, by_split)
         marker = {
             "generator": "fsseg.data.embedded",
             **_params(seed, image_size, n_train, n_val),
             "layout": "pascal5i",
             "splits_dir": "splits",
-            "image_ids": {name: f"{_ID_PREFIX[name]}_000000..{_ID_PREFIX[name]}_{sizes[name] - 1:06d}"
-                          for name in _SPLITS},
+            "image_ids": {
+                name: f"{_ID_PREFIX[name]}_000000..{_ID_PREFIX[name]}_{sizes[name] - 1:06d}"
+                for name in _SPLITS
+            },
             "counts": {
                 "images": sizes,
                 "pairs": pairs,
-                "images_per_class": {name: [len(by_split[name][c]) for c in range(1, N_CLASSES + 1)]
-                                     for name in _SPLITS},
+                "images_per_class": {
+                    name: [len(by_split[name][c]) for c in range(1, N_CLASSES + 1)] for name in _SPLITS
+                },
             },
             "classes": [
-                {"class": i + 1, "name": EMBEDDED_CLASS_NAMES[i], "colour": c, "texture": t, "shape": s,
-                 "fold": i // 5}
+                {
+                    "class": i + 1,
+                    "name": EMBEDDED_CLASS_NAMES[i],
+                    "colour": c,
+                    "texture": t,
+                    "shape": s,
+                    "fold": i // 5,
+                }
                 for i, (c, t, s) in enumerate(_CLASSES)
             ],
         }
@@ -301,7 +348,9 @@ def _marker_mismatch(root: Path, wanted: dict) -> list[str]:
         marker = json.loads(marker_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"embedded benchmark marker {marker_path} is unreadable: {err}") from err
-    return [f"{k}: marker has {marker.get(k)!r}, wanted {v!r}" for k, v in wanted.items() if marker.get(k) != v]
+    return [
+        f"{k}: marker has {marker.get(k)!r}, wanted {v!r}" for k, v in wanted.items() if marker.get(k) != v
+    ]
 
 
 def ensure_embedded_benchmark(
@@ -317,8 +366,10 @@ def ensure_embedded_benchmark(
     def check() -> Path:
         wrong = _marker_mismatch(root, wanted)
         if wrong:
-            raise ValueError(f"embedded benchmark at {root} was generated with other parameters ({'; '.join(wrong)});"
-                             " pass another root or delete that directory")
+            raise ValueError(
+                f"embedded benchmark at {root} was generated with other parameters ({'; '.join(wrong)});"
+                " pass another root or delete that directory"
+            )
         return root
 
     if (root / MARKER_NAME).is_file():

@@ -25,10 +25,14 @@ class FSS1000FewShot(FewShotDataset):
 
     def check_root(self) -> None:
         if not (self.root / "FSS-1000").is_dir():
-            raise FileNotFoundError(f"FSS-1000: folder {self.root / 'FSS-1000'} is missing (expected <root>/FSS-1000/<category>/<n>.jpg|png)")
+            raise FileNotFoundError(
+                f"FSS-1000: folder {self.root / 'FSS-1000'} is missing (expected <root>/FSS-1000/<category>/<n>.jpg|png)"
+            )
 
     def build_index(self) -> None:
-        self.categories = sorted(read_lines(resolve_splits_dir(self.splits_dir) / "fss1000" / f"{self.split}.txt"))
+        self.categories = sorted(
+            read_lines(resolve_splits_dir(self.splits_dir) / "fss1000" / f"{self.split}.txt")
+        )
         self.offset = OFFSETS[self.split]
         self.images: list[tuple[str, int]] = []  # (category/<n>, class id)
         for i, cat in enumerate(self.categories):

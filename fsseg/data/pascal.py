@@ -39,13 +39,17 @@ class PascalFewShot(FewShotDataset):
         for n, line in enumerate(read_lines(path), 1):
             name, sep, cls = line.rpartition("__")
             if not sep or not cls.isdigit() or not 1 <= int(cls) <= self.nclass:
-                raise ValueError(f"{path}:{n}: expected IMAGEID__CLASS with CLASS in 1..{self.nclass}, got {line!r}")
+                raise ValueError(
+                    f"{path}:{n}: expected IMAGEID__CLASS with CLASS in 1..{self.nclass}, got {line!r}"
+                )
             out.append((name, int(cls) - 1))
         return out
 
     def build_index(self) -> None:
         if self.training:  # the other folds' training lists, in fold order
-            self.metadata = [e for f in range(self.nfolds) if f != self.fold for e in self._read_fold("trn", f)]
+            self.metadata = [
+                e for f in range(self.nfolds) if f != self.fold for e in self._read_fold("trn", f)
+            ]
         else:
             self.metadata = self._read_fold("val", self.fold)
         self.classwise: dict[int, list[str]] = {c: [] for c in range(self.nclass)}

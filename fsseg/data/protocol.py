@@ -42,7 +42,9 @@ def draw_supports(rs: np.random.RandomState, pool: Sequence[str], query: str, sh
     return tuple(supports)
 
 
-def draw_random_supports(rng: np.random.Generator, pool: Sequence[str], query: str, shot: int) -> tuple[str, ...]:
+def draw_random_supports(
+    rng: np.random.Generator, pool: Sequence[str], query: str, shot: int
+) -> tuple[str, ...]:
     """Training-time support draw (any generator): ``shot`` images of ``pool`` other than the query."""
     others = [p for p in pool if p != query]
     if not others:

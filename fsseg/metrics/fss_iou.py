@@ -70,7 +70,9 @@ class FewShotIoU(Metric):
         if class_id.numel() != pred.shape[0]:
             raise ValueError(f"class_id has {class_id.numel()} entries for a batch of {pred.shape[0]}")
         bad = (class_id < 0) | (class_id >= self._lookup.numel())
-        idx = torch.where(bad, torch.full_like(class_id, -1), self._lookup[class_id.clamp(0, self._lookup.numel() - 1)])
+        idx = torch.where(
+            bad, torch.full_like(class_id, -1), self._lookup[class_id.clamp(0, self._lookup.numel() - 1)]
+        )
         if (idx < 0).any():
             unknown = sorted(set(class_id[idx < 0].tolist()))
             raise ValueError(f"class ids {unknown} are not among this metric's classes {self.class_ids}")

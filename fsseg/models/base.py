@@ -66,7 +66,9 @@ class FewShotModule(L.LightningModule):
         """
         return support_imgs, support_masks
 
-    def predict_with_support(self, support_state, query_imgs: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    def predict_with_support(
+        self, support_state, query_imgs: torch.Tensor, out_size: tuple[int, int]
+    ) -> torch.Tensor:
         """Binary predictions ``[B, *out_size]`` (int64, {0, 1}) for ``query_imgs [B, 3, S, S]`` against a support
         set from `encode_support`. The default builds an episode batch (image keys only) for `predict_masks`."""
         s_imgs, s_masks = support_state
@@ -99,7 +101,9 @@ class FewShotModule(L.LightningModule):
         pred = self.predict_masks(batch, tuple(target.shape[-2:]))
         metric = self.val_iou if stage == "val" else self.test_iou
         if metric is None:
-            raise RuntimeError(f"{stage} needs a FewShotDataModule (it provides the fold's classes for the metric)")
+            raise RuntimeError(
+                f"{stage} needs a FewShotDataModule (it provides the fold's classes for the metric)"
+            )
         metric.update(pred, target, batch["class_id"])
         if stage == "test":
             self._record_episodes(batch, *episode_inter_union(pred, target))
@@ -115,12 +119,18 @@ class FewShotModule(L.LightningModule):
         self.model_step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        size = tuple(batch["query_mask_eval"].shape[-2:]) if "query_mask_eval" in batch else tuple(batch["query_img"].shape[-2:])
+        size = (
+            tuple(batch["query_mask_eval"].shape[-2:])
+            if "query_mask_eval" in batch
+            else tuple(batch["query_img"].shape[-2:])
+        )
         return {"pred": self.predict_masks(batch, size).cpu(), "query_name": batch.get("query_name")}
 
     def _log_metric(self, metric: FewShotIoU, stage: str) -> dict[str, torch.Tensor]:
         values = metric.compute()
-        self.log(f"{stage}/miou", values["miou"].float(), prog_bar=True, rank_zero_only=False, sync_dist=False)
+        self.log(
+            f"{stage}/miou", values["miou"].float(), prog_bar=True, rank_zero_only=False, sync_dist=False
+        )
         self.log(f"{stage}/fbiou", values["fbiou"].float(), prog_bar=True, sync_dist=False)
         metric.reset()
         return values
@@ -140,7 +150,9 @@ class FewShotModule(L.LightningModule):
 
         records = gather_records(self.test_records)
         self.test_records = []
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
+        log_dir = (
+            self.trainer.log_dir or self.trainer.default_root_dir
+        )  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero:
             write_test_report(log_dir, self.trainer, values, records, self.test_iou.class_ids)
 
@@ -166,10 +178,15 @@ class FewShotModule(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
-        opt = self.optimizer_fn(params) if self.optimizer_fn is not None else torch.optim.AdamW(params, lr=1e-3)
+        opt = (
+            self.optimizer_fn(params) if self.optimizer_fn is not None else torch.optim.AdamW(params, lr=1e-3)
+        )
         if self.scheduler_fn is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(opt), "interval": self.scheduler_interval}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler_fn(opt), "interval": self.scheduler_interval},
+        }
 
     # ---- checkpoints hold only what is trained --------------------------------------------------------------
     def _is_frozen_key(self, key: str) -> bool:

@@ -51,7 +51,9 @@ class PrototypeModule(FewShotModule):
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.encoder = timm.create_model(backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices))
+        self.encoder = timm.create_model(
+            backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices)
+        )
         if freeze_backbone:
             self.encoder.requires_grad_(False)
         channels = sum(self.encoder.feature_info.channels())
@@ -65,7 +67,9 @@ class PrototypeModule(FewShotModule):
         """images ``[N, 3, S, S]`` in [0, 1] -> features ``[N, D, h, w]`` at the finest chosen stage."""
         feats = self.encoder((images - self.mean) / self.std)
         size = feats[0].shape[-2:]
-        feats = [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]]
+        feats = [feats[0]] + [
+            F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
+        ]
         return self.proj(torch.cat(feats, 1))
 
     def _prototypes(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,9 @@ class PrototypeModule(FewShotModule):
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits, q_feats, s_feats = self(batch)
         size = batch["query_mask"].shape[-2:]
-        seg = F.cross_entropy(F.interpolate(logits, size=size, mode="bilinear"), batch["query_mask"], ignore_index=255)
+        seg = F.cross_entropy(
+            F.interpolate(logits, size=size, mode="bilinear"), batch["query_mask"], ignore_index=255
+        )
         out = {"loss": seg, "seg_loss": seg.detach()}
         if self.align_weight > 0:  # PAR: the query's prediction as a mask segments each support
             pred = F.interpolate(logits, size=size, mode="bilinear").argmax(1)  # [B, S, S]
@@ -114,6 +120,8 @@ class PrototypeModule(FewShotModule):
         """The support's prototypes, computed once for many queries: ``[1, 2, D]``."""
         return self._prototypes(self.features(support_imgs)[None], support_masks[None])
 
-    def predict_with_support(self, protos: torch.Tensor, query_imgs: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    def predict_with_support(
+        self, protos: torch.Tensor, query_imgs: torch.Tensor, out_size: tuple[int, int]
+    ) -> torch.Tensor:
         logits = self._logits(self.features(query_imgs), protos.expand(query_imgs.shape[0], -1, -1))
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)

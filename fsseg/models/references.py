@@ -15,7 +15,9 @@ from fsseg.models.base import FewShotModule
 
 class _Reference(FewShotModule):
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        raise RuntimeError(f"{type(self).__name__} is a fixed reference: it has nothing to train (use `fsseg test`)")
+        raise RuntimeError(
+            f"{type(self).__name__} is a fixed reference: it has nothing to train (use `fsseg test`)"
+        )
 
 
 class AllForeground(_Reference):

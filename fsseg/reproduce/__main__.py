@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fsseg.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("table", help="table1 | table2 | a spec YAML")
-    p.add_argument("--data", default=None, help="data root (FSSBench layout); in a smoke run the embedded root")
+    p.add_argument(
+        "--data", default=None, help="data root (FSSBench layout); in a smoke run the embedded root"
+    )
     p.add_argument("--ckpts", default=None, help="folder of weights and checkpoints named in the spec")
     p.add_argument("--smoke", action="store_true", help="embedded benchmark, tiny models (minutes on a CPU)")
     p.add_argument("--out", default="reports", help="output folder (default reports; smoke: reports/smoke)")
@@ -32,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / "smoke" if args.smoke else Path(args.out)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        md, csv_path = reproduce(spec, out, args.data or None, args.ckpts or None, args.smoke, args.rows, args.n_boot)
+        md, csv_path = reproduce(
+            spec, out, args.data or None, args.ckpts or None, args.smoke, args.rows, args.n_boot
+        )
     except (MissingInputs, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ class MissingInputs(RuntimeError):
     """Some data folder, weight, checkpoint or config a table needs is absent; nothing was run."""
 
 
-def check_inputs(spec: TableSpec, cells: list[Cell], data: str | None, ckpts: str | None, smoke: bool) -> None:
+def check_inputs(
+    spec: TableSpec, cells: list[Cell], data: str | None, ckpts: str | None, smoke: bool
+) -> None:
     lines = missing_inputs(spec, cells, data, ckpts, smoke)
     if lines:
         raise MissingInputs(
@@ -74,7 +76,10 @@ def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | No
     measured, done = [], {}
     for cell in cells:
         argv = test_argv(cell, data)
-        key = (*argv, *map(str, cell.seeds))  # an identical evaluation (smoke: several rows on one benchmark) runs once
+        key = (
+            *argv,
+            *map(str, cell.seeds),
+        )  # an identical evaluation (smoke: several rows on one benchmark) runs once
         if key not in done:
             done[key] = evaluate_seeds(argv, cell.seeds, out / "runs" / spec.name / cell.slug)["runs"]
         measured.append(Measured(cell.row, cell.setting, cell.published, cell.benchmark, cell.evaluated_on,

@@ -84,15 +84,21 @@ def load_spec(path: str | Path) -> TableSpec:
         for key in ("name", "config", "benchmarks", "shots"):
             if key not in row:
                 raise ValueError(f"{where}: key {key!r} is missing")
-        if not isinstance(row["benchmarks"], dict) or not all(isinstance(f, list) for f in row["benchmarks"].values()):
+        if not isinstance(row["benchmarks"], dict) or not all(
+            isinstance(f, list) for f in row["benchmarks"].values()
+        ):
             raise ValueError(f"{where}: 'benchmarks' must map a benchmark to its list of folds")
         if int(row.get("seeds", 1)) < 1:
             raise ValueError(f"{where}: 'seeds' must be >= 1, got {row.get('seeds')}")
         unknown = set(row.get("smoke") or {}) - SMOKE_KEYS
         if unknown:
-            raise ValueError(f"{where}.smoke: unknown keys {sorted(unknown)}; expected some of {sorted(SMOKE_KEYS)}")
+            raise ValueError(
+                f"{where}.smoke: unknown keys {sorted(unknown)}; expected some of {sorted(SMOKE_KEYS)}"
+            )
     repo = path.resolve().parent.parent.parent
-    return TableSpec(path.stem, raw.get("title", path.stem), raw.get("paths") or {}, rows, raw.get("smoke") or {}, repo)
+    return TableSpec(
+        path.stem, raw.get("title", path.stem), raw.get("paths") or {}, rows, raw.get("smoke") or {}, repo
+    )
 
 
 def _arg_list(args: dict | None, data: str, ckpts: str, fold: int) -> list[str]:
@@ -102,7 +108,9 @@ def _arg_list(args: dict | None, data: str, ckpts: str, fold: int) -> list[str]:
     return out
 
 
-def build_cells(spec: TableSpec, data: str | None, ckpts: str | None, smoke: bool, rows: list[str] | None = None) -> list[Cell]:
+def build_cells(
+    spec: TableSpec, data: str | None, ckpts: str | None, smoke: bool, rows: list[str] | None = None
+) -> list[Cell]:
     """The cells of the selected rows (all by default); in a smoke run the embedded benchmark and tiny configs."""
     names = [r["name"] for r in spec.rows]
     for r in rows or []:
@@ -126,7 +134,11 @@ def build_cells(spec: TableSpec, data: str | None, ckpts: str | None, smoke: boo
                     if smoke:
                         if "config" not in sm:
                             raise ValueError(f"{spec.name}: row {row['name']!r} has no smoke config")
-                        args = ["--data.test_episodes", str(sm["test_episodes"])] if sm.get("test_episodes") else []
+                        args = (
+                            ["--data.test_episodes", str(sm["test_episodes"])]
+                            if sm.get("test_episodes")
+                            else []
+                        )
                         ckpt = fill(sm["ckpt"], d, c, fold) if sm.get("ckpt") else None
                         cells.append(Cell(**common, evaluated_on="embedded", config=spec.config_path(sm["config"]), ckpt=ckpt, args=args,
                                           train=ckpt is None, fit_args=[str(a) for a in sm.get("fit_args", [])]))  # fmt: skip
@@ -162,7 +174,9 @@ def missing_inputs(spec: TableSpec, cells: list[Cell], data: str | None, ckpts: 
     lines: list[str] = []
     if not smoke:
         if data is None:
-            lines.append("DATA is not set: give the data root, e.g. `make reproduce-table1 DATA=/data CKPTS=/weights`")
+            lines.append(
+                "DATA is not set: give the data root, e.g. `make reproduce-table1 DATA=/data CKPTS=/weights`"
+            )
         if ckpts is None:
             lines.append("CKPTS is not set: give the folder of weights and checkpoints listed below")
         benchmarks = sorted({cell.evaluated_on for cell in cells})

@@ -112,7 +112,9 @@ def bootstrap_fold_mean(runs: Sequence[TestRun], n_boot: int = 1000, seed: int =
     total = np.zeros(n_boot)
     for run in runs:
         cls, inter, union = run.counts()
-        total += bootstrap_miou(cls, inter, union, len(run.class_ids), resample_indices(rng, len(cls), n_boot))
+        total += bootstrap_miou(
+            cls, inter, union, len(run.class_ids), resample_indices(rng, len(cls), n_boot)
+        )
     return total / len(runs)
 
 

@@ -39,7 +39,9 @@ class Measured:
     runs: list[Path]  # one per seed, seed order
 
 
-def _interval(per_seed: list[float], runs: Sequence[Path], n_boot: int, seed: int) -> tuple[float, float, str]:
+def _interval(
+    per_seed: list[float], runs: Sequence[Path], n_boot: int, seed: int
+) -> tuple[float, float, str]:
     if len(per_seed) >= 2:
         lo, hi = t_interval(per_seed)
         return lo, hi, f"t over {len(per_seed)} seeds"
@@ -57,10 +59,14 @@ def table_lines(measured: Sequence[Measured], n_boot: int = 1000, seed: int = 0)
         ms = sorted(ms, key=lambda m: m.fold)
         n_seeds = {len(m.runs) for m in ms}
         if len(n_seeds) != 1 or 0 in n_seeds:
-            raise ValueError(f"{row} {bench} {shot}-shot: folds have different numbers of seed runs {sorted(n_seeds)}")
+            raise ValueError(
+                f"{row} {bench} {shot}-shot: folds have different numbers of seed runs {sorted(n_seeds)}"
+            )
         values = np.array([[load_run(r).miou() for r in m.runs] for m in ms])  # [folds, seeds]
         episodes = [len(load_run(m.runs[0]).episodes) for m in ms]
-        base = dict(method=row, setting=setting, benchmark=bench, evaluated_on=on, shot=shot, seeds=values.shape[1])
+        base = dict(
+            method=row, setting=setting, benchmark=bench, evaluated_on=on, shot=shot, seeds=values.shape[1]
+        )
         for i, m in enumerate(ms):
             lo, hi, kind = _interval(values[i].tolist(), m.runs[:1], n_boot, seed)
             lines.append({**base, "fold": str(m.fold), "ours": float(values[i].mean()), "ci_low": lo, "ci_high": hi,
@@ -107,13 +113,18 @@ def to_markdown(lines: Sequence[dict], title: str, note: str = "") -> str:
     text = [f"# {title}", ""] + ([note, ""] if note else [])
     text += ["## Fold means", ""] + render([r for r in lines if r["fold"].startswith("mean")])
     text += ["", "## Per fold", ""] + render([r for r in lines if not r["fold"].startswith("mean")])
-    text += ["", "mIoU per REFERENCE §2 (per-class intersection/union summed over a fold's episodes, mean over its "
-             "classes); a fold mean is the plain mean of the fold mIoUs. Ours with several seeds: mean over "
-             "data.seed 0..N-1 (different support draws; seed 0 = the published episodes). – : no published number."]
+    text += [
+        "",
+        "mIoU per REFERENCE §2 (per-class intersection/union summed over a fold's episodes, mean over its "
+        "classes); a fold mean is the plain mean of the fold mIoUs. Ours with several seeds: mean over "
+        "data.seed 0..N-1 (different support draws; seed 0 = the published episodes). – : no published number.",
+    ]
     return "\n".join(text) + "\n"
 
 
-def write_table(lines: Sequence[dict], out_dir: str | Path, name: str, title: str, note: str = "") -> tuple[Path, Path]:
+def write_table(
+    lines: Sequence[dict], out_dir: str | Path, name: str, title: str, note: str = ""
+) -> tuple[Path, Path]:
     """Write ``out_dir/<name>.md`` and ``out_dir/<name>.csv`` (atomically)."""
     from fsseg.report import atomic_write_text
 

@@ -20,7 +20,9 @@ GENERATIONS = ("oi2m", "mi2m", "mn2m")
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query input, timesteps [B]) -> UNet output
 
 
-def multires_noise(like: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def multires_noise(
+    like: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Pyramid noise: Gaussian noise plus upsampled coarser noise weighted ``strength ** level``, unit std.
 
     ``strength`` may be a ``[B]`` tensor (annealed: scaled by t / T per sample).
@@ -33,7 +35,10 @@ def multires_noise(like: torch.Tensor, strength: float, generator: torch.Generat
     while hh > 1 and ww > 1 and level < 10:
         r = 2.0 + 2.0 * float(torch.rand(1, generator=generator))
         hh, ww = max(1, int(h / r**level)), max(1, int(w / r**level))
-        noise = noise + F.interpolate(rand(b, c, hh, ww), size=(h, w), mode="bilinear", align_corners=False) * s**level
+        noise = (
+            noise
+            + F.interpolate(rand(b, c, hh, ww), size=(h, w), mode="bilinear", align_corners=False) * s**level
+        )
         level += 1
     return noise / noise.flatten(1).std(1).view(-1, 1, 1, 1)
 
@@ -45,8 +50,14 @@ def make_scheduler(pretrained: str, beta_start: float, beta_end: float, beta_sch
     from fsseg.models.diffews.unet_loading import load_component
 
     return load_component(
-        DDIMScheduler, pretrained, "scheduler", "noise scheduler",
-        beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, prediction_type="v_prediction",
+        DDIMScheduler,
+        pretrained,
+        "scheduler",
+        "noise scheduler",
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=beta_schedule,
+        prediction_type="v_prediction",
     )
 
 

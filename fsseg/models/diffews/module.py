@@ -88,20 +88,28 @@ class DiffewsModule(FewShotModule):
         from diffusers import AutoencoderKL
 
         pretrained, unet_path, image_encoder = map(resolve_source, (pretrained, unet_path, image_encoder))
-        self.vae = load_component(AutoencoderKL, pretrained, "vae", "Stable Diffusion VAE").requires_grad_(False).eval()
+        self.vae = (
+            load_component(AutoencoderKL, pretrained, "vae", "Stable Diffusion VAE")
+            .requires_grad_(False)
+            .eval()
+        )
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.unet, unet_source, unet_sub = load_unet(pretrained, unet_path)
         if interaction != "tca" and injection == "concat":
             add_input_conv(self.unet, unet_source, unet_sub, "conv_in_ref", 2 * self.unet.config.in_channels)
         if generation == "mn2m":
-            add_input_conv(self.unet, unet_source, unet_sub, "conv_in_query", 2 * self.unet.config.in_channels)
+            add_input_conv(
+                self.unet, unet_source, unet_sub, "conv_in_query", 2 * self.unet.config.in_channels
+            )
         self.router = ConvInRouter(self.unet.conv_in)
         self.fusion = FusionContext()
         self.image_encoder = None
         if interaction == "tca":
             self._load_image_encoder(image_encoder)
         else:
-            self.n_fusion_layers = install_fusion(self.unet, self.fusion, "kv" if interaction == "fsa" else "qkv")
+            self.n_fusion_layers = install_fusion(
+                self.unet, self.fusion, "kv" if interaction == "fsa" else "qkv"
+            )
             self._register_prompts(pretrained)
         self.noise_scheduler = None
         if generation != "oi2m":
@@ -109,7 +117,9 @@ class DiffewsModule(FewShotModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes
-        self.threshold_value = threshold_value if threshold_value is not None else (0.25 if threshold == "relative" else 0.15)
+        self.threshold_value = (
+            threshold_value if threshold_value is not None else (0.25 if threshold == "relative" else 0.15)
+        )
 
     # ---- construction ---------------------------------------------------------------------------------------
     def _check_choices(self) -> None:
@@ -126,11 +136,17 @@ class DiffewsModule(FewShotModule):
             if hp[key] not in allowed:
                 raise ValueError(f"DiffewsModule: {key}={hp[key]!r}, expected one of {allowed}")
         if hp.interaction == "tca" and hp.injection == "multiply_latent":
-            raise ValueError("DiffewsModule: injection='multiply_latent' needs a latent support input; tca encodes the support with CLIP")
+            raise ValueError(
+                "DiffewsModule: injection='multiply_latent' needs a latent support input; tca encodes the support with CLIP"
+            )
         if hp.interaction == "tca" and hp.nshot == "sample":
-            raise ValueError("DiffewsModule: nshot='sample' samples self-attention K/V; it does not apply to interaction='tca'")
+            raise ValueError(
+                "DiffewsModule: nshot='sample' samples self-attention K/V; it does not apply to interaction='tca'"
+            )
         if hp.interaction == "qkv" and (hp.injection == "attention_mask" or hp.nshot == "sample"):
-            raise ValueError("DiffewsModule: interaction='qkv' supports neither injection='attention_mask' nor nshot='sample'")
+            raise ValueError(
+                "DiffewsModule: interaction='qkv' supports neither injection='attention_mask' nor nshot='sample'"
+            )
         if hp.train_shots is not None and hp.train_shots < 1:
             raise ValueError(f"DiffewsModule: train_shots must be None or >= 1, got {hp.train_shots}")
 
@@ -140,7 +156,9 @@ class DiffewsModule(FewShotModule):
 
         tok = load_component(CLIPTokenizer, pretrained, "tokenizer", "CLIP tokenizer")
         text = load_component(CLIPTextModel, pretrained, "text_encoder", "CLIP text encoder").eval()
-        ids_train = tok("", padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids_train = tok(
+            "", padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         ids_infer = tok("", return_tensors="pt").input_ids  # [BOS, EOS]
         with torch.no_grad():
             self.register_buffer("prompt_train", text(ids_train)[0].detach(), persistent=False)  # [1, 77, D]
@@ -151,7 +169,9 @@ class DiffewsModule(FewShotModule):
         from transformers import CLIPVisionModelWithProjection
 
         if source is None:
-            raise ValueError("DiffewsModule: interaction='tca' needs model.init_args.image_encoder (a CLIPVisionModelWithProjection folder or hub id)")
+            raise ValueError(
+                "DiffewsModule: interaction='tca' needs model.init_args.image_encoder (a CLIPVisionModelWithProjection folder or hub id)"
+            )
         hint = "For SD 2.1 use the OpenCLIP ViT-H/14 image tower, e.g. `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (download it, set image_encoder)."
         enc = load_component(CLIPVisionModelWithProjection, source, None, "CLIP image encoder", hint)
         if enc.config.projection_dim != self.unet.config.cross_attention_dim:
@@ -205,7 +225,9 @@ class DiffewsModule(FewShotModule):
         """[N, 3, S, S] in [0, 1] -> [N, T, D] projected CLIP patch + class tokens."""
         enc = self.image_encoder
         size = enc.config.image_size
-        x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = F.interpolate(
+            images, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0, 1)
         mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
         with torch.no_grad():
@@ -221,7 +243,9 @@ class DiffewsModule(FewShotModule):
         keep = None
         if hp.injection == "attention_mask":  # class token always visible, patch tokens where the mask is
             grid = self.image_encoder.config.image_size // self.image_encoder.config.patch_size
-            patch = F.interpolate(flat_mask[:, None], size=(grid, grid), mode="area").flatten(1) > 0  # [B*K, g*g]
+            patch = (
+                F.interpolate(flat_mask[:, None], size=(grid, grid), mode="area").flatten(1) > 0
+            )  # [B*K, g*g]
             keep = torch.cat([torch.ones_like(patch[:, :1]), patch], 1).reshape(b, -1)  # [B, K*T]
         return {"tokens": tokens.reshape(b, -1, tokens.shape[-1]), "keep": keep}  # [B, K*T, D]
 
@@ -232,12 +256,16 @@ class DiffewsModule(FewShotModule):
         if "tokens" in support:  # tca: only the queries pass through the UNet
             with self.router.route([(q_conv, query_in)]):
                 return self.unet(
-                    query_in[:, :4], t, encoder_hidden_states=support["tokens"].to(query_in.dtype),
+                    query_in[:, :4],
+                    t,
+                    encoder_hidden_states=support["tokens"].to(query_in.dtype),
                     encoder_attention_mask=support["keep"],
                 ).sample
         x_s, k = support["x"], support["k"]
         s_conv = self.unet.conv_in_ref if x_s.shape[1] != self.unet.config.in_channels else None
-        sample = torch.cat([query_in[:, :4], x_s[:, :4]])  # [B(1+K), 4, h, w]; conv_in_ref/conv_in_query replace rows
+        sample = torch.cat(
+            [query_in[:, :4], x_s[:, :4]]
+        )  # [B(1+K), 4, h, w]; conv_in_ref/conv_in_query replace rows
         timesteps = torch.cat([t, t.repeat_interleave(k)])
         ctx = self.fusion
         ctx.n_query, ctx.n_shot = b, k
@@ -246,13 +274,18 @@ class DiffewsModule(FewShotModule):
         ctx.generator = generator
         ctx.sample_one_shot = self.hparams.nshot == "sample" and not self.training
         with self.router.route([(q_conv, query_in), (s_conv, x_s)]):
-            out = self.unet(sample, timesteps, encoder_hidden_states=prompt.expand(sample.shape[0], -1, -1)).sample
+            out = self.unet(
+                sample, timesteps, encoder_hidden_states=prompt.expand(sample.shape[0], -1, -1)
+            ).sample
         return out[:b]
 
     # ---- FewShotModule hooks ----------------------------------------------------------------------------------
     def _episode_tensors(self, batch: dict, shots: int | None = None):
         q_img = batch["query_img"].float()  # [B, 3, S, S]
-        s_img, s_mask = batch["support_imgs"].float(), binary_mask(batch["support_masks"])  # [B, K, 3, S, S], [B, K, S, S]
+        s_img, s_mask = (
+            batch["support_imgs"].float(),
+            binary_mask(batch["support_masks"]),
+        )  # [B, K, 3, S, S], [B, K, S, S]
         if shots is not None and shots < s_mask.shape[1]:
             idx = torch.randperm(s_mask.shape[1])[:shots].to(s_mask.device)
             s_img, s_mask = s_img[:, idx], s_mask[:, idx]
@@ -266,9 +299,13 @@ class DiffewsModule(FewShotModule):
             shots = int(torch.randint(1, min(hp.train_shots, n_given) + 1, (1,)))
         q_img, s_img, s_mask = self._episode_tensors(batch, shots)
         q_mask = binary_mask(batch["query_mask"])
-        z_q, z_mq = self.encode(torch.cat([q_img, supervision_image(q_img, q_mask, hp.supervision)]), sample=True).chunk(2)
+        z_q, z_mq = self.encode(
+            torch.cat([q_img, supervision_image(q_img, q_mask, hp.supervision)]), sample=True
+        ).chunk(2)
         support = self._support_inputs(s_img, s_mask, sample=True)
-        query_in, t, target = gen.training_inputs(hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise)
+        query_in, t, target = gen.training_inputs(
+            hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise
+        )
         pred = self.unet_call(query_in, support, t, self._prompt(train=True))
         loss = F.mse_loss(pred.float(), target.float())
         return {"loss": loss, "shots": torch.tensor(float(s_mask.shape[1]))}
@@ -289,7 +326,14 @@ class DiffewsModule(FewShotModule):
         generator = torch.Generator().manual_seed(hp.seed * 1_000_003 + first)
         denoise = lambda x, t: self.unet_call(x, support, t, self._prompt(train=False), generator)  # noqa: E731
         runs = hp.ensemble_size if hp.generation == "mn2m" else 1
-        preds = [self.decode(gen.generate(hp.generation, denoise, z_q, self.noise_scheduler, hp.num_inference_steps, generator)) for _ in range(runs)]
+        preds = [
+            self.decode(
+                gen.generate(
+                    hp.generation, denoise, z_q, self.noise_scheduler, hp.num_inference_steps, generator
+                )
+            )
+            for _ in range(runs)
+        ]
         return torch.stack(preds).mean(0) if runs > 1 else preds[0]
 
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:

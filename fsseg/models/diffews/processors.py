@@ -25,7 +25,9 @@ class FusionContext:
     n_shot: int = 0  # K
     mask_hw: tuple[int, int] = (0, 0)  # support_mask spatial size (resized to each layer by area)
     support_mask: torch.Tensor | None = None  # [B, K, h, w] in {0, 1}
-    sample_one_shot: bool = False  # keep a random L of the K*L support tokens per layer (L = one image's tokens)
+    sample_one_shot: bool = (
+        False  # keep a random L of the K*L support tokens per layer (L = one image's tokens)
+    )
     generator: torch.Generator | None = None
 
     def clear(self) -> None:
@@ -59,11 +61,20 @@ class FusionAttnProcessor:
         n, n_tok, c = x.shape
         return x.view(n, n_tok, attn.heads, c // attn.heads).transpose(1, 2)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("FusionAttnProcessor is for self-attention (attn1) without an attention mask")
-        if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None or hidden_states.ndim != 3:
-            raise ValueError("FusionAttnProcessor supports transformer-block self-attention on [N, L, C] tokens only")
+        if (
+            attn.spatial_norm is not None
+            or attn.group_norm is not None
+            or attn.norm_q is not None
+            or hidden_states.ndim != 3
+        ):
+            raise ValueError(
+                "FusionAttnProcessor supports transformer-block self-attention on [N, L, C] tokens only"
+            )
         residual = hidden_states
         q = self._heads(attn, attn.to_q(hidden_states))  # [N, H, L, d]
         k = self._heads(attn, attn.to_k(hidden_states))
@@ -82,7 +93,9 @@ class FusionAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _support_tokens(self, t: torch.Tensor) -> torch.Tensor:  # support rows [B*K, H, L, d] -> [B, H, K*L, d]
+    def _support_tokens(
+        self, t: torch.Tensor
+    ) -> torch.Tensor:  # support rows [B*K, H, L, d] -> [B, H, K*L, d]
         b, k = self.ctx.n_query, self.ctx.n_shot
         _, h, n_tok, d = t.shape
         return t.view(b, k, h, n_tok, d).permute(0, 2, 1, 3, 4).reshape(b, h, k * n_tok, d)
@@ -107,13 +120,17 @@ class FusionAttnProcessor:
         if keep is not None:
             own = torch.ones(b, n_tok, dtype=torch.bool, device=keep.device)
             mask = torch.cat([own, keep], dim=1)[:, None, None, :]  # [B, 1, 1, L + n]
-        out_q = F.scaled_dot_product_attention(q[:b], torch.cat([k[:b], ks], 2), torch.cat([v[:b], vs], 2), attn_mask=mask)
+        out_q = F.scaled_dot_product_attention(
+            q[:b], torch.cat([k[:b], ks], 2), torch.cat([v[:b], vs], 2), attn_mask=mask
+        )
         return torch.cat([out_q, out_s], 0)
 
     def _qkv_fusion(self, q, k, v):
         ctx = self.ctx
         if ctx.support_mask is not None or ctx.sample_one_shot:
-            raise ValueError("qkv fusion supports neither attention-mask injection nor support-token sampling")
+            raise ValueError(
+                "qkv fusion supports neither attention-mask injection nor support-token sampling"
+            )
         b, kk = ctx.n_query, ctx.n_shot
         n_tok = q.shape[2]
 
@@ -123,7 +140,9 @@ class FusionAttnProcessor:
         out = F.scaled_dot_product_attention(joint(q), joint(k), joint(v))  # [B, H, (1+K)L, d]
         out_q = out[:, :, :n_tok]
         h, d = out.shape[1], out.shape[3]
-        out_s = out[:, :, n_tok:].reshape(b, h, kk, n_tok, d).permute(0, 2, 1, 3, 4).reshape(b * kk, h, n_tok, d)
+        out_s = (
+            out[:, :, n_tok:].reshape(b, h, kk, n_tok, d).permute(0, 2, 1, 3, 4).reshape(b * kk, h, n_tok, d)
+        )
         return torch.cat([out_q, out_s], 0)
 
 

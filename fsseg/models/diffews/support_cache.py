@@ -45,10 +45,16 @@ class BankAttnProcessor(FusionAttnProcessor):
             return F.scaled_dot_product_attention(q, k, v)
         b, h, n_tok, d = q.shape  # rows are the B queries
         ks, vs = ctx.bank[(self.name, ctx.t_key)]  # [K, H, L, d]
-        ks = ks.transpose(0, 1).reshape(1, h, -1, d).expand(b, -1, -1, -1)  # [B, H, K*L, d], shot-major as in the joint call
+        ks = (
+            ks.transpose(0, 1).reshape(1, h, -1, d).expand(b, -1, -1, -1)
+        )  # [B, H, K*L, d], shot-major as in the joint call
         vs = vs.transpose(0, 1).reshape(1, h, -1, d).expand(b, -1, -1, -1)
-        keep = layer_mask(ctx.support_mask, ctx.mask_hw, n_tok) if ctx.support_mask is not None else None  # [B, K*L]
-        if ctx.sample_one_shot and ks.shape[2] > n_tok:  # the same draws, in the same order, as FusionAttnProcessor
+        keep = (
+            layer_mask(ctx.support_mask, ctx.mask_hw, n_tok) if ctx.support_mask is not None else None
+        )  # [B, K*L]
+        if (
+            ctx.sample_one_shot and ks.shape[2] > n_tok
+        ):  # the same draws, in the same order, as FusionAttnProcessor
             idx = torch.stack(
                 [torch.randperm(ks.shape[2], generator=ctx.generator, device="cpu")[:n_tok] for _ in range(b)]
             ).to(ks.device)  # [B, L]
@@ -57,7 +63,9 @@ class BankAttnProcessor(FusionAttnProcessor):
             keep = keep.gather(1, idx) if keep is not None else None
         mask = None
         if keep is not None:
-            mask = torch.cat([torch.ones(b, n_tok, dtype=torch.bool, device=keep.device), keep], 1)[:, None, None, :]
+            mask = torch.cat([torch.ones(b, n_tok, dtype=torch.bool, device=keep.device), keep], 1)[
+                :, None, None, :
+            ]
         return F.scaled_dot_product_attention(q, torch.cat([k, ks], 2), torch.cat([v, vs], 2), attn_mask=mask)
 
 
@@ -91,7 +99,10 @@ def _timesteps(module, device) -> list[torch.Tensor]:
 @torch.no_grad()
 def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> SupportState:
     """``[K, 3, S, S]`` in [0, 1], ``[K, S, S]`` {0, 1, 255} -> the reusable support (latents, and K/V with fsa)."""
-    s_img, s_mask = support_imgs.float()[None], binary_mask(support_masks)[None]  # [1, K, 3, S, S], [1, K, S, S]
+    s_img, s_mask = (
+        support_imgs.float()[None],
+        binary_mask(support_masks)[None],
+    )  # [1, K, 3, S, S], [1, K, S, S]
     state = SupportState(self._support_inputs(s_img, s_mask, sample=False), s_mask)
     if self.hparams.interaction != "fsa":
         return state
@@ -109,7 +120,9 @@ def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor
     return state
 
 
-def _query_call(self, state: SupportState, query_in: torch.Tensor, t: torch.Tensor, generator) -> torch.Tensor:
+def _query_call(
+    self, state: SupportState, query_in: torch.Tensor, t: torch.Tensor, generator
+) -> torch.Tensor:
     """UNet output ``[B, 4, h, w]`` of the query rows only, attending to the stored support K/V."""
     b = query_in.shape[0]
     ctx = state.ctx
@@ -119,7 +132,9 @@ def _query_call(self, state: SupportState, query_in: torch.Tensor, t: torch.Tens
     ctx.mask_hw = tuple(ctx.support_mask.shape[-2:]) if ctx.support_mask is not None else (0, 0)
     q_conv = self.unet.conv_in_query if query_in.shape[1] != self.unet.config.in_channels else None
     with _processors(self.unet, state.processors), self.router.route([(q_conv, query_in)]):
-        return self.unet(query_in[:, :4], t, encoder_hidden_states=self._prompt(train=False).expand(b, -1, -1)).sample
+        return self.unet(
+            query_in[:, :4], t, encoder_hidden_states=self._prompt(train=False).expand(b, -1, -1)
+        ).sample
 
 
 def _batched_support(state: SupportState, b: int) -> dict:
@@ -139,18 +154,27 @@ def support_prediction_image(self, state: SupportState, query_imgs: torch.Tensor
     """`DiffewsModule.predict_image` for ``[B, 3, S, S]`` queries against a stored support: ``[B, 3, S, S]``."""
     hp = self.hparams
     z_q = self.encode(query_imgs.float(), sample=False)
-    generator = torch.Generator().manual_seed(hp.seed * 1_000_003)  # as predict_image without an episode index
+    generator = torch.Generator().manual_seed(
+        hp.seed * 1_000_003
+    )  # as predict_image without an episode index
     if state.ctx is not None:
         denoise = lambda x, t: _query_call(self, state, x, t, generator)  # noqa: E731
     else:
         support = _batched_support(state, z_q.shape[0])
         denoise = lambda x, t: self.unet_call(x, support, t, self._prompt(train=False), generator)  # noqa: E731
     runs = hp.ensemble_size if hp.generation == "mn2m" else 1
-    preds = [self.decode(gen.generate(hp.generation, denoise, z_q, self.noise_scheduler, hp.num_inference_steps, generator)) for _ in range(runs)]
+    preds = [
+        self.decode(
+            gen.generate(hp.generation, denoise, z_q, self.noise_scheduler, hp.num_inference_steps, generator)
+        )
+        for _ in range(runs)
+    ]
     return torch.stack(preds).mean(0) if runs > 1 else preds[0]
 
 
-def predict_with_support(self, state: SupportState, query_imgs: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+def predict_with_support(
+    self, state: SupportState, query_imgs: torch.Tensor, out_size: tuple[int, int]
+) -> torch.Tensor:
     """``[B, 3, S, S]`` queries -> ``[B, *out_size]`` {0, 1}: `DiffewsModule.predict_masks` with the support reused."""
     pred = F.interpolate(support_prediction_image(self, state, query_imgs), size=out_size, mode="nearest")
     image = F.interpolate(query_imgs.float(), size=out_size, mode="nearest")

@@ -44,17 +44,42 @@ TINY_VAE = dict(  # two blocks: latent stride 2
     norm_num_groups=32,
     sample_size=32,
 )
-TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
-TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
 SD21_SCHEDULER = dict(  # the scheduler config shipped with stable-diffusion-2-1
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, num_train_timesteps=1000,
-    prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
 )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     extra = 0
     for b in range(256):
@@ -74,7 +99,9 @@ def tiny_tokenizer(workdir: str | os.PathLike) -> CLIPTokenizer:
     (workdir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (workdir / "merges.txt").write_text("#version: 0.2\n")
     # SD 2.1 pads with "!" (id 0), as here
-    return CLIPTokenizer(str(workdir / "vocab.json"), str(workdir / "merges.txt"), model_max_length=77, pad_token="!")
+    return CLIPTokenizer(
+        str(workdir / "vocab.json"), str(workdir / "merges.txt"), model_max_length=77, pad_token="!"
+    )
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
@@ -89,7 +116,13 @@ def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
 
 def tiny_text_encoder(vocab_size: int, seed: int = 0, **overrides) -> CLIPTextModel:
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0, **{**TINY_TEXT, **overrides})
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=0,
+        **{**TINY_TEXT, **overrides},
+    )
     return CLIPTextModel(cfg).eval()
 
 
@@ -125,7 +158,12 @@ def save_sd_folder(
     return path
 
 
-def write_tiny_sd(path: str | os.PathLike, seed: int = 0, unet_overrides: dict | None = None, vae_overrides: dict | None = None) -> Path:
+def write_tiny_sd(
+    path: str | os.PathLike,
+    seed: int = 0,
+    unet_overrides: dict | None = None,
+    vae_overrides: dict | None = None,
+) -> Path:
     """Build randomly initialised tiny SD components under ``seed`` and save them in the SD 2.1 folder layout."""
     path = Path(path)
     tok = tiny_tokenizer(path.parent / f".{path.name}.vocab")
@@ -146,7 +184,10 @@ def random_episodes(b: int = 2, k: int = 2, size: int = 32, seed: int = 0) -> di
     def discs(n: int) -> torch.Tensor:  # [n, size, size] in {0, 1, 255}
         c = torch.randint(size // 4, 3 * size // 4, (n, 2), generator=g)
         r = torch.randint(max(1, size // 8), max(2, size // 3), (n,), generator=g)
-        m = ((yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 < r[:, None, None] ** 2).long()
+        m = (
+            (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2
+            < r[:, None, None] ** 2
+        ).long()
         m[:, :, :2] = 255
         return m
 

@@ -43,7 +43,9 @@ def load_component(cls, source: str, subfolder: str | None, what: str, hint: str
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:
         where = f"{source}/{subfolder}" if subfolder else source
-        raise FileNotFoundError(f"cannot load the {what} ({cls.__name__}) from {where!r}: {err}\n{hint}") from err
+        raise FileNotFoundError(
+            f"cannot load the {what} ({cls.__name__}) from {where!r}: {err}\n{hint}"
+        ) from err
 
 
 def _resolve(source: str, subfolder: str | None, filename: str) -> Path | None:
@@ -73,16 +75,18 @@ def read_weights(source: str, subfolder: str | None, prefix: str) -> dict[str, t
             files = [single]
             break
     if not files:
-        raise FileNotFoundError(f"no weights ({' / '.join(WEIGHT_FILES)}) under {source!r} subfolder {subfolder!r}")
+        raise FileNotFoundError(
+            f"no weights ({' / '.join(WEIGHT_FILES)}) under {source!r} subfolder {subfolder!r}"
+        )
     for path in files:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                out.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+                out.update({k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-            out.update({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            out.update({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
     return out
 
 
@@ -114,7 +118,9 @@ def add_input_conv(unet, source: str, subfolder: str | None, name: str, in_chann
             raise ValueError(f"{source}: UNet config has {key}={declared}, this variant needs {in_channels}")
         sd = read_weights(source, subfolder, name + ".")
         if set(sd) != {"weight", "bias"}:
-            raise ValueError(f"{source}: config declares {key} but the weights hold {name}.{sorted(sd)} (expected weight, bias)")
+            raise ValueError(
+                f"{source}: config declares {key} but the weights hold {name}.{sorted(sd)} (expected weight, bias)"
+            )
         conv.load_state_dict(sd)
         loaded = True
     unet.add_module(name, conv)
@@ -164,4 +170,8 @@ def load_unet(pretrained: str, unet_path: str | None = None):
         if not os.path.isdir(unet_path):
             raise FileNotFoundError(f"DiffewS UNet folder {unet_path!r} does not exist. {hint}")
         return load_component(UNet2DConditionModel, unet_path, None, "DiffewS UNet", hint), unet_path, None
-    return load_component(UNet2DConditionModel, pretrained, "unet", "Stable Diffusion UNet"), pretrained, "unet"
+    return (
+        load_component(UNet2DConditionModel, pretrained, "unet", "Stable Diffusion UNet"),
+        pretrained,
+        "unet",
+    )

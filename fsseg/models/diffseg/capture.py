@@ -72,7 +72,9 @@ class CaptureAddedKVProcessor:
         size = tuple(hidden_states.shape[-2:])
         if self.store.wants(self.name, size):
             if attn.only_cross_attention:
-                raise ValueError(f"attention layer {self.name} is cross-only: it has no self-attention part to capture")
+                raise ValueError(
+                    f"attention layer {self.name} is cross-only: it has no self-attention part to capture"
+                )
             probs = added_kv_attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask)
             n_prompt = probs.shape[-1] - size[0] * size[1]
             cross = probs[..., :n_prompt].sum(dim=-1)  # [B, HW]
@@ -89,7 +91,9 @@ def install_capture(unet: nn.Module, store: CaptureStore) -> None:
     for name, proc in unet.attn_processors.items():
         inner = proc.inner if isinstance(proc, CaptureAddedKVProcessor) else proc
         if "AddedKV" not in type(inner).__name__:
-            raise ValueError(f"{name} uses {type(inner).__name__}; DiffSeg expects Kandinsky's added-KV attention")
+            raise ValueError(
+                f"{name} uses {type(inner).__name__}; DiffSeg expects Kandinsky's added-KV attention"
+            )
         procs[name] = CaptureAddedKVProcessor(inner, store, name)
     unet.set_attn_processor(procs)
 
@@ -133,7 +137,9 @@ def minmax_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(x)
 
 
-def fuse_attention_maps(store: CaptureStore, size: tuple[int, int] | None = None, maps: str = "both") -> torch.Tensor:
+def fuse_attention_maps(
+    store: CaptureStore, size: tuple[int, int] | None = None, maps: str = "both"
+) -> torch.Tensor:
     """``M_a`` from the recorded maps: [B, 1, H, W] in [0, 1].
 
     Layers of one size are averaged, each size is resized to ``size`` (default: the largest recorded) and the sizes
@@ -143,7 +149,9 @@ def fuse_attention_maps(store: CaptureStore, size: tuple[int, int] | None = None
     if maps not in ("both", "self", "cross"):
         raise ValueError(f"maps must be 'both', 'self' or 'cross', got {maps!r}")
     if not store.cross_maps:
-        raise RuntimeError("no attention maps were captured: check attn_levels / attn_blocks against the UNet")
+        raise RuntimeError(
+            "no attention maps were captured: check attn_levels / attn_blocks against the UNet"
+        )
     sizes = sorted(store.cross_maps, key=lambda s: s[0] * s[1])
     dst = size or sizes[-1]
     cross = torch.stack(
@@ -194,7 +202,9 @@ class FeatureCapture:
     def fused(self, size: tuple[int, int]) -> torch.Tensor:
         """Per size, the mean over layers, resized to ``size`` and concatenated: [B, sum C, H, W]."""
         if not self.features:
-            raise RuntimeError("no UNet features were captured: check attn_levels / attn_blocks against the UNet")
+            raise RuntimeError(
+                "no UNet features were captured: check attn_levels / attn_blocks against the UNet"
+            )
         outs = []
         for s in sorted(self.features, key=lambda s: -s[0] * s[1]):
             per_size = self.features[s]

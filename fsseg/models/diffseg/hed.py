@@ -26,7 +26,9 @@ STAGE_CHANNELS = (64, 128, 256, 512, 512)
 class HED(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.vgg = timm.create_model("vgg16", pretrained=False, features_only=True, out_indices=(0, 1, 2, 3, 4))
+        self.vgg = timm.create_model(
+            "vgg16", pretrained=False, features_only=True, out_indices=(0, 1, 2, 3, 4)
+        )
         self.side = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in STAGE_CHANNELS)
         self.fuse = nn.Conv2d(len(STAGE_CHANNELS), 1, 1)
         self.register_buffer("mean", torch.tensor(VGG_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
@@ -85,7 +87,9 @@ class CannyEdges(nn.Module):
 def build_edge_source(name: str, hed_weights: str | None = None) -> nn.Module:
     if name == "hed":
         if not hed_weights:
-            raise ValueError("edge_source 'hed' needs hed_weights: the safetensors file from tools/convert_hed.py")
+            raise ValueError(
+                "edge_source 'hed' needs hed_weights: the safetensors file from tools/convert_hed.py"
+            )
         return HED.from_file(hed_weights)
     if name == "sobel":
         return SobelEdges()
@@ -98,9 +102,27 @@ def build_edge_source(name: str, hed_weights: str | None = None) -> nn.Module:
 # network-bsds500.pytorch keys are "module*" (older) or "net*" (newer run.py renames them). Sequential indices:
 # VggOne = conv,relu,conv,relu; VggTwo..Fiv start with a max-pool, so their convs sit at 1, 3 (, 5).
 _VGG_SOURCE = (
-    ("VggOne", (0, 2)), ("VggTwo", (1, 3)), ("VggThr", (1, 3, 5)), ("VggFou", (1, 3, 5)), ("VggFiv", (1, 3, 5)),
+    ("VggOne", (0, 2)),
+    ("VggTwo", (1, 3)),
+    ("VggThr", (1, 3, 5)),
+    ("VggFou", (1, 3, 5)),
+    ("VggFiv", (1, 3, 5)),
 )
-_TIMM_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision/timm vgg16 `features` layout
+_TIMM_CONV_INDICES = (
+    0,
+    2,
+    5,
+    7,
+    10,
+    12,
+    14,
+    17,
+    19,
+    21,
+    24,
+    26,
+    28,
+)  # torchvision/timm vgg16 `features` layout
 _SCORES = ("ScoreOne", "ScoreTwo", "ScoreThr", "ScoreFou", "ScoreFiv")
 
 
@@ -121,7 +143,7 @@ def hed_key_mapping() -> dict[str, str]:
 
 def convert_hed_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a pytorch-hed state dict to `HED` keys; every source and target key must be present exactly once."""
-    state = {("net" + k[len("module"):] if k.startswith("module") else k): v for k, v in state.items()}
+    state = {("net" + k[len("module") :] if k.startswith("module") else k): v for k, v in state.items()}
     mapping = hed_key_mapping()
     missing = [k for k in mapping if k not in state]
     extra = [k for k in state if k not in mapping]

@@ -54,7 +54,9 @@ def load_frozen_parts(decoder: str = DECODER_ID, prior: str = PRIOR_ID) -> Froze
     _check_kandinsky_unet(unet, decoder)
     movq = _load(VQModel, decoder, "movq", "Kandinsky 2.2 MoVQ", DECODER_ID)
     scheduler = _load(DDPMScheduler, decoder, "scheduler", "Kandinsky 2.2 decoder scheduler", DECODER_ID)
-    image_encoder = _load(CLIPVisionModelWithProjection, prior, "image_encoder", "CLIP image encoder", PRIOR_ID)
+    image_encoder = _load(
+        CLIPVisionModelWithProjection, prior, "image_encoder", "CLIP image encoder", PRIOR_ID
+    )
     image_processor = _load(CLIPImageProcessor, prior, "image_processor", "CLIP image processor", PRIOR_ID)
     if image_encoder.config.projection_dim != unet.config.encoder_hid_dim:
         raise ValueError(
@@ -74,7 +76,9 @@ def clip_pixel_values(images: torch.Tensor, processor: CLIPImageProcessor) -> to
     """
     crop = processor.crop_size  # a dict or a SizeDict, depending on the transformers version
     size = (int(crop["height"]), int(crop["width"]))
-    x = torch.nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    x = torch.nn.functional.interpolate(
+        images, size=size, mode="bicubic", align_corners=False, antialias=True
+    )
     x = x.clamp(0, 1)
     mean = torch.tensor(processor.image_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)

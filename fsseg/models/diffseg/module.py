@@ -102,10 +102,14 @@ class DiffSegModule(FewShotModule):
         if knowledge not in ("attention", "resnet", "transformer"):
             raise ValueError(f"knowledge must be 'attention', 'resnet' or 'transformer', got {knowledge!r}")
         if not use_unet and (use_scm or pam_att2 != "none" and use_pam):
-            raise ValueError("use_unet=False (Table 3, without UNet+SCM) needs use_scm=False and pam_att2='none'")
+            raise ValueError(
+                "use_unet=False (Table 3, without UNet+SCM) needs use_scm=False and pam_att2='none'"
+            )
         bad_blocks = set(attn_blocks) - {"down", "mid", "up"}
         if bad_blocks or not attn_blocks:
-            raise ValueError(f"attn_blocks must be a non-empty subset of down/mid/up, got {list(attn_blocks)}")
+            raise ValueError(
+                f"attn_blocks must be a non-empty subset of down/mid/up, got {list(attn_blocks)}"
+            )
         parts = self.load_frozen_parts(decoder, prior)
         self.movq = parts.movq
         self.noise_scheduler = parts.scheduler
@@ -118,14 +122,20 @@ class DiffSegModule(FewShotModule):
                 raise ValueError(f"{name} must be within 1..{n_levels - 1} for this UNet, got {list(levels)}")
         self.latent_channels = parts.movq.config.latent_channels
         self.downsample = 2 ** (len(parts.movq.config.block_out_channels) - 1)
-        self.edge_net = build_edge_source(edge_source, hed_weights).requires_grad_(False).eval() if use_scm else None
+        self.edge_net = (
+            build_edge_source(edge_source, hed_weights).requires_grad_(False).eval() if use_scm else None
+        )
 
         down_ch, up_ch = unet_level_channels(parts.unet)
         self.scm = None
         if use_unet and use_scm and scm_levels:
             self.scm = SpatialControl(
-                {i: down_ch[i] for i in scm_levels}, {i: up_ch[i] for i in scm_levels}, width=scm_width,
-                edge_channels=scm_edge_channels, edge_downsample=self.downsample, shared=scm_shared,
+                {i: down_ch[i] for i in scm_levels},
+                {i: up_ch[i] for i in scm_levels},
+                width=scm_width,
+                edge_channels=scm_edge_channels,
+                edge_downsample=self.downsample,
+                shared=scm_shared,
                 zero_init=scm_zero_init,
             )
             self._scm_hooks = SCMHooks(self.unet, self.scm)
@@ -136,7 +146,9 @@ class DiffSegModule(FewShotModule):
             if knowledge != "attention":
                 self._features = FeatureCapture(self.unet, knowledge, tuple(attn_blocks))
         boc = parts.unet.config.block_out_channels
-        map_channels = 0 if not use_unet else (1 if knowledge == "attention" else sum(boc[i] for i in attn_levels))
+        map_channels = (
+            0 if not use_unet else (1 if knowledge == "attention" else sum(boc[i] for i in attn_levels))
+        )
         if use_pam:
             self.head = PerceptualAttention(
                 self.latent_channels, max(map_channels, 1), pam_dim, pam_heads, pam_att1, pam_att2, pam_att3
@@ -172,7 +184,9 @@ class DiffSegModule(FewShotModule):
         """Support latent L_s [B, C, h, w] and prompt embedding E_m [B, D] (None without UNet), K shots averaged."""
         imgs, masks = batch["support_imgs"], batch["support_masks"]  # [B, K, 3, S, S], [B, K, S, S]
         b, k = masks.shape[:2]
-        masked = (imgs * (masks == 1)[:, :, None].to(imgs.dtype)).flatten(0, 1)  # 255 (ignore) counts as background
+        masked = (imgs * (masks == 1)[:, :, None].to(imgs.dtype)).flatten(
+            0, 1
+        )  # 255 (ignore) counts as background
         ls = self.encode(masked)
         ls = ls.view(b, k, *ls.shape[1:]).mean(1)
         if self.image_encoder is None:

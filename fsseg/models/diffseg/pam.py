@@ -27,7 +27,9 @@ def sine_positions(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"PAM dim must be a multiple of 4, got {dim}")
     n = dim // 4
-    freqs = torch.exp(torch.arange(n, device=device, dtype=torch.float32) * (-math.log(100.0) / max(n - 1, 1)))
+    freqs = torch.exp(
+        torch.arange(n, device=device, dtype=torch.float32) * (-math.log(100.0) / max(n - 1, 1))
+    )
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -49,7 +51,9 @@ class Attention(nn.Module):
         self.pos_k = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor
+    ) -> torch.Tensor:
         b, n, d = x.shape  # x: [B, n, dim]; kv: [B, m, kv_dim]
         q = self.to_q(self.norm_q(x) + pos_q)
         k = self.to_k(kv) + self.pos_k(pos_k)
@@ -90,7 +94,9 @@ class PerceptualAttention(nn.Module):
             self.norm_kv = nn.LayerNorm(dim)
         elif att3 == "conv":
             self.conv_self = nn.Conv2d(dim, dim, 3, padding=1)
-        self.head = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, latent_channels, 1))
+        self.head = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, latent_channels, 1)
+        )
 
     def forward(self, lq: torch.Tensor, ls: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """lq, ls: [B, C, h, w]; prior (M_a or UNet features, at the latent size): [B, Cm, h, w] -> L_pre [B, C, h, w]"""

@@ -38,7 +38,11 @@ class SCMCore(nn.Module):
 
     def encode_edges(self, edges: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         e = self.edge_encoder(edges)  # [B, E, ~h, ~w]
-        return e if tuple(e.shape[-2:]) == size else F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+        return (
+            e
+            if tuple(e.shape[-2:]) == size
+            else F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+        )
 
     def forward(self, feat: torch.Tensor, edge_feat: torch.Tensor) -> torch.Tensor:
         b, _, h, w = feat.shape
@@ -69,7 +73,9 @@ class SpatialControl(nn.Module):
     ) -> None:
         super().__init__()
         if set(down_channels) != set(up_channels) or not down_channels:
-            raise ValueError(f"SCM levels must be non-empty and match: {sorted(down_channels)} vs {sorted(up_channels)}")
+            raise ValueError(
+                f"SCM levels must be non-empty and match: {sorted(down_channels)} vs {sorted(up_channels)}"
+            )
         self.levels = sorted(down_channels)
         self.shared = shared
         n_cores = 1 if shared else len(self.levels)
@@ -85,7 +91,11 @@ class SpatialControl(nn.Module):
         return self.cores[0] if self.shared else self.cores[self.levels.index(level)]
 
     def forward(
-        self, level: int, down_state: torch.Tensor, edges: torch.Tensor, latent_size: tuple[int, int],
+        self,
+        level: int,
+        down_state: torch.Tensor,
+        edges: torch.Tensor,
+        latent_size: tuple[int, int],
         edge_cache: dict | None = None,
     ) -> torch.Tensor:
         """Residual for the up block of ``level``: [B, C_up, h_level, w_level].
@@ -132,7 +142,9 @@ class SCMHooks:
         self.handles = [block.register_forward_hook(self._record_down) for block in unet.down_blocks]
         for level in scm.levels:
             up_block = unet.up_blocks[n - 1 - level]
-            self.handles.append(up_block.register_forward_pre_hook(self._make_inject(level), with_kwargs=True))
+            self.handles.append(
+                up_block.register_forward_pre_hook(self._make_inject(level), with_kwargs=True)
+            )
 
     def begin(self, edges: torch.Tensor, latent_size: tuple[int, int]) -> None:
         self.edges, self.latent_size = edges, latent_size

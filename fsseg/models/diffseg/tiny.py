@@ -65,8 +65,13 @@ def tiny_movq(seed: int = 0) -> VQModel:
 def tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=4, projection_dim=TINY_EMBED_DIM,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        projection_dim=TINY_EMBED_DIM,
     )
     return CLIPVisionModelWithProjection(config)
 

@@ -30,7 +30,9 @@ from fsseg.models.diffseg.tiny import (
 )
 
 
-def load_training_images(root: Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_training_images(
+    root: Path, size: int | None = None, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train images [N, 3, S, S] in [0, 1] and label maps [N, S, S] (uint8, 255 ignore) of the embedded benchmark,
     resized to ``size`` (images: area, labels: nearest) when given."""
     voc = Path(root) / "VOC2012"
@@ -42,7 +44,9 @@ def load_training_images(root: Path, size: int | None = None, limit: int | None 
     images, labels = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
     if size is not None and size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="area")
-        labels = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
+        labels = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(
+            torch.uint8
+        )
     return images, labels
 
 
@@ -65,7 +69,7 @@ def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
     out = []
     for item in x:
         i, j = (int(v) for v in torch.randint(0, s - size + 1, (2,), generator=gen))
-        out.append(item[..., i:i + size, j:j + size])
+        out.append(item[..., i : i + size, j : j + size])
     return torch.stack(out)
 
 
@@ -77,7 +81,7 @@ def train_movq(images, labels, seconds: float, batch: int = 16, crop: int = 64, 
     while time.perf_counter() - start < seconds:
         idx = torch.randint(len(images), (batch,), generator=gen)
         masks = random_object_masks(labels[idx], gen)[:, None].expand(-1, 3, -1, -1)
-        x = torch.cat([images[idx[: batch // 2]], masks[batch // 2:]])  # half images, half mask images
+        x = torch.cat([images[idx[: batch // 2]], masks[batch // 2 :]])  # half images, half mask images
         x = random_crops(x, crop, gen) * 2 - 1
         rec = movq.decode(movq.encode(x).latents, force_not_quantize=True).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -105,9 +109,16 @@ def movq_error(movq, images, labels, seed: int = 1) -> dict[str, float]:
 
 def train_unet_clip(images, labels, movq, seconds: float, batch: int = 16, seed: int = 0, log=print):
     gen = torch.Generator().manual_seed(seed)
-    unet, clip, processor, sched = tiny_unet(seed), tiny_image_encoder(seed), tiny_image_processor(), tiny_scheduler()
+    unet, clip, processor, sched = (
+        tiny_unet(seed),
+        tiny_image_encoder(seed),
+        tiny_image_processor(),
+        tiny_scheduler(),
+    )
     with torch.no_grad():
-        latents = torch.cat([movq.encode(images[i:i + 64] * 2 - 1).latents for i in range(0, len(images), 64)])
+        latents = torch.cat(
+            [movq.encode(images[i : i + 64] * 2 - 1).latents for i in range(0, len(images), 64)]
+        )
     opt = torch.optim.AdamW([*unet.parameters(), *clip.parameters()], lr=1e-3, weight_decay=0.0)
     start, step = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -117,7 +128,9 @@ def train_unet_clip(images, labels, movq, seconds: float, batch: int = 16, seed:
         noise = torch.randn(latents[idx].shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = sched.add_noise(latents[idx], noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": emb}).sample[:, :4]
+        pred = unet(noisy, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": emb}).sample[
+            :, :4
+        ]
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
@@ -129,15 +142,30 @@ def train_unet_clip(images, labels, movq, seconds: float, batch: int = 16, seed:
     return unet.eval(), clip.eval(), loss.item(), step
 
 
-def train_tiny_diffseg(data_root: Path, out: Path, movq_seconds: float = 150, unet_seconds: float = 150,
-                       seed: int = 0, size: int = 64, log=print) -> dict:
+def train_tiny_diffseg(
+    data_root: Path,
+    out: Path,
+    movq_seconds: float = 150,
+    unet_seconds: float = 150,
+    seed: int = 0,
+    size: int = 64,
+    log=print,
+) -> dict:
     torch.manual_seed(seed)
     images, labels = load_training_images(data_root, size)
     log(f"{len(images)} training images of {images.shape[-1]} px from {data_root}")
     movq, movq_loss, movq_steps = train_movq(images, labels, movq_seconds, seed=seed, log=log)
     errors = movq_error(movq, images, labels)
     log(f"movq reconstruction (mean abs error in [0, 1]): {errors}")
-    unet, clip, unet_loss, unet_steps = train_unet_clip(images, labels, movq, unet_seconds, seed=seed, log=log)
+    unet, clip, unet_loss, unet_steps = train_unet_clip(
+        images, labels, movq, unet_seconds, seed=seed, log=log
+    )
     save_tiny_components(out, seed=seed, unet=unet, movq=movq, image_encoder=clip)
-    return {"image_size": size, "movq_steps": movq_steps, "movq_loss": movq_loss, "unet_clip_steps": unet_steps,
-            "unet_loss": unet_loss, **errors}
+    return {
+        "image_size": size,
+        "movq_steps": movq_steps,
+        "movq_loss": movq_loss,
+        "unet_clip_steps": unet_steps,
+        "unet_loss": unet_loss,
+        **errors,
+    }
