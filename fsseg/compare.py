@@ -1,7 +1,9 @@
 """``fsseg compare RUN_A RUN_B``: two test runs on the same episodes, paired.
 
 Refuses unless both runs evaluated the identical episode set: the same dataset, fold, shot, resolution and classes,
-and per episode index the same query, supports and class. Then reports mIoU(B) - mIoU(A) with a paired bootstrap
+and per episode index the same query, supports and class. A support-control run (``data.support_control``:
+``other_class`` / ``empty_mask``) pairs with a normal run of the same episodes on query and class alone, since
+the control replaced the supports on purpose. Then reports mIoU(B) - mIoU(A) with a paired bootstrap
 interval (the same resampled episode indices for both runs; each mIoU recomputed per REFERENCE §2 from the summed
 per-class intersection/union, never an episode mean) and the per-class IoU table. Deterministic for a given --seed.
 """
@@ -19,6 +21,16 @@ from fsseg.reproduce.stats import TestRun, bootstrap_miou, load_run, percentile_
 
 SETTING_KEYS = ("dataset", "fold", "shot", "resolution")
 EPISODE_KEYS = ("query", "supports", "class_id")
+CONTROL_EPISODE_KEYS = ("query", "class_id")  # a support-control run keeps the query/class, not the supports
+
+
+def support_control(run: TestRun) -> str:
+    return run.metrics.get("support_control") or "none"
+
+
+def episode_keys(a: TestRun, b: TestRun) -> tuple[str, ...]:
+    """The per-episode keys two runs must share: the supports too, unless their support controls differ."""
+    return EPISODE_KEYS if support_control(a) == support_control(b) else CONTROL_EPISODE_KEYS
 
 
 class EpisodeMismatch(ValueError):
@@ -36,11 +48,12 @@ def check_same_episodes(a: TestRun, b: TestRun, max_listed: int = 5) -> None:
         problems.append(f"episode indices: A has {len(ia)} episodes, B has {len(ib)}"
                         + ("" if len(ia) != len(ib) else " (different indices)"))  # fmt: skip
     else:
+        keys_checked = episode_keys(a, b)
         diff = [
-            (ea, eb) for ea, eb in zip(a.episodes, b.episodes) if any(ea[k] != eb[k] for k in EPISODE_KEYS)
+            (ea, eb) for ea, eb in zip(a.episodes, b.episodes) if any(ea[k] != eb[k] for k in keys_checked)
         ]
         for ea, eb in diff[:max_listed]:
-            keys = [k for k in EPISODE_KEYS if ea[k] != eb[k]]
+            keys = [k for k in keys_checked if ea[k] != eb[k]]
             problems.append(
                 f"episode {ea['episode']}: " + "; ".join(f"{k} {ea[k]!r} (A) vs {eb[k]!r} (B)" for k in keys)
             )
@@ -80,6 +93,7 @@ def compare_runs(a: TestRun, b: TestRun, n_boot: int = 2000, seed: int = 0, leve
     return {
         "run_a": str(a.path), "run_b": str(b.path),
         "setting": {k: a.metrics.get(k) for k in (*SETTING_KEYS, "seed")},
+        "support_control": [support_control(a), support_control(b)],
         "models": [a.metrics.get("model"), b.metrics.get("model")],
         "episodes": len(cls),
         "miou_a": miou_a, "miou_b": miou_b, "diff": miou_b - miou_a,
@@ -92,8 +106,8 @@ def compare_runs(a: TestRun, b: TestRun, n_boot: int = 2000, seed: int = 0, leve
 def format_comparison(r: dict) -> str:
     s = r["setting"]
     lines = [
-        f"A: {r['run_a']} ({r['models'][0]})",
-        f"B: {r['run_b']} ({r['models'][1]})",
+        f"A: {r['run_a']} ({r['models'][0]}, support control {r['support_control'][0]})",
+        f"B: {r['run_b']} ({r['models'][1]}, support control {r['support_control'][1]})",
         f"{s['dataset']} fold {s['fold']}, {s['shot']}-shot, {r['episodes']} paired episodes at {s['resolution']} px",
         f"mIoU A {r['miou_a']:.2f}  B {r['miou_b']:.2f}  B - A {r['diff']:+.2f}  "
         f"{100 * r['level']:.0f}% paired bootstrap interval [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}] "

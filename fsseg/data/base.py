@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from fsseg.data.protocol import Episode
+from fsseg.data.protocol import SUPPORT_CONTROLS, Episode, control_episodes
 
 IGNORE = 255
 SPLITS = ("trn", "val", "test")
@@ -78,10 +78,14 @@ class FewShotDataset(Dataset, ABC):
         n_episodes: episodes per epoch (training) or in the protocol (evaluation); ``None`` = the benchmark default.
         seed: the protocol seed (0 for published numbers) / the training-episode seed.
         splits_dir: folder of split lists (default: the lists shipped in ``fsseg/data/splits``).
+        support_control: evaluation only: ``none`` (the protocol), ``other_class`` (each episode's supports come
+            from another class of the split) or ``empty_mask`` (own support images, all-background masks); see
+            `fsseg.data.protocol.control_episodes`.
     """
 
     benchmark: str = ""
     nfolds: int = 4
+    classwise: dict[int, list[str]]  # class -> its images in this split/fold, set by `build_index`
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class FewShotDataset(Dataset, ABC):
         n_episodes: int | None = None,
         seed: int = 0,
         splits_dir: str | Path | None = None,
+        support_control: str = "none",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -107,6 +112,13 @@ class FewShotDataset(Dataset, ABC):
             eval_size is None or eval_size == "original" or (isinstance(eval_size, int) and eval_size > 0)
         ):
             raise ValueError(f"eval_size must be a positive int, 'original' or None, got {eval_size!r}")
+        if support_control not in SUPPORT_CONTROLS:
+            raise ValueError(f"support_control must be one of {SUPPORT_CONTROLS}, got {support_control!r}")
+        if support_control != "none" and split == "trn":
+            raise ValueError(
+                f"support_control {support_control!r} applies to evaluation episodes, not to training"
+            )
+        self.support_control = support_control
         self.root = Path(root)
         self.split, self.fold, self.shot, self.seed = split, int(fold), int(shot), int(seed)
         self.img_size = int(img_size)
@@ -121,6 +133,10 @@ class FewShotDataset(Dataset, ABC):
             n = int(n_episodes) if n_episodes is not None else self.default_eval_length()
             rs = np.random.RandomState(self.seed)
             self.episodes = self.protocol_episodes(rs, n)
+            if support_control != "none":
+                self.episodes = control_episodes(
+                    self.episodes, support_control, self.classwise, self.class_ids(), self.shot, self.seed
+                )
             self.n_episodes = len(self.episodes)
 
     # ---- what a benchmark implements -------------------------------------------------------------------------
@@ -184,10 +200,19 @@ class FewShotDataset(Dataset, ABC):
         eval_hw = (
             (q_img.height, q_img.width) if self.eval_size == "original" else (self.eval_size, self.eval_size)
         )
+        s_class = ep.class_id if ep.support_class is None else ep.support_class
         s_imgs, s_masks = [], []
         for key in ep.supports:
-            s_imgs.append(image_to_tensor(load_rgb(self.image_path(key)), s))
-            s_masks.append(resize_mask(self.load_mask(key, ep.class_id), (s, s)))
+            s_img = load_rgb(self.image_path(key))
+            s_mask = self.load_mask(key, s_class)
+            if s_mask.shape != (s_img.height, s_img.width):
+                raise ValueError(
+                    f"mask of {self.image_path(key)} has shape {s_mask.shape}, image is {(s_img.height, s_img.width)}"
+                )
+            if ep.empty_supports:
+                s_mask = np.zeros_like(s_mask)
+            s_imgs.append(image_to_tensor(s_img, s))
+            s_masks.append(resize_mask(s_mask, (s, s)))
         return {
             "query_img": image_to_tensor(q_img, s),  # [3, S, S]
             "query_mask": resize_mask(q_mask, (s, s)),  # [S, S]
@@ -195,6 +220,8 @@ class FewShotDataset(Dataset, ABC):
             "support_imgs": torch.stack(s_imgs),  # [K, 3, S, S]
             "support_masks": torch.stack(s_masks),  # [K, S, S]
             "class_id": torch.tensor(ep.class_id, dtype=torch.long),
+            "support_class_id": torch.tensor(s_class, dtype=torch.long),  # differs under support_control
+            "support_control": self.support_control,
             "episode_idx": torch.tensor(index, dtype=torch.long),
             "query_name": ep.query,
             "support_names": list(ep.supports),

@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fsseg.data.base import FewShotDataset
+from fsseg.data.protocol import SUPPORT_CONTROLS
 from fsseg.data.samplers import EpisodeSampler, EvalDistributedSampler, ResumableLoader
 
 BENCHMARKS = ("coco20i", "pascal5i", "fss1000", "lvis92i", "ade20k", "embedded")
@@ -59,6 +60,9 @@ class FewShotDataModule(L.LightningDataModule):
         splits_dir: split-list folder (default: the lists shipped with fsseg).
         train_benchmarks: the in-context training mix, e.g. ``[coco20i, ade20k, pascal5i]``: every class of each,
             concatenated (no fold held out).
+        support_control: evaluation episodes with their supports replaced, to measure how much a method uses its
+            support: ``none`` (the protocol), ``other_class`` (supports of another class of the fold, drawn from
+            the seed), ``empty_mask`` (own support images, all-background masks). Recorded in ``metrics.json``.
     """
 
     def __init__(
@@ -78,11 +82,16 @@ class FewShotDataModule(L.LightningDataModule):
         seed: int = 0,
         splits_dir: str | None = None,
         train_benchmarks: list[str] | None = None,
+        support_control: str = "none",
     ) -> None:
         super().__init__()
         for name in [benchmark, *(train_benchmarks or [])]:
             if name not in BENCHMARKS:
                 raise ValueError(f"data.benchmark: unknown benchmark {name!r}; expected one of {BENCHMARKS}")
+        if support_control not in SUPPORT_CONTROLS:
+            raise ValueError(
+                f"data.support_control: expected one of {SUPPORT_CONTROLS}, got {support_control!r}"
+            )
         if eval_size == "original" and eval_batch_size != 1:
             raise ValueError("data.eval_size 'original' needs data.eval_batch_size 1 (masks differ in size)")
         self.save_hyperparameters()
@@ -126,6 +135,7 @@ class FewShotDataModule(L.LightningDataModule):
             n_episodes=n,
             seed=hp.seed,
             splits_dir=self._splits(benchmark, root),
+            support_control="none" if split == "trn" else hp.support_control,
         )
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
@@ -163,6 +173,7 @@ class FewShotDataModule(L.LightningDataModule):
             "img_size": hp.img_size,
             "resolution": hp.eval_size if hp.eval_size is not None else hp.img_size,
             "seed": hp.seed,
+            "support_control": hp.support_control,
             "episodes": len(self.datasets["test"]) if "test" in self.datasets else None,
         }
 

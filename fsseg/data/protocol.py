@@ -11,7 +11,7 @@ consumes the same random numbers as drawing from the list itself, so we draw ind
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,8 @@ class Episode:
     class_id: int
     query: str
     supports: tuple[str, ...]
+    support_class: int | None = None  # the class whose masks the supports show (None: ``class_id``)
+    empty_supports: bool = False  # the supports' masks are replaced by all-background masks
 
 
 def choose(rs: np.random.RandomState, seq: Sequence):
@@ -72,3 +74,42 @@ def class_first_random_episode(
     pool = classwise[cls]
     query = pool[int(rng.integers(len(pool)))]
     return Episode(cls, query, draw_random_supports(rng, pool, query, shot))
+
+
+SUPPORT_CONTROLS = ("none", "other_class", "empty_mask")
+
+
+def control_episodes(
+    episodes: Sequence[Episode],
+    control: str,
+    classwise: dict[int, Sequence[str]],
+    classes: Sequence[int],
+    shot: int,
+    seed: int,
+) -> list[Episode]:
+    """The evaluation episodes with their supports replaced, to test whether a method uses its support.
+
+    - ``none``: unchanged.
+    - ``other_class``: per episode, another class of ``classes`` (uniformly, among those with an image other than
+      the query), then ``shot`` supports of it drawn as `draw_supports` does, with their masks of that class. The
+      draws come from their own generator, ``RandomState([seed, 1])``, so the query, class and ground truth of every
+      episode stay those of the protocol.
+    - ``empty_mask``: the episode's own support images with all-background masks.
+    """
+    if control not in SUPPORT_CONTROLS:
+        raise ValueError(f"support_control must be one of {SUPPORT_CONTROLS}, got {control!r}")
+    if control == "none":
+        return list(episodes)
+    if control == "empty_mask":
+        return [replace(ep, empty_supports=True) for ep in episodes]
+    rs = np.random.RandomState([seed, 1])
+    out = []
+    for ep in episodes:
+        others = [c for c in classes if c != ep.class_id and any(k != ep.query for k in classwise.get(c, ()))]
+        if not others:
+            raise ValueError(
+                f"support_control 'other_class': class {ep.class_id} has no other class with images in this split"
+            )
+        cls = choose(rs, others)
+        out.append(replace(ep, supports=draw_supports(rs, classwise[cls], ep.query, shot), support_class=cls))
+    return out

@@ -158,6 +158,8 @@ class FewShotModule(L.LightningModule):
 
     def _record_episodes(self, batch: dict, inter: torch.Tensor, union: torch.Tensor) -> None:
         support_names = batch["support_names"]  # collated: K lists of B names
+        support_class = batch.get("support_class_id", batch["class_id"])  # differs under data.support_control
+        control = batch.get("support_control", ["none"] * inter.shape[0])
         for b in range(inter.shape[0]):
             self.test_records.append(
                 {
@@ -165,6 +167,8 @@ class FewShotModule(L.LightningModule):
                     "query": batch["query_name"][b],
                     "supports": [names[b] for names in support_names],
                     "class_id": int(batch["class_id"][b]),
+                    "support_class": int(support_class[b]),
+                    "support_control": control[b],
                     "inter": inter[b].tolist(),
                     "union": union[b].tolist(),
                 }
