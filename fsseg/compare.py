@@ -4,7 +4,7 @@ Refuses unless both runs evaluated the identical episode set: the same dataset, 
 and per episode index the same query, supports and class. A support-control run (``data.support_control``:
 ``other_class`` / ``empty_mask``) pairs with a normal run of the same episodes on query and class alone, since
 the control replaced the supports on purpose. Then reports mIoU(B) - mIoU(A) with a paired bootstrap
-interval (the same resampled episode indices for both runs; each mIoU recomputed per REFERENCE §2 from the summed
+interval (the same resampled episode indices for both runs; each mIoU recomputed per docs/PROTOCOL.md §2 from the summed
 per-class intersection/union, never an episode mean) and the per-class IoU table. Deterministic for a given --seed.
 """
 

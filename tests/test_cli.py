@@ -78,7 +78,7 @@ def test_fit_then_test_with_shorthands_writes_report(tmp_path, small_embedded):
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert [e["episode"] for e in episodes] == list(range(24))
     assert all(len(e["inter"]) == 2 and len(e["union"]) == 2 and len(e["supports"]) == 1 for e in episodes)
-    # the report's mIoU is recomputed from the episode records (REFERENCE §2)
+    # the report's mIoU is recomputed from the episode records (docs/PROTOCOL.md §2)
     per_class = {}
     for e in episodes:
         i, u = per_class.setdefault(e["class_id"], [0, 0]), e

@@ -1,4 +1,4 @@
-"""FewShotIoU against hand-computed cases (REFERENCE §2)."""
+"""FewShotIoU against hand-computed cases (docs/PROTOCOL.md §2)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The evaluation episodes reproduce the published protocol (REFERENCE §1): NumPy's global generator seeded with 0,
+"""The evaluation episodes reproduce the published protocol (docs/PROTOCOL.md §1): NumPy's global generator seeded with 0,
 draws in episode order. The reference loops below are written the way the benchmark code draws; the first episodes
 are also pinned as literals."""
 

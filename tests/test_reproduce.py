@@ -1,4 +1,4 @@
-"""Reproduction tables: published numbers (REFERENCE §5), the refusal listing every missing input, the table writer
+"""Reproduction tables: published numbers (docs/PROTOCOL.md §5), the refusal listing every missing input, the table writer
 on fake runs, evaluation over seeds on real runs, and (slow) the smoke reproduction of Table 1."""
 
 import csv
@@ -21,8 +21,8 @@ from fsseg.reproduce.tables import Measured, table_lines, to_csv, write_table
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE1, TABLE2 = REPO / "configs/reproduce/table1.yaml", REPO / "configs/reproduce/table2.yaml"
-# REFERENCE §5, typed in independently of fsseg/reproduce/published.py: (key, benchmark, shot) -> (folds, mean)
-REFERENCE = {
+# docs/PROTOCOL.md §5, typed in independently of fsseg/reproduce/published.py: (key, benchmark, shot) -> (folds, mean)
+PUBLISHED = {
     ("diffews_incontext", "coco20i", 1): (None, 71.3), ("diffews_incontext", "coco20i", 5): (None, 72.2),
     ("diffews_incontext", "pascal5i", 1): (None, 88.3), ("diffews_incontext", "pascal5i", 5): (None, 87.8),
     ("diffews_incontext", "lvis92i", 1): (None, 31.4), ("diffews_incontext", "lvis92i", 5): (None, 35.4),
@@ -33,7 +33,7 @@ REFERENCE = {
 
 
 def test_published_numbers_are_reference_section_5():
-    for (key, bench, shot), (folds, mean) in REFERENCE.items():
+    for (key, bench, shot), (folds, mean) in PUBLISHED.items():
         assert published_miou(key, bench, shot) == mean
         for f in range(4):
             assert published_miou(key, bench, shot, f) == (folds[f] if folds else None)
@@ -167,7 +167,7 @@ def test_smoke_reproduction_of_table1(tmp_path, small_embedded):
     assert set(means) == expected
     keys = {row["name"]: row["published"] for row in spec["rows"]}
     for (name, bench, shot), r in means.items():
-        ref = REFERENCE.get((keys[name], bench, shot))
+        ref = PUBLISHED.get((keys[name], bench, shot))
         assert (r["published"] == "") if ref is None else (float(r["published"]) == ref[1])
         assert r["evaluated_on"] == "embedded" and 0 <= float(r["ours"]) <= 100
         assert float(r["ci_low"]) <= float(r["ours"]) <= float(r["ci_high"])

@@ -69,7 +69,7 @@ class FewShotDataset(Dataset, ABC):
     """Base class of every benchmark. Subclasses implement the five methods below the constructor.
 
     Args:
-        root: the data root holding the benchmark folders (the FSSBench layout, REFERENCE §1).
+        root: the data root holding the benchmark folders (the FSSBench layout, docs/PROTOCOL.md §1).
         split: ``trn`` (random training episodes) or ``val``/``test`` (the fixed protocol).
         fold: the fold index; ``-1`` (training only) = every class, for the in-context setting.
         shot: supports per episode.

@@ -1,4 +1,4 @@
-"""COCO-20i, 4 folds of 20 classes; fold f tests classes {f + 4k} (REFERENCE §1).
+"""COCO-20i, 4 folds of 20 classes; fold f tests classes {f + 4k} (docs/PROTOCOL.md §1).
 
 Layout: ``<root>/COCO2014/{train2014,val2014}/*.jpg`` and semantic masks
 ``<root>/COCO2014/annotations/{train2014,val2014}/<stem>.png`` (value = contiguous class + 1, 0 = background; build

@@ -1,4 +1,4 @@
-"""FSS-1000: 1000 categories of 10 image/mask pairs; 520/240/240 train/val/test categories (REFERENCE §1).
+"""FSS-1000: 1000 categories of 10 image/mask pairs; 520/240/240 train/val/test categories (docs/PROTOCOL.md §1).
 
 Layout: ``<root>/FSS-1000/<category>/<n>.jpg`` and ``<n>.png`` (mask binarised at 128). Class ids follow the sorted
 category names of each split, offset by 0 / 520 / 760. One evaluation episode per image (images in the benchmark

@@ -1,4 +1,4 @@
-"""PASCAL-5i (VOC2012 + SBD augmented masks), 4 folds of 5 classes (REFERENCE §1).
+"""PASCAL-5i (VOC2012 + SBD augmented masks), 4 folds of 5 classes (docs/PROTOCOL.md §1).
 
 Layout: ``<root>/VOC2012/JPEGImages/<id>.jpg`` and ``<root>/VOC2012/SegmentationClassAug/<id>.png`` (value = class
 1..20, 0 = background, 255 = ignore). Lists: ``pascal5i/{trn,val}/fold{f}.txt`` (``IMAGEID__CLASS``, 1-based).

@@ -1,4 +1,4 @@
-"""The evaluation-episode protocol of the published FSS benchmarks (REFERENCE §1).
+"""The evaluation-episode protocol of the published FSS benchmarks (docs/PROTOCOL.md §1).
 
 Every published number draws its test episodes from NumPy's global generator seeded with 0, in one process, in
 episode order. We replay exactly those draws with a private ``np.random.RandomState(seed)`` (the global generator

@@ -1,4 +1,4 @@
-"""Few-shot segmentation IoU exactly as the published tables compute it (REFERENCE §2).
+"""Few-shot segmentation IoU exactly as the published tables compute it (docs/PROTOCOL.md §2).
 
 Per class c of the fold, over all its episodes, accumulate pixel counts
 ``I_c = [bg inter, fg inter]`` and ``U_c = [bg union, fg union]`` (ignored pixels removed from

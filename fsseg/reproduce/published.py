@@ -1,4 +1,4 @@
-"""Published mIoU numbers (REFERENCE §5) set beside ours in the reproduction tables. Plain data, no logic.
+"""Published mIoU numbers (docs/PROTOCOL.md §5) set beside ours in the reproduction tables. Plain data, no logic.
 
 ``PUBLISHED[key][benchmark][shot]`` holds ``"folds"`` (per-fold mIoU, fold 0 first) when the paper gives them and
 ``"mean"`` (the plain mean of the fold mIoUs, as the paper prints it). ``SOURCES[key]`` names the table.
@@ -24,7 +24,7 @@ PUBLISHED: dict[str, dict[str, dict[int, dict]]] = {
     "diffseg": {
         "pascal5i": {1: {"folds": [70.5, 75.8, 67.9, 63.2], "mean": 69.3}, 5: {"mean": 72.1}},
     },
-    "diffseg_coco": {  # the paper's 40/20/20 class split, not COCO-20i's 60/20 folds (REFERENCE §1)
+    "diffseg_coco": {  # the paper's 40/20/20 class split, not COCO-20i's 60/20 folds (docs/PROTOCOL.md §1)
         "coco_40_20_20": {1: {"folds": [45.2, 54.1, 47.9, 48.3], "mean": 48.9}, 5: {"mean": 53.4}},
     },
 }

@@ -1,6 +1,6 @@
 """Test runs as data (``metrics.json`` + ``episodes.jsonl``) and the statistics drawn from them.
 
-mIoU is always recomputed per REFERENCE §2 from the per-episode ``[bg, fg]`` intersection/union pixel counts: summed per
+mIoU is always recomputed per docs/PROTOCOL.md §2 from the per-episode ``[bg, fg]`` intersection/union pixel counts: summed per
 class over the episodes, ``100 * mean_c I_c / max(U_c, 1)`` over the fold's classes (those of ``per_class_iou``), never
 a mean over episodes. The bootstrap resamples episode indices and recomputes that per resample.
 """
@@ -84,7 +84,7 @@ def load_run(path: str | Path) -> TestRun:
 
 
 def miou_from_counts(cls: np.ndarray, inter: np.ndarray, union: np.ndarray, n_classes: int) -> float:
-    """REFERENCE §2 mIoU (percent) from per-episode fg counts; classes without episodes count as IoU 0."""
+    """docs/PROTOCOL.md §2 mIoU (percent) from per-episode fg counts; classes without episodes count as IoU 0."""
     i = np.bincount(cls, weights=inter, minlength=n_classes)
     u = np.bincount(cls, weights=union, minlength=n_classes)
     return float(100 * (i / np.maximum(u, 1)).mean())

@@ -3,7 +3,7 @@
 Per fold, ours is the mean mIoU over the evaluated seeds; the fold-mean line averages the folds (as the papers'
 "mean" column). The interval: with several seeds a t interval over the seeds' values (for the mean line, over each
 seed's fold mean); with one seed a percentile bootstrap over the episodes of ``episodes.jsonl`` (each fold resampled
-independently, mIoU recomputed per REFERENCE §2). A cell that was not measured is never filled.
+independently, mIoU recomputed per docs/PROTOCOL.md §2). A cell that was not measured is never filled.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def to_markdown(lines: Sequence[dict], title: str, note: str = "") -> str:
     text += ["", "## Per fold", ""] + render([r for r in lines if not r["fold"].startswith("mean")])
     text += [
         "",
-        "mIoU per REFERENCE §2 (per-class intersection/union summed over a fold's episodes, mean over its "
+        "mIoU per docs/PROTOCOL.md §2 (per-class intersection/union summed over a fold's episodes, mean over its "
         "classes); a fold mean is the plain mean of the fold mIoUs. Ours with several seeds: mean over "
         "data.seed 0..N-1 (different support draws; seed 0 = the published episodes). – : no published number.",
     ]

@@ -1,5 +1,5 @@
 """`DiffewsModule`: DiffewS (few-shot segmentation by fine-tuning Stable Diffusion 2.1's UNet), as released, with
-every design choice the paper ablates as an init argument (see REFERENCE §3 and configs/ablations/diffews/)."""
+every design choice the paper ablates as an init argument (see docs/PROTOCOL.md §3 and configs/ablations/diffews/)."""
 
 from __future__ import annotations
 

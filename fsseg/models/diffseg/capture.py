@@ -8,7 +8,7 @@ attention takes one softmax over ``[prompt tokens, image tokens]``; the captured
 - ``cross``: the probability mass each query pixel puts on the image-embedding (prompt) tokens, ``[B, HW]``;
 - ``self``: the part over the image's own tokens, rows renormalised to sum to 1, ``[B, HW, HW]``;
 
-both averaged over heads. `fuse_attention_maps` turns the records into ``M_a`` (REFERENCE §4).
+both averaged over heads. `fuse_attention_maps` turns the records into ``M_a`` (docs/PROTOCOL.md §4).
 `FeatureCapture` records ResNet-block or attention-layer outputs (the FRB / FST ablations) with forward hooks.
 """
 

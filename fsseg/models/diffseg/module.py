@@ -1,6 +1,6 @@
 """`DiffSegModule`: DiffSeg (ACM MM 2024) on a frozen Kandinsky 2.2 decoder UNet + MoVQ + CLIP image encoder.
 
-Per episode (REFERENCE §4): ``E_m = CLIP(I_s * M_s)`` and ``L_s = MoVQ(I_s * M_s)`` (averaged over the K shots),
+Per episode (docs/PROTOCOL.md §4): ``E_m = CLIP(I_s * M_s)`` and ``L_s = MoVQ(I_s * M_s)`` (averaged over the K shots),
 ``L_q = MoVQ(I_q)``; one UNet pass on ``L_q`` prompted by ``E_m`` (SCM residuals from the query's edge map in its up
 path) gives the captured attention maps, fused into ``M_a``; ``L_pre = PAM(L_q, L_s, M_a)``; the prediction is
 ``MoVQ.decode(L_pre)`` thresholded. Loss ``2 * MSE(M_a, GT) + 1 * MSE(L_pre, MoVQ(GT as image))``. Only PAM and SCM
