@@ -9,11 +9,15 @@ _EXPORTS = {
     "Episode": "fsseg.data.protocol",
     "FewShotDataset": "fsseg.data.base",
     "CocoFewShot": "fsseg.data.coco",
+    "Coco402020FewShot": "fsseg.data.coco",
     "PascalFewShot": "fsseg.data.pascal",
+    "EmbeddedFewShot": "fsseg.data.pascal",
     "FSS1000FewShot": "fsseg.data.fss",
     "LVIS92iDataset": "fsseg.data.lvis",
     "ADE20KFewShot": "fsseg.data.ade",
     "FewShotDataModule": "fsseg.data.datamodule",
+    "benchmark_class": "fsseg.data.registry",
+    "benchmark_classes": "fsseg.data.registry",
 }
 __all__ = list(_EXPORTS)
 

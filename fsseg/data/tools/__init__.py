@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-
-from fsseg.data.tools import check, coco_masks, lvis_lists
+from importlib import import_module
 
 
 def _ade_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,18 +27,28 @@ def _ade_run(args) -> int:
     return 0
 
 
-COMMANDS = {
-    "build-coco-masks": (coco_masks, "build COCO2014 semantic mask PNGs from the instances JSON"),
-    "build-lvis": (lvis_lists, "build the LVIS-92i class lists (json.gz) from the LVIS v1 JSON"),
+COMMANDS = {  # command -> (module with add_arguments/run, imported when the parser is built; help)
+    "build-coco-masks": (
+        "fsseg.data.tools.coco_masks",
+        "build COCO2014 semantic mask PNGs from the instances JSON",
+    ),
+    "build-lvis": (
+        "fsseg.data.tools.lvis_lists",
+        "build the LVIS-92i class lists (json.gz) from the LVIS v1 JSON",
+    ),
     "build-ade-index": (None, "scan the ADE20K masks once and cache which images hold which class"),
-    "check": (check, "report what is present/missing under a data root, with counts per fold"),
+    "check": (
+        "fsseg.data.tools.check",
+        "report what is present/missing under a data root, with counts per fold",
+    ),
 }
 
 
 def build_parser(prog: str = "fsseg data") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="fsseg data tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = import_module(module_name) if module_name else None
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ if module else help_text),
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         if module is None:
