@@ -1,6 +1,7 @@
 """Episodic few-shot datasets, the seeded evaluation protocol and the DataModule.
 
-Imports are lazy so that light tools (``fsseg data ...``, the embedded generator) start without torch/lightning.
+Imports are lazy so that light tools (the embedded generator, the COCO mask and LVIS list builders) start without
+torch/lightning. Benchmarks are found by name through `fsseg.data.registry`.
 """
 
 from importlib import import_module

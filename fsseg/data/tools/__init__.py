@@ -2,8 +2,12 @@
 
 - ``build-coco-masks``: COCO2014 semantic mask PNGs from the instances JSON (`coco_masks`).
 - ``build-lvis``: the LVIS-92i class lists from the LVIS v1 JSON (`lvis_lists`).
-- ``build-ade-index``: the ADE20K class index (which images hold which class), otherwise built on first use.
-- ``check``: what is present or missing under a data root, with class/image counts per fold (`check`).
+- ``build-ade-index``: the ADE20K class index (which images hold which class), otherwise built once by the data
+  module's ``prepare_data`` before the first fit that reads ADE20K.
+- ``check``: what is present or missing under a data root, with class/image counts per fold; ``--verify`` decodes
+  every file (`check`).
+
+Each command's module is imported when the parser is built, so importing this package loads none of them.
 """
 
 from __future__ import annotations

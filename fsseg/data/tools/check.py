@@ -127,10 +127,9 @@ def check_benchmark(cls: type[FewShotDataset], root: Path, splits_dir=None, quic
         for split in cls.check_splits:
             try:
                 ds = cls(root, split, fold, splits_dir=splits_dir, index_only=True)
-            except (
-                FileNotFoundError
-            ) as e:  # a list or index not there (yet): listed as missing or built on first use
-                rep.note(f"{split}: {e}")
+            except FileNotFoundError as e:  # a list or an index not there (yet)
+                if present[split]:  # else a required path is missing, and listed as such
+                    rep.note(f"{split}: {e}")
                 continue
             except ValueError as e:  # there, but not what the benchmark reads
                 if str(e) not in rep.bad_lists:
