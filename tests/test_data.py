@@ -129,3 +129,64 @@ def test_supports_never_equal_query(small_embedded):
         == set(tr.class_ids())
         == set(range(20)) - set(range(10, 15))
     )
+
+
+# ---- effective batch ------------------------------------------------------------------------------------------------
+def test_accumulation_arithmetic():
+    from fsseg.data.datamodule import accumulation_steps
+
+    assert (
+        accumulation_steps(16, 1, 1) == 16
+        and accumulation_steps(16, 2, 1) == 8
+        and accumulation_steps(16, 4, 1) == 4
+    )
+    assert (
+        accumulation_steps(4, 1, 1) == 4
+        and accumulation_steps(4, 2, 1) == 2
+        and accumulation_steps(4, 4, 1) == 1
+    )
+    assert accumulation_steps(8, 2, 2) == accumulation_steps(8, 1, 4) == 2  # 2 processes x 2 = 1 process x 4
+    with pytest.raises(
+        ValueError, match=r"effective_batch_size 4 is not a multiple of 8 process\(es\) x data.batch_size 1"
+    ):
+        accumulation_steps(4, 8, 1)
+    with pytest.raises(ValueError, match="effective_batch_size 16 is not a multiple of 3 process"):
+        accumulation_steps(16, 3, 1)
+    with pytest.raises(ValueError, match="effective_batch_size"):
+        FewShotDataModule(effective_batch_size=0)
+
+
+def test_effective_batch_sets_the_accumulation_of_a_fit(tmp_path, small_embedded):
+    """16 episodes per epoch, batch 2, effective batch 8: accumulation 4, so 2 optimizer steps (8 without it)."""
+    from test_cli import write_config
+
+    from fsseg.cli import run_cli
+
+    cfg = write_config(tmp_path, small_embedded)
+    common = ["fit", "--config", str(cfg), "--data.batch_size", "2"]
+    fit = run_cli([*common, "--data.effective_batch_size", "8"])
+    assert fit.trainer.accumulate_grad_batches == 4 and fit.trainer.global_step == 2
+    assert run_cli(common).trainer.global_step == 8  # null: the trainer's own accumulation (1)
+    with pytest.raises(
+        ValueError, match="trainer.accumulate_grad_batches is 2, but data.effective_batch_size 8"
+    ):
+        run_cli([*common, "--data.effective_batch_size", "8", "--trainer.accumulate_grad_batches", "2"])
+    with pytest.raises(
+        ValueError, match="effective_batch_size 6 is not a multiple of 1 process\\(es\\) x data.batch_size 4"
+    ):
+        run_cli(["fit", "--config", str(cfg), "--data.effective_batch_size", "6"])
+
+
+@pytest.mark.slow
+def test_effective_batch_same_optimizer_steps_on_two_ddp_processes(tmp_path, small_embedded):
+    """2 CPU processes x batch 2 at effective batch 8 accumulate 2: the same 2 optimizer steps as one process."""
+    from test_cli import _fsseg, write_config
+
+    cfg = write_config(tmp_path, small_embedded)
+    steps = {}
+    for name, extra in (("one", []), ("ddp", ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
+        _fsseg("fit", "--config", str(cfg), "--data.batch_size", "2", "--data.effective_batch_size", "8",
+               "--trainer.logger.init_args.name", name, *extra, cwd=tmp_path)  # fmt: skip
+        ckpt = tmp_path / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
+        steps[name] = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert steps == {"one": 2, "ddp": 2}

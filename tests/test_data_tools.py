@@ -202,66 +202,64 @@ def touch_image(path: Path, png: bool = False) -> None:
     Image.new("L" if png else "RGB", (4, 4)).save(path)
 
 
+def coco_image(c: int, folder: str) -> str:
+    """Three images per folder, shared by the classes: class c lives in image c % 3."""
+    return f"{folder}/COCO_{folder}_{c % 3:012d}.jpg"
+
+
 def fake_root(tmp_path: Path) -> tuple[Path, Path]:
-    """A tiny data root in the real layout, plus split lists (real formats) naming exactly its files."""
+    """A tiny data root in the real layout, plus split lists (real formats, real fold rules) naming its files."""
     root, splits = tmp_path / "data", tmp_path / "splits"
-    coco_imgs = {c: [f"train2014/COCO_train2014_{c:012d}.jpg"] for c in range(3)}
-    for split in ("trn", "val"):
-        for fold in range(4):
+    for fold in range(4):
+        test = {fold + 4 * k for k in range(20)}
+        lists = {  # trn/fold f: the train2014 images of every class outside fold f; val/fold f: fold f's classes
+            "trn": {str(c): [] if c in test else [coco_image(c, "train2014")] for c in range(80)},
+            "val": {str(c): [coco_image(c, "val2014")] if c in test else [] for c in range(80)},
+        }
+        for split, data in lists.items():
             p = splits / "coco20i" / split / f"fold{fold}.json.gz"
             p.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(p, "wt") as f:
-                json.dump({str(c): ims for c, ims in coco_imgs.items()}, f)
+                json.dump(data, f)
             p = splits / "pascal5i" / split / f"fold{fold}.txt"
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text("2007_000033__01\n2007_000061__04\n2007_000033__04\n")
+            p.write_text("".join(f"2007_00003{c % 2}__{c:02d}\n" for c in range(5 * fold + 1, 5 * fold + 6)))
     (splits / "fss1000").mkdir(parents=True)
     for split, cats in (("trn", ["ab_wheel"]), ("val", ["bus"]), ("test", ["zucchini"])):
         (splits / "fss1000" / f"{split}.txt").write_text("\r\n".join(cats) + "\r\n")
-    for ims in coco_imgs.values():
-        for im in ims:
+    for folder in ("train2014", "val2014"):
+        for c in range(3):
+            im = coco_image(c, folder)
             touch_image(root / "COCO2014" / im)
             touch_image(root / "COCO2014" / "annotations" / Path(im).with_suffix(".png"), png=True)
-    touch_image(root / "COCO2014" / "val2014" / "unused.jpg")
-    touch_image(root / "COCO2014" / "annotations" / "val2014" / "unused.png", png=True)
-    for name in ("2007_000033", "2007_000061"):
+    for name in ("2007_000030", "2007_000031"):
         touch_image(root / "VOC2012" / "JPEGImages" / f"{name}.jpg")
         touch_image(root / "VOC2012" / "SegmentationClassAug" / f"{name}.png", png=True)
     for cat in ("ab_wheel", "bus", "zucchini"):
-        for n in (1, 2):
+        for n in range(1, 11):
             touch_image(root / "FSS-1000" / cat / f"{n}.jpg")
             touch_image(root / "FSS-1000" / cat / f"{n}.png", png=True)
     return root, splits
 
 
+CHECK_THREE = ["--benchmark", "coco20i", "pascal5i", "fss1000"]
+
+
 def test_check_fake_root_complete_then_missing(tmp_path, capsys):
     root, splits = fake_root(tmp_path)
-    args = [
-        "check",
-        "--root",
-        str(root),
-        "--splits-dir",
-        str(splits),
-        "--benchmark",
-        "coco20i",
-        "pascal5i",
-        "fss1000",
-    ]
+    args = ["check", "--root", str(root), "--splits-dir", str(splits), *CHECK_THREE]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "COCO-20i: OK" in out and "PASCAL-5i: OK" in out and "FSS-1000: OK" in out
-    assert (
-        "fold 0: trn 2 classes / 2 images (2 checked, all present); val 1 classes / 1 images" in out
-    )  # COCO
-    assert (
-        "fold 0: trn 2 classes / 2 images (9 entries) (2 checked, all present); val 2 classes / 2 images (3 entries)"
-        in out
-    )
-    assert "test: 1 classes / 2 images in 1 checked classes" in out
+    # counts follow the classes' own fold rules: COCO trains on 60 classes and tests 20, PASCAL 15 / 5
+    assert "fold 0: trn 60 classes / 3 images (3 checked, all present); test 20 classes / 3 images" in out
+    assert "fold 0: trn 15 classes / 2 images (2 checked, all present); test 5 classes / 2 images" in out
+    assert "trn 1 classes / 10 images (10 checked, all present); val 1 classes / 10 images" in out
+    assert "all requested benchmarks complete" in out
 
-    gone = [root / "VOC2012" / "SegmentationClassAug" / "2007_000061.png",
+    gone = [root / "VOC2012" / "SegmentationClassAug" / "2007_000031.png",
             root / "COCO2014" / "annotations" / "train2014" / "COCO_train2014_000000000001.png",
-            root / "FSS-1000" / "bus" / "2.png"]  # fmt: skip
+            root / "FSS-1000" / "bus" / "10.png"]  # fmt: skip
     for p in gone:
         p.unlink()
     assert main(args) == 1
@@ -269,41 +267,97 @@ def test_check_fake_root_complete_then_missing(tmp_path, capsys):
     assert "COCO-20i: INCOMPLETE (1 missing)" in out and "PASCAL-5i: INCOMPLETE (1 missing)" in out
     for p in gone:
         assert f"missing: {p}" in out
-    assert "incomplete: COCO-20i, PASCAL-5i, FSS-1000" in out
+    assert "incomplete or unreadable: COCO-20i, PASCAL-5i, FSS-1000" in out
+
+
+def test_check_reads_lists_through_the_benchmark_classes(tmp_path, capsys):
+    """A list that breaks the class's own rule (a test class without images) fails the check, naming the class."""
+    root, splits = fake_root(tmp_path)
+    p = splits / "coco20i" / "val" / "fold2.json.gz"
+    with gzip.open(p, "rt") as f:
+        data = json.load(f)
+    data["6"] = []
+    with gzip.open(p, "wt") as f:
+        json.dump(data, f)
+    assert main(["check", "--root", str(root), "--splits-dir", str(splits), "--benchmark", "coco20i"]) == 1
+    out = capsys.readouterr().out
+    assert "COCO-20i: BAD LISTS (1)" in out and "class 6 of fold 2 has no images" in out
+    # the 40/20/20 split: 40 training, 20 validation (the next fold's) and 20 test classes per fold
+    assert (
+        main(["check", "--root", str(root), "--splits-dir", str(splits), "--benchmark", "coco_40_20_20"]) == 1
+    )
+    out = capsys.readouterr().out
+    assert "fold 0: trn 40 classes / 3 images (3 checked, all present); val 20 classes / 3 images" in out
+    assert "test 20 classes" in out
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_check_verify_names_truncated_and_mis_sized_files(tmp_path, capsys):
+    root, splits = fake_root(tmp_path)
+    rng = np.random.default_rng(0)
+    jpg = root / "VOC2012" / "JPEGImages" / "2007_000030.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=95)
+    Image.new("L", (64, 64)).save(root / "VOC2012" / "SegmentationClassAug" / "2007_000030.png")
+    png = root / "COCO2014" / "annotations" / "val2014" / "COCO_val2014_000000000002.png"
+    Image.fromarray(rng.integers(0, 3, (64, 64), dtype=np.uint8), mode="L").save(png)
+    touch_image(root / "COCO2014" / "val2014" / "COCO_val2014_000000000002.jpg")  # 4x4 image, 64x64 mask
+    args = ["check", "--root", str(root), "--splits-dir", str(splits), *CHECK_THREE]
+    assert main(args) == 0  # every file is there: without --verify nothing is opened
+    out = capsys.readouterr().out
+    assert main([*args, "--verify"]) == 1  # the 64x64 mask of a 4x4 image
+    out = capsys.readouterr().out
+    assert f"unreadable: mask file {png} differs in size" in out and "PASCAL-5i: OK" in out
+    Image.fromarray(rng.integers(0, 3, (4, 4), dtype=np.uint8), mode="L").save(png)
+    assert main([*args, "--verify"]) == 0
+    assert "opened" in capsys.readouterr().out
+    truncate(jpg)  # a JPEG cut in half: its header still parses, the decode fails
+    fss_png = root / "FSS-1000" / "zucchini" / "3.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8), mode="L").save(fss_png)
+    truncate(fss_png)
+    assert main([*args, "--verify", "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "PASCAL-5i: UNREADABLE (1 files)" in out
+        and f"unreadable: image file {jpg} is unreadable or corrupt" in out
+    )
+    assert "FSS-1000: UNREADABLE (1 files)" in out and f"mask file {fss_png} is unreadable or corrupt" in out
+    assert "COCO-20i: OK" in out
 
 
 def test_check_missing_folders_and_shipped_lists(tmp_path, capsys):
     root = tmp_path / "data"
     (root / "VOC2012" / "JPEGImages").mkdir(parents=True)
-    assert (
-        main(
-            [
-                "check",
-                "--root",
-                str(root),
-                "--quick",
-                "--benchmark",
-                "pascal5i",
-                "coco20i",
-                "lvis92i",
-                "ade20k",
-            ]
-        )
-        == 1
-    )
+    args = [
+        "check",
+        "--root",
+        str(root),
+        "--quick",
+        "--benchmark",
+        "pascal5i",
+        "coco20i",
+        "lvis92i",
+        "ade20k",
+    ]
+    assert main(args) == 1
     out = capsys.readouterr().out
     assert f"missing: {root / 'VOC2012' / 'SegmentationClassAug'}" in out
     assert f"missing: {root / 'COCO2014' / 'annotations' / 'val2014'}" in out
     assert f"missing: {root / 'LVIS' / 'lvis_val.json.gz'}" in out
     assert f"missing: {root / 'ADEChallengeData2016' / 'images' / 'training'}" in out
-    # counts from the lists shipped with fsseg
-    assert "fold 0: trn 15 classes" in out and "val 5 classes" in out
-    assert "trn 60 classes" in out and "val 20 classes" in out
+    # counts from the lists shipped with fsseg, through the classes' fold rules
+    assert "fold 0: trn 15 classes / 8450 images; test 5 classes / 345 images" in out
+    assert "fold 1: trn 60 classes" in out and "test 20 classes" in out
     assert main(["check", "--root", str(tmp_path / "absent")]) == 2
     assert "absent does not exist" in capsys.readouterr().err
 
 
 def test_check_lvis_and_ade_counts(tmp_path, capsys):
+    from fsseg.data.ade import ADE20KFewShot
+
     root = tmp_path / "data"
     (root / "LVIS").mkdir(parents=True)
     (root / "LVIS" / "lvis_v1_val.json").write_text(json.dumps(lvis_json()))
@@ -312,15 +366,23 @@ def test_check_lvis_and_ade_counts(tmp_path, capsys):
         touch_image(root / "LVIS" / "coco" / f)
     ade = root / "ADEChallengeData2016"
     for folder in ("training", "validation"):
-        touch_image(ade / "images" / folder / "ADE_a.jpg")
-        touch_image(ade / "annotations" / folder / "ADE_a.png", png=True)
+        for n in "ab":
+            touch_image(ade / "images" / folder / f"ADE_{n}.jpg")
+            save = ade / "annotations" / folder / f"ADE_{n}.png"
+            save.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 4), 7, np.uint8), mode="L").save(save)
     assert main(["check", "--root", str(root), "--benchmark", "lvis92i", "ade20k"]) == 1
     out = capsys.readouterr().out
     assert "lvis_val.json.gz: 2 classes, 3 images" in out
-    assert "1-shot: 1 classes with > 1 images -> 10 folds of 0 classes" in out
-    assert "images per fold" not in out  # no fold has a class
-    assert f"missing: {root / 'LVIS' / 'coco' / 'val2017' / '000000000009.jpg'}" in out
-    assert "ADE20K: OK" in out and "training: 1 images / 1 masks" in out
+    assert (
+        "LVIS-92i: only 1 val classes have more than 1 images" in out
+    )  # the class's own rule, as a bad list
+    assert "ADE20K: OK" in out and "no up-to-date class index of training" in out  # not built yet: a note
+    ADE20KFewShot.prepare_data(root, "trn")
+    ADE20KFewShot.prepare_data(root, "val")
+    assert main(["check", "--root", str(root), "--benchmark", "ade20k"]) == 0
+    out = capsys.readouterr().out
+    assert "training: class index at" in out and "trn 1 classes / 2 images (2 checked, all present)" in out
 
 
 def test_coco_masks_worker_processes_match_serial(tmp_path):

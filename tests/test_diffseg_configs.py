@@ -21,9 +21,10 @@ from fsseg.models.diffseg.tiny import save_tiny_components
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = sorted((ROOT / "configs/ablations/diffseg").glob("*.yaml"))
-CONFIGS = [[ROOT / "configs/diffseg.yaml"], [ROOT / "configs/diffseg_coco.yaml"]] + [
-    [ROOT / "configs/diffseg.yaml", p] for p in ABLATIONS
-]
+CONFIGS = [
+    [ROOT / "configs/diffseg.yaml"],
+    [ROOT / "configs/diffseg.yaml", ROOT / "configs/diffseg_coco.yaml"],
+] + [[ROOT / "configs/diffseg.yaml", p] for p in ABLATIONS]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dir):
     assert isinstance(model, DiffSegModule)
     hp = model.hparams
     assert hp.decoder == str(tiny_dir / "decoder")
-    row = yaml.safe_load(configs[-1].read_text())["model"].get("init_args", {})
+    row = (yaml.safe_load(configs[-1].read_text()).get("model") or {}).get("init_args", {})
     for key, value in row.items():  # the row's own settings arrived
         if key not in ("optimizer", "scheduler", "decoder", "prior", "hed_weights", "edge_source"):
             assert list(hp[key]) == value if isinstance(value, list) else hp[key] == value, key

@@ -186,9 +186,21 @@ def ade_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_ade_class_index_and_episodes(tmp_path):
+def test_ade_index_built_once_in_prepare_data_and_only_read_in_setup(tmp_path, monkeypatch):
     root = ade_root(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no up-to-date class index of training.*build-ade-index"):
+        ADE20KFewShot(root, split="trn", fold=-1, img_size=16)  # setup never scans: it needs the index
+    cache = root / "ADEChallengeData2016" / "fsseg_index_training.json.gz"
+    assert not cache.exists()
+    ADE20KFewShot.prepare_data(root, "trn")  # the one-time scan
+    assert cache.is_file()
+
+    def no_scan(path):
+        raise AssertionError(f"rescanned {path}")
+
+    monkeypatch.setattr(ade_mod, "scan_mask", no_scan)
     ds = ADE20KFewShot(root, split="trn", fold=-1, shot=1, img_size=16, n_episodes=6)
+    ADE20KFewShot.prepare_data(root, "trn")  # up to date: no second scan
     assert ds.classwise == {
         0: ["ADE_a", "ADE_b", "ADE_d"],
         2: ["ADE_a", "ADE_c"],
@@ -196,8 +208,6 @@ def test_ade_class_index_and_episodes(tmp_path):
     assert (
         len(ds) == 6 and ADE20KFewShot(root, split="trn", fold=0, img_size=16).n_episodes == 4
     )  # every image
-    cache = root / "ADEChallengeData2016" / "fsseg_index_training.json.gz"
-    assert cache.is_file()
     ep = ds.episode(4)
     assert ep == ds.episode(4) and ep.query not in ep.supports and ep.query in ds.classwise[ep.class_id]
     item = ds[4]
@@ -209,28 +219,22 @@ def test_ade_class_index_and_episodes(tmp_path):
     assert strict.classwise[0] == ["ADE_a", "ADE_b"]  # ADE_d's single pixel is below min_pixels
 
 
-def test_ade_cache_reused_rebuilt_when_stale_and_fallback(tmp_path, monkeypatch):
+def test_ade_stale_index_refused_in_setup_and_rebuilt_in_prepare_data(tmp_path, monkeypatch):
     root = ade_root(tmp_path)
-    ADE20KFewShot(root, split="trn", fold=0, img_size=16)
-
-    def no_scan(path):
-        raise AssertionError(f"rescanned {path}")
-
-    real_scan = ade_mod.scan_mask
-    monkeypatch.setattr(ade_mod, "scan_mask", no_scan)
-    ADE20KFewShot(root, split="trn", fold=0, img_size=16)  # cached: no scan
+    ADE20KFewShot.prepare_data(root, "trn")
     base = root / "ADEChallengeData2016"
     save_rgb(base / "images" / "training" / "ADE_e.jpg")
     save_label(base / "annotations" / "training" / "ADE_e.png", np.full((H, W), 2))
-    with pytest.raises(AssertionError, match="rescanned"):  # 5 masks now, the index holds 4: stale
+    with pytest.raises(FileNotFoundError, match="stale \\(4 masks, the folder has 5\\)"):
         ADE20KFewShot(root, split="trn", fold=0, img_size=16)
-    monkeypatch.setattr(ade_mod, "scan_mask", real_scan)
+    ADE20KFewShot.prepare_data(root, "trn")
     assert ADE20KFewShot(root, split="trn", fold=0, img_size=16).classwise[1] == ["ADE_b", "ADE_e"]
 
     # the data folder refuses the index (a directory sits at its path): it goes to $FSSEG_CACHE/ade20k
     monkeypatch.setenv("FSSEG_CACHE", str(tmp_path / "cache"))
     beside, fallback = index_paths(root, "validation")
     beside.mkdir()
+    ADE20KFewShot.prepare_data(root, "val")
     ds = ADE20KFewShot(root, split="val", fold=0, shot=1, img_size=16, n_episodes=5)
     assert fallback.is_file() and fallback.parent == tmp_path / "cache" / "ade20k"
     rs = np.random.RandomState(0)
@@ -244,6 +248,23 @@ def test_ade_cache_reused_rebuilt_when_stale_and_fallback(tmp_path, monkeypatch)
             if s != query:
                 break
         assert ep.supports == (s,)
+
+
+def test_datamodule_prepares_ade_once_then_every_setup_only_reads(tmp_path, small_embedded, monkeypatch):
+    """The in-context mix with ADE20K: prepare_data (rank 0) scans; setup (every rank) reads the index."""
+    from fsseg.data import FewShotDataModule
+
+    root = ade_root(tmp_path)
+    (root / "VOC2012").symlink_to(small_embedded / "VOC2012")
+    dm = FewShotDataModule(root=str(root), benchmark="pascal5i", train_benchmarks=["ade20k", "pascal5i"], shot=1,
+                           img_size=16, splits_dir=str(small_embedded / "splits"), val_episodes=4, test_episodes=4)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="class index"):
+        dm.setup("fit")
+    dm.prepare_data()  # no trainer: prepares what every stage reads
+    scans = []
+    monkeypatch.setattr(ade_mod, "scan_mask", lambda path: scans.append(path) or {})
+    dm.setup("fit")
+    assert not scans and len(dm.datasets["trn"].datasets[0].class_ids()) == 2
 
 
 def test_ade_missing_folder_named(tmp_path):
@@ -261,4 +282,4 @@ def test_check_counts_agree_with_the_dataset(tmp_path, capsys):
     for fold in (0, 7):
         ds = LVIS92iDataset(root, split="test", fold=fold, shot=1, img_size=16, n_episodes=1)
         n = len({f for c in ds.class_ids() for f in ds.classwise[c]})
-        assert f"f{fold} {n}," in out
+        assert f"fold {fold}: test 2 classes / {n} images ({n} checked, all present)" in out

@@ -11,7 +11,12 @@ from fsseg.data.splits_io import default_splits_dir
 
 @pytest.fixture
 def root(tmp_path):
-    for sub in ("VOC2012/JPEGImages", "VOC2012/SegmentationClassAug", "COCO2014/annotations"):
+    for sub in (
+        "VOC2012/JPEGImages",
+        "VOC2012/SegmentationClassAug",
+        "COCO2014/val2014",
+        "COCO2014/annotations/val2014",
+    ):
         (tmp_path / sub).mkdir(parents=True)
     return tmp_path
 

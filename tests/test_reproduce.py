@@ -28,18 +28,32 @@ PUBLISHED = {
     ("diffews_incontext", "lvis92i", 1): (None, 31.4), ("diffews_incontext", "lvis92i", 5): (None, 35.4),
     ("diffews_strict", "coco20i", 1): ([47.7, 56.4, 51.9, 48.7], 51.2),
     ("diffews_strict", "coco20i", 5): ([52.0, 63.0, 54.5, 54.3], 56.0),
-    ("diffseg", "pascal5i", 1): ([70.5, 75.8, 67.9, 63.2], 69.3), ("diffseg", "pascal5i", 5): (None, 72.1),
+    ("diffews_n_strict", "coco20i", 1): ([47.1, 56.6, 53.8, 48.3], 52.2),  # the extended paper's Table 2
+    ("diffews_n_strict", "coco20i", 5): ([57.3, 66.5, 60.3, 58.8], 60.7),
+    ("diffseg", "pascal5i", 1): ([70.5, 75.8, 67.9, 63.2], 69.3), ("diffseg", "pascal5i", 5): ([72.8, 77.6, 68.7, 69.3], 72.1),
+    ("diffseg_coco", "coco_40_20_20", 1): ([45.2, 54.1, 47.9, 48.3], 48.9),
+    ("diffseg_coco", "coco_40_20_20", 5): ([50.7, 58.9, 51.6, 52.4], 53.4),
 }  # fmt: skip
 
 
-def test_published_numbers_are_reference_section_5():
+def test_published_numbers_are_protocol_section_5():
     for (key, bench, shot), (folds, mean) in PUBLISHED.items():
         assert published_miou(key, bench, shot) == mean
         for f in range(4):
             assert published_miou(key, bench, shot, f) == (folds[f] if folds else None)
     assert published_miou(None, "pascal5i", 1) is None and published_miou("diffseg", "coco20i", 1) is None
-    assert published_miou("diffews_n_strict", "coco20i", 5) == 60.7
-    assert published_miou("diffseg_coco", "coco_40_20_20", 1, 3) == 48.3
+    # DiffewS-n's fold 0 is Table 7's "train 1-7 shot" row (1-shot 47.1, 5-shot 57.3): N = 7
+    assert (
+        published_miou("diffews_n_strict", "coco20i", 1, 0),
+        published_miou("diffews_n_strict", "coco20i", 5, 0),
+    ) == (47.1, 57.3)
+    for key, bench, shot in [
+        ("diffseg", "pascal5i", 5),
+        ("diffseg_coco", "coco_40_20_20", 5),
+        ("diffews_strict", "coco20i", 5),
+    ]:
+        folds = [published_miou(key, bench, shot, f) for f in range(4)]
+        assert round(sum(folds) / 4, 1) == published_miou(key, bench, shot)  # the per-fold values read right
 
 
 def test_refuses_before_any_work_listing_every_missing_input(tmp_path, capsys):
@@ -71,20 +85,57 @@ def test_cells_of_the_full_and_the_smoke_table():
 
     spec = load_spec(TABLE1)
     full = build_cells(spec, "/d", "/w", smoke=False)
-    assert (
-        len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4
-    )  # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg, baseline
+    # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg PASCAL, DiffSeg COCO 40/20/20, baseline
+    assert len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4 + 2 * 4
     ds = [c for c in full if c.row == "DiffSeg" and c.fold == 3 and c.shot == 5][0]
     assert ds.seeds == list(range(10)) and ds.ckpt == "/w/diffseg/pascal5i-fold3.ckpt"
     assert ds.args[ds.args.index("--model.init_args.prior") + 1] == "/w/kandinsky-2-2-prior"
+    assert ds.args[:2] == ["--trainer.precision", "32-true"]  # fp32 evaluation, before the row's own args
     lvis = [c for c in full if c.benchmark == "lvis92i"]
     assert sorted({c.fold for c in lvis}) == list(range(10)) and lvis[0].seeds == [0]
     assert "--data.test_episodes" in lvis[0].args and "null" in lvis[0].args  # the protocol's 2300
+    assert [Path(c).name for c in lvis[0].configs] == [
+        "diffews.yaml",
+        "diffews_incontext.yaml",
+    ]  # base + overlay
+    coco40 = [c for c in full if c.benchmark == "coco_40_20_20"]
+    assert {c.row for c in coco40} == {"DiffSeg (40/20/20)"} and coco40[0].published == "diffseg_coco"
+    assert [Path(c).name for c in coco40[0].configs] == ["diffseg.yaml", "diffseg_coco.yaml"]
+    assert all(not c.controls for c in full)
     smoke = build_cells(spec, None, None, smoke=True)
     assert {(c.row, c.benchmark, c.shot) for c in smoke} == {(c.row, c.benchmark, c.shot) for c in full}
     assert all(c.evaluated_on == "embedded" and c.fold == 0 and c.train and c.ckpt is None for c in smoke)
-    assert {c.row: len(c.seeds) for c in smoke} == {"DiffewS": 1, "DiffSeg": 2, "Prototype baseline": 1}
-    assert all(Path(c.config).is_file() for c in smoke)
+    assert all(c.controls == ["other_class"] for c in smoke)
+    assert {c.row: len(c.seeds) for c in smoke} == {"DiffewS": 1, "DiffSeg": 2, "DiffSeg (40/20/20)": 2,
+                                                    "Prototype baseline": 1}  # fmt: skip
+    assert all(Path(c).is_file() for cell in smoke for c in cell.configs)
+
+
+def test_table2_has_the_diffews_n_row():
+    from fsseg.reproduce.spec import build_cells, load_spec
+
+    cells = build_cells(load_spec(TABLE2), "/d", "/w", smoke=False)
+    n = [c for c in cells if c.row == "DiffewS-n (1-7)"]
+    assert len(n) == 8 and {c.fold for c in n} == {0, 1, 2, 3} and {c.shot for c in n} == {1, 5}
+    assert [Path(c).name for c in n[0].configs] == ["diffews.yaml", "train_shots_1to7.yaml"]
+    assert yaml.safe_load(Path(n[0].configs[1]).read_text())["model"]["init_args"]["train_shots"] == 7
+    assert n[0].ckpt == "/w/diffews-n/coco20i-fold0.ckpt" and n[0].published == "diffews_n_strict"
+    smoke = [c for c in build_cells(load_spec(TABLE2), None, None, smoke=True) if c.row == "DiffewS-n (1-7)"]
+    assert smoke[0].fit_args == ["--model.init_args.train_shots", "7", "--data.shot", "7"]
+
+
+def test_spec_rows_are_checked(tmp_path):
+    from fsseg.reproduce.spec import load_spec
+
+    spec = yaml.safe_load(TABLE2.read_text())
+    spec["rows"][1]["name"] = spec["rows"][0]["name"]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="row names must be unique"):
+        load_spec(tmp_path / "t.yaml")
+    spec["rows"][1]["config"] = [None]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="'config' must be a config path or a list"):
+        load_spec(tmp_path / "t.yaml")
 
 
 def test_table_writer_on_fake_runs(tmp_path):
@@ -132,6 +183,45 @@ def test_table_writer_on_fake_runs(tmp_path):
     assert "COCO-20i (run on embedded)" in text and "| 69.3 |" in text
 
 
+def test_table_writer_control_column(tmp_path):
+    """Cells also tested under data.support_control get a column with that mIoU (mean over its seed runs; the fold
+    mean averages the folds); tables without controls keep their columns."""
+    measured = []
+    for fold in range(2):
+        runs = [
+            write_run(tmp_path / f"n{fold}s{s}", skill=0.9, seed=fold * 10 + s, fold=fold) for s in range(2)
+        ]
+        other = [
+            write_run(tmp_path / f"o{fold}s{s}", skill=0.55, seed=50 + fold * 10 + s, fold=fold)
+            for s in range(2)
+        ]
+        measured.append(
+            Measured("Tiny", "smoke", None, "pascal5i", "embedded", fold, 1, runs, {"other_class": other})
+        )
+    lines = table_lines(measured, n_boot=100)
+    by = {r["fold"]: r for r in lines}
+    for fold in range(2):
+        expected = sum(load_run(tmp_path / f"o{fold}s{s}").miou() for s in range(2)) / 2
+        assert by[str(fold)]["other_class"] == pytest.approx(expected) and by[str(fold)]["empty_mask"] is None
+        assert by[str(fold)]["other_class"] < by[str(fold)]["ours"]
+    assert by["mean(0,1)"]["other_class"] == pytest.approx(
+        (by["0"]["other_class"] + by["1"]["other_class"]) / 2
+    )
+    md, csv_path = write_table(lines, tmp_path / "out", "t", "T")
+    text = md.read_text()
+    assert "| Other-class supports |" in text and "Empty support masks" not in text
+    assert f"| {by['mean(0,1)']['other_class']:.1f} |" in text
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert (
+        float(rows[0]["other_class"]) == pytest.approx(by["0"]["other_class"], abs=1e-4)
+        and rows[0]["empty_mask"] == ""
+    )
+    plain = table_lines(
+        [Measured("Tiny", "s", None, "pascal5i", "pascal5i", 0, 1, [tmp_path / "n0s0"])], n_boot=50
+    )
+    assert "Other-class" not in write_table(plain, tmp_path / "plain", "t", "T")[0].read_text()
+
+
 def test_evaluation_over_seeds_and_compare_on_real_runs(tmp_path, small_embedded, capsys):
     cfg = write_config(tmp_path, small_embedded)
     ckpt = run_cli(["fit", "--config", str(cfg)]).trainer.checkpoint_callback.last_model_path
@@ -174,6 +264,13 @@ def test_smoke_reproduction_of_table1(tmp_path, small_embedded):
     assert means["DiffSeg", "pascal5i", 1]["seeds"] == "2"
     diffseg_f0 = [r for r in rows if r["method"] == "DiffSeg" and r["fold"] == "0" and r["shot"] == "1"]
     assert float(diffseg_f0[0]["published"]) == 70.5
-    assert "SMOKE RUN" in md.read_text()
+    text = md.read_text()
+    assert "SMOKE RUN" in text and "Sobel" in text and "| Other-class supports |" in text
     run = tmp_path / "reports/runs/table1/diffseg-strict/pascal5i/fold0-1shot/seed1"
     assert (run / "metrics.json").is_file() and (run / "episodes.jsonl").is_file()
+    control = json.loads((run.parent / "other_class" / "seed1" / "metrics.json").read_text())
+    assert control["support_control"] == "other_class" and control["seed"] == 1
+    for r in means.values():  # every smoke row shows the other-class control of the same checkpoint
+        assert 0 <= float(r["other_class"]) <= 100
+    base = means["Prototype baseline", "pascal5i", 1]
+    assert float(base["other_class"]) < float(base["ours"])  # the baseline segments from its support

@@ -1,6 +1,7 @@
 """Episodic few-shot datasets, the seeded evaluation protocol and the DataModule.
 
-Imports are lazy so that light tools (``fsseg data ...``, the embedded generator) start without torch/lightning.
+Imports are lazy so that light tools (the embedded generator, the COCO mask and LVIS list builders) start without
+torch/lightning. Benchmarks are found by name through `fsseg.data.registry`.
 """
 
 from importlib import import_module
@@ -9,11 +10,15 @@ _EXPORTS = {
     "Episode": "fsseg.data.protocol",
     "FewShotDataset": "fsseg.data.base",
     "CocoFewShot": "fsseg.data.coco",
+    "Coco402020FewShot": "fsseg.data.coco",
     "PascalFewShot": "fsseg.data.pascal",
+    "EmbeddedFewShot": "fsseg.data.pascal",
     "FSS1000FewShot": "fsseg.data.fss",
     "LVIS92iDataset": "fsseg.data.lvis",
     "ADE20KFewShot": "fsseg.data.ade",
     "FewShotDataModule": "fsseg.data.datamodule",
+    "benchmark_class": "fsseg.data.registry",
+    "benchmark_classes": "fsseg.data.registry",
 }
 __all__ = list(_EXPORTS)
 

@@ -11,8 +11,10 @@ ignored). One fold holding every class (the mix trains on all of them).
 Class index: which images contain which class, found once by scanning every mask and cached as
 ``<root>/ADEChallengeData2016/fsseg_index_{training,validation}.json.gz`` (format below). When that folder is not
 writable the cache goes to ``$FSSEG_CACHE/ade20k/`` (default ``~/.cache/fsseg/ade20k/``) under a name derived from
-the data root. A cache whose mask count differs from the folder's is rebuilt. ``fsseg data build-ade-index`` builds
-it ahead of time (the scan of the 20,210 training masks takes a few minutes). Format::
+the data root. The scan is one-time work: `ADE20KFewShot.prepare_data` builds a missing or stale index (the data
+module calls it once per node, before ``setup``), ``fsseg data build-ade-index`` ahead of time (the 20,210 training
+masks take a few minutes); constructing the dataset (``setup``, on every rank) only reads it and stops with a clear
+error when it is missing or stale (its mask count differs from the folder's). Format::
 
     {"format": "fsseg-ade-index/1", "folder": "training", "n_masks": 20210,
      "classes": {"1": [["ADE_train_00000001", 12345], ...], ...}}   # per class value: [stem, pixel count], sorted
@@ -34,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fsseg.data.base import FewShotDataset, load_label
-from fsseg.data.protocol import Episode, class_first_episodes, class_first_random_episode
+from fsseg.data.base import ClassFirstDataset, load_label
 
 NCLASS = 150
 FORMAT = "fsseg-ade-index/1"
@@ -70,9 +71,10 @@ def scan_mask(path: Path) -> dict[int, int]:
 
 
 def build_class_index(
-    root: str | Path, folder: str = "training", log=sys.stderr, progress_every: int = 2000
+    root: str | Path, folder: str = "training", log=None, progress_every: int = 2000
 ) -> dict:
     """Scan every mask of ``folder`` and write the class index (first writable place of `index_paths`)."""
+    log = log or sys.stderr
     files = mask_files(root, folder)
     classes: dict[str, list] = {str(v): [] for v in range(1, NCLASS + 1)}
     print(f"ADE20K: scanning {len(files)} masks in {folder} for the class index ...", file=log, flush=True)
@@ -99,48 +101,85 @@ def build_class_index(
     raise OSError("ADE20K: could not write the class index anywhere: " + "; ".join(errors))
 
 
-def load_class_index(root: str | Path, folder: str, log=sys.stderr) -> dict:
-    """The cached class index of ``folder``, (re)built when missing, unreadable or stale (mask count changed)."""
+def find_class_index(root: str | Path, folder: str) -> tuple[dict | None, list[str]]:
+    """The first readable, up-to-date class index of ``folder`` in `index_paths` (None if there is none), and
+    why each other candidate was passed over."""
     n_masks = len(mask_files(root, folder))
+    passed: list[str] = []
     for path in index_paths(root, folder):
         if not path.is_file():
+            passed.append(f"{path}: absent")
             continue
         try:
             with gzip.open(path, "rt") as fh:
                 index = json.load(fh)
-        except (OSError, json.JSONDecodeError):
-            print(f"ADE20K: class index {path} is unreadable; rebuilding", file=log)
+        except (OSError, json.JSONDecodeError) as e:
+            passed.append(f"{path}: unreadable ({e})")
             continue
         if (
             index.get("format") == FORMAT
             and index.get("n_masks") == n_masks
             and isinstance(index.get("classes"), dict)
         ):
-            return index
-        print(f"ADE20K: class index {path} is stale ({index.get('n_masks')} masks, folder has {n_masks}); rebuilding",
-              file=log)  # fmt: skip
+            return index, passed
+        passed.append(f"{path}: stale ({index.get('n_masks')} masks, the folder has {n_masks})")
+    return None, passed
+
+
+def load_class_index(root: str | Path, folder: str, log=None) -> dict:
+    """The cached class index of ``folder``, (re)built when missing, unreadable or stale."""
+    log = log or sys.stderr
+    index, passed = find_class_index(root, folder)
+    if index is not None:
+        return index
+    for line in passed:
+        if not line.endswith(": absent"):
+            print(f"ADE20K: class index {line}; rebuilding", file=log)
     return build_class_index(root, folder, log)
 
 
-class ADE20KFewShot(FewShotDataset):
-    benchmark = "ade20k"
+class ADE20KFewShot(ClassFirstDataset):
+    name = "ade20k"
+    title = "ADE20K"
+    layout = "ADEChallengeData2016/{images,annotations}/{training,validation}/ (SceneParsing, 150 classes)"
     nfolds = 1
+    check_splits = ("trn", "val")
 
     def __init__(self, *args, min_pixels: int = 1, **kwargs) -> None:
         self.min_pixels = int(min_pixels)
         super().__init__(*args, **kwargs)
 
-    def check_root(self) -> None:
-        self.folder = FOLDERS[self.split]
-        for sub in (f"images/{self.folder}", f"annotations/{self.folder}"):
-            if not (ade_dir(self.root) / sub).is_dir():
-                raise FileNotFoundError(
-                    f"ADE20K: folder {ade_dir(self.root) / sub} is missing (expected "
-                    f"<root>/ADEChallengeData2016/{{images,annotations}}/{{training,validation}})"
-                )
+    @classmethod
+    def required_paths(cls, root: Path, split: str) -> list[tuple[Path, str]]:
+        folder = FOLDERS[split]
+        return [
+            (ade_dir(root) / "images" / folder, f"the ADE20K {folder} images"),
+            (ade_dir(root) / "annotations" / folder, f"the ADE20K {folder} masks (value = class 1..150)"),
+        ]
+
+    @classmethod
+    def prepare_data(cls, root: Path, split: str) -> None:
+        load_class_index(root, FOLDERS[split])
+
+    @classmethod
+    def check_notes(cls, root: Path) -> list[str]:
+        notes = []
+        for folder in ("training", "validation"):
+            if (ade_dir(root) / "annotations" / folder).is_dir():
+                cached = next((p for p in index_paths(root, folder) if p.is_file()), None)
+                notes.append(f"{folder}: class index " + (f"at {cached}" if cached else "not built yet (the first "
+                             f"fit builds it, or `fsseg data build-ade-index --root {root} --folder {folder}`)"))  # fmt: skip
+        return notes
 
     def build_index(self) -> None:
-        index = load_class_index(self.root, self.folder)
+        self.folder = FOLDERS[self.split]
+        index, passed = find_class_index(self.root, self.folder)
+        if index is None:
+            raise FileNotFoundError(
+                f"ADE20K: no up-to-date class index of {self.folder} ({'; '.join(passed)}); it is built once by "
+                f"the data module's prepare_data or by `fsseg data build-ade-index --root {self.root} --folder "
+                f"{self.folder}`"
+            )
         self.classwise: dict[int, list[str]] = {}
         for v in range(1, NCLASS + 1):
             stems = [s for s, n in index["classes"].get(str(v), []) if n >= self.min_pixels]
@@ -150,23 +189,16 @@ class ADE20KFewShot(FewShotDataset):
             raise ValueError(
                 f"ADE20K: no class of {self.folder} has two images (min_pixels={self.min_pixels})"
             )
-        self.images = sorted({s for stems in self.classwise.values() for s in stems})
 
     def class_ids(self) -> list[int]:
         return sorted(self.classwise)
 
-    def protocol_episodes(self, rs: np.random.RandomState, n: int) -> list[Episode]:
-        return class_first_episodes(rs, self.class_ids(), self.classwise, self.shot, n)
-
-    def random_episode(self, rng: np.random.Generator, index: int) -> Episode:
-        return class_first_random_episode(rng, self.class_ids(), self.classwise, self.shot)
-
-    def default_train_length(self) -> int:
-        return len(self.images)
-
     def image_path(self, key: str) -> Path:
         return ade_dir(self.root) / "images" / self.folder / f"{key}.jpg"
 
+    def mask_path(self, key: str) -> Path:
+        return ade_dir(self.root) / "annotations" / self.folder / f"{key}.png"
+
     def load_mask(self, key: str, class_id: int) -> np.ndarray:
-        label = load_label(ade_dir(self.root) / "annotations" / self.folder / f"{key}.png")
+        label = load_label(self.mask_path(key))
         return (label == class_id + 1).astype(np.uint8)

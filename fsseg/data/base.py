@@ -1,4 +1,4 @@
-"""`FewShotDataset`: the episode machinery shared by every benchmark.
+"""`FewShotDataset`: the episode machinery shared by every benchmark, and what a benchmark declares about itself.
 
 A benchmark subclass says which images belong to which class and how to read a binary mask; this class turns that
 into episodes (the seeded protocol for evaluation, reproducible random draws for training) and into tensors.
@@ -7,12 +7,19 @@ Evaluation (``split`` = ``val``/``test``): the whole episode list is drawn once 
 (`protocol_episodes`), so the sequence is independent of workers and processes. Training (``split`` = ``trn``):
 episode ``index`` is drawn from ``np.random.default_rng((seed, index))``; the training sampler folds the epoch into
 the index, so every epoch differs but any worker/process layout — and a resumed run — sees the same episodes.
+
+Each benchmark class also declares, as class attributes and class methods, what the rest of fsseg needs to know
+about it: its ``name`` (the value of ``data.benchmark``; `fsseg.data.registry` finds classes by it), ``title``,
+``layout`` (its files under the data root, in words), ``nfolds``, the paths that must exist (`required_paths`), any
+one-time preparation (`prepare_data`) and where its data root and split lists are. The data module, `fsseg data
+check` and the reproduction runner read these declarations; none of them knows a benchmark by name.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -20,7 +27,13 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from fsseg.data.protocol import SUPPORT_CONTROLS, Episode, control_episodes
+from fsseg.data.protocol import (
+    SUPPORT_CONTROLS,
+    Episode,
+    class_first_episodes,
+    class_first_random_episode,
+    control_episodes,
+)
 
 IGNORE = 255
 SPLITS = ("trn", "val", "test")
@@ -66,7 +79,8 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
 
 
 class FewShotDataset(Dataset, ABC):
-    """Base class of every benchmark. Subclasses implement the five methods below the constructor.
+    """Base class of every benchmark. Subclasses implement the abstract methods below the constructor and declare
+    the class attributes.
 
     Args:
         root: the data root holding the benchmark folders (the FSSBench layout, docs/PROTOCOL.md §1).
@@ -77,14 +91,25 @@ class FewShotDataset(Dataset, ABC):
         eval_size: side of the evaluation mask; ``None`` = ``img_size``; ``"original"`` = the image's own size.
         n_episodes: episodes per epoch (training) or in the protocol (evaluation); ``None`` = the benchmark default.
         seed: the protocol seed (0 for published numbers) / the training-episode seed.
-        splits_dir: folder of split lists (default: the lists shipped in ``fsseg/data/splits``).
+        splits_dir: folder of split lists (default: `default_splits_dir`, the lists shipped in ``fsseg/data/splits``).
         support_control: evaluation only: ``none`` (the protocol), ``other_class`` (each episode's supports come
             from another class of the split) or ``empty_mask`` (own support images, all-background masks); see
             `fsseg.data.protocol.control_episodes`.
+        index_only: read the split lists only (classes and their images): no folder check, no episodes. What
+            `fsseg data check` counts and verifies.
     """
 
-    benchmark: str = ""
-    nfolds: int = 4
+    name: ClassVar[str] = (
+        ""  # the value of ``data.benchmark``; a class without one is no benchmark of its own
+    )
+    title: ClassVar[str] = ""  # as tables and reports print it
+    layout: ClassVar[str] = ""  # the benchmark's files under the data root, in words
+    nfolds: ClassVar[int] = 4
+    check_splits: ClassVar[tuple[str, ...]] = (
+        "trn",
+        "test",
+    )  # the splits whose files `fsseg data check` covers
+    check_default: ClassVar[bool] = True  # checked by `fsseg data check` when no --benchmark is given
     classwise: dict[int, list[str]]  # class -> its images in this split/fold, set by `build_index`
 
     def __init__(
@@ -99,12 +124,13 @@ class FewShotDataset(Dataset, ABC):
         seed: int = 0,
         splits_dir: str | Path | None = None,
         support_control: str = "none",
+        index_only: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not (0 <= int(fold) < self.nfolds or (int(fold) == -1 and split == "trn")):
             raise ValueError(
-                f"{self.benchmark}: unknown fold {fold!r}; expected 0..{self.nfolds - 1} (or -1 = every class, training only)"
+                f"{self.name}: unknown fold {fold!r}; expected 0..{self.nfolds - 1} (or -1 = every class, training only)"
             )
         if int(shot) < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
@@ -123,12 +149,16 @@ class FewShotDataset(Dataset, ABC):
         self.split, self.fold, self.shot, self.seed = split, int(fold), int(shot), int(seed)
         self.img_size = int(img_size)
         self.eval_size = self.img_size if eval_size is None else eval_size
-        self.splits_dir = splits_dir
+        self.splits_dir = splits_dir if splits_dir is not None else self.default_splits_dir(self.root)
+        self.episodes: list[Episode] | None = None
+        if index_only:
+            self.build_index()
+            self.n_episodes = 0
+            return
         self.check_root()
         self.build_index()
         if self.training:
             self.n_episodes = int(n_episodes) if n_episodes is not None else self.default_train_length()
-            self.episodes: list[Episode] | None = None
         else:
             n = int(n_episodes) if n_episodes is not None else self.default_eval_length()
             rs = np.random.RandomState(self.seed)
@@ -139,10 +169,50 @@ class FewShotDataset(Dataset, ABC):
                 )
             self.n_episodes = len(self.episodes)
 
+    # ---- what a benchmark declares (class level) ----------------------------------------------------------------
+    @classmethod
+    def required_paths(cls, root: Path, split: str) -> list[tuple[Path, str]]:
+        """The folders and files that must exist under ``root`` before episodes of ``split`` can be read, each
+        with what belongs there (or how to make it)."""
+        return []
+
+    @classmethod
+    def resolve_root(cls, root: str | Path | None) -> Path:
+        """The data root to read (``data.root``); it must exist."""
+        if root is None:
+            raise ValueError(
+                "data.root is not set: give the folder that holds COCO2014/, VOC2012/, FSS-1000/, LVIS/ "
+                "(docs/PROTOCOL.md §1)"
+            )
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data.root {path} does not exist")
+        return path
+
+    @classmethod
+    def default_splits_dir(cls, root: Path) -> Path | None:
+        """Where the split lists are when ``splits_dir`` is not given (None: the lists shipped with fsseg)."""
+        return None
+
+    @classmethod
+    def prepare_data(cls, root: Path, split: str) -> None:
+        """One-time work before episodes of ``split`` can be read (indexing, generation). The data module calls it
+        once per node (Lightning's ``prepare_data``: local rank 0); ``setup`` on every rank then only reads."""
+
+    @classmethod
+    def check_notes(cls, root: Path) -> list[str]:
+        """Extra lines for `fsseg data check` (what is built, how to build what is not)."""
+        return []
+
     # ---- what a benchmark implements -------------------------------------------------------------------------
-    @abstractmethod
     def check_root(self) -> None:
-        """Raise a clear error when the benchmark's folders are missing under ``root``."""
+        """Raise a clear error naming the first required path that is missing under ``root``."""
+        for path, what in self.required_paths(self.root, self.split):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{self.title}: {path} is missing ({what}); `fsseg data check --root {self.root} --benchmark "
+                    f"{self.name}` lists everything that is missing"
+                )
 
     @abstractmethod
     def build_index(self) -> None:
@@ -164,13 +234,17 @@ class FewShotDataset(Dataset, ABC):
     def image_path(self, key: str) -> Path:
         """The image file of ``key``."""
 
+    def mask_path(self, key: str) -> Path | None:
+        """The mask file of ``key`` (None when the masks are not files of their own)."""
+        return None
+
     @abstractmethod
     def load_mask(self, key: str, class_id: int) -> np.ndarray:
         """Binary mask of ``class_id`` in image ``key``: uint8 ``[H, W]`` in {0, 1, 255}."""
 
-    @abstractmethod
     def default_train_length(self) -> int:
-        """Training episodes per epoch when ``n_episodes`` is not given."""
+        """Training episodes per epoch when ``n_episodes`` is not given: one per image of the split."""
+        return len(self.keys())
 
     def default_eval_length(self) -> int:
         return 1000
@@ -179,6 +253,22 @@ class FewShotDataset(Dataset, ABC):
     @property
     def training(self) -> bool:
         return self.split == "trn"
+
+    def keys(self) -> list[str]:
+        """Every image key the episodes of this split/fold can use, sorted."""
+        return sorted({k for c in self.class_ids() for k in self.classwise[c]})
+
+    def files(self, key: str) -> list[Path]:
+        """The files image ``key`` is read from (image, and mask where it is a file)."""
+        return [p for p in (self.image_path(key), self.mask_path(key)) if p is not None]
+
+    def verify(self, key: str) -> None:
+        """Open and fully decode the image of ``key`` and its mask; raise ValueError / FileNotFoundError naming the
+        file when one is unreadable, corrupt or of another size than the image."""
+        img = load_rgb(self.image_path(key))
+        mask_file = self.mask_path(key)
+        if mask_file is not None and load_label(mask_file).shape != (img.height, img.width):
+            raise ValueError(f"mask file {mask_file} differs in size from its image {img.width}x{img.height}")
 
     def __len__(self) -> int:
         return self.n_episodes
@@ -226,3 +316,14 @@ class FewShotDataset(Dataset, ABC):
             "query_name": ep.query,
             "support_names": list(ep.supports),
         }
+
+
+class ClassFirstDataset(FewShotDataset):
+    """A benchmark whose episodes are drawn class first (COCO-20i's protocol, `class_first_episodes`): a class of the
+    split uniformly, a query image of it, then its supports."""
+
+    def protocol_episodes(self, rs: np.random.RandomState, n: int) -> list[Episode]:
+        return class_first_episodes(rs, self.class_ids(), self.classwise, self.shot, n)
+
+    def random_episode(self, rng: np.random.Generator, index: int) -> Episode:
+        return class_first_random_episode(rng, self.class_ids(), self.classwise, self.shot)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import bisect
-from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fsseg.data.base import FewShotDataset
 from fsseg.data.protocol import SUPPORT_CONTROLS
+from fsseg.data.registry import benchmark_class
 from fsseg.data.samplers import EpisodeSampler, EvalDistributedSampler, ResumableLoader
-
-BENCHMARKS = ("coco20i", "pascal5i", "fss1000", "lvis92i", "ade20k", "embedded")
 
 
 class EpisodeConcat(ConcatDataset):
@@ -26,36 +25,37 @@ class EpisodeConcat(ConcatDataset):
         return self.datasets[d][epoch * len(self.datasets[d]) + j]
 
 
-def benchmark_class(name: str) -> type[FewShotDataset]:
-    """The dataset class of a benchmark name (imported lazily: LVIS/ADE need pycocotools only when used)."""
-    if name in ("pascal5i", "embedded"):
-        from fsseg.data.pascal import PascalFewShot as cls
-    elif name == "coco20i":
-        from fsseg.data.coco import CocoFewShot as cls
-    elif name == "fss1000":
-        from fsseg.data.fss import FSS1000FewShot as cls
-    elif name == "lvis92i":
-        from fsseg.data.lvis import LVIS92iDataset as cls
-    elif name == "ade20k":
-        from fsseg.data.ade import ADE20KFewShot as cls
-    else:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {BENCHMARKS}")
-    return cls
+def accumulation_steps(effective_batch_size: int, world_size: int, batch_size: int) -> int:
+    """Gradient accumulation that makes ``world_size`` processes x ``batch_size`` episodes x accumulation equal
+    ``effective_batch_size``; a ValueError naming the numbers when it does not divide."""
+    per_step = world_size * batch_size
+    if effective_batch_size < 1 or effective_batch_size % per_step:
+        raise ValueError(
+            f"data.effective_batch_size {effective_batch_size} is not a multiple of {world_size} process(es) x "
+            f"data.batch_size {batch_size} = {per_step}: choose devices and batch size whose product divides it"
+        )
+    return effective_batch_size // per_step
 
 
 class FewShotDataModule(L.LightningDataModule):
     """Episodic data for training (random episodes) and evaluation (the published, seeded protocol).
 
     Args:
-        root: the data root (FSSBench layout, see the README). For ``benchmark: embedded`` the folder the embedded
+        root: the data root (FSSBench layout, docs/PROTOCOL.md §1). For ``benchmark: embedded`` the folder the embedded
             benchmark is generated in (default: ``~/.cache/fsseg`` or ``$FSSEG_CACHE``).
-        benchmark: ``coco20i`` | ``pascal5i`` | ``fss1000`` | ``lvis92i`` | ``embedded`` (evaluation, and training
-            unless ``train_benchmarks`` is set).
+        benchmark: a registered benchmark name (``coco20i`` | ``coco_40_20_20`` | ``pascal5i`` | ``fss1000`` |
+            ``lvis92i`` | ``ade20k`` | ``embedded``, see `fsseg.data.registry`) or the dotted path of a
+            `FewShotDataset` subclass: evaluation, and training unless ``train_benchmarks`` is set.
         fold, shot: the fold and the number of supports.
         img_size: square model input side. eval_size: evaluation mask side (int), ``original``, or null (= img_size).
         train_episodes, val_episodes, test_episodes: episodes per epoch / in the protocol (null = benchmark default:
             the training list length; 1000 for PASCAL/COCO evaluation; every test image for FSS-1000; 2300 for LVIS).
         batch_size, eval_batch_size, num_workers: loader settings (evaluation episodes do not depend on them).
+        effective_batch_size: episodes per optimizer step, whatever the number of processes: at ``fit`` the data
+            module sets ``trainer.accumulate_grad_batches = effective_batch_size / (world_size * batch_size)`` and
+            refuses, naming the numbers, when that does not divide (or when ``trainer.accumulate_grad_batches`` was
+            set to something else). null: the trainer's own accumulation, so the effective batch follows the
+            device count.
         seed: the protocol seed (0 = the published episodes) and the training-episode seed.
         splits_dir: split-list folder (default: the lists shipped with fsseg).
         train_benchmarks: the in-context training mix, e.g. ``[coco20i, ade20k, pascal5i]``: every class of each,
@@ -79,6 +79,7 @@ class FewShotDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 1,
         num_workers: int = 0,
+        effective_batch_size: int | None = None,
         seed: int = 0,
         splits_dir: str | None = None,
         train_benchmarks: list[str] | None = None,
@@ -86,47 +87,40 @@ class FewShotDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for name in [benchmark, *(train_benchmarks or [])]:
-            if name not in BENCHMARKS:
-                raise ValueError(f"data.benchmark: unknown benchmark {name!r}; expected one of {BENCHMARKS}")
+            try:
+                benchmark_class(name)
+            except ValueError as e:
+                raise ValueError(f"data.benchmark: {e}") from e
         if support_control not in SUPPORT_CONTROLS:
             raise ValueError(
                 f"data.support_control: expected one of {SUPPORT_CONTROLS}, got {support_control!r}"
             )
         if eval_size == "original" and eval_batch_size != 1:
             raise ValueError("data.eval_size 'original' needs data.eval_batch_size 1 (masks differ in size)")
+        if effective_batch_size is not None and effective_batch_size < 1:
+            raise ValueError(f"data.effective_batch_size must be null or >= 1, got {effective_batch_size}")
         self.save_hyperparameters()
         self.datasets: dict[str, FewShotDataset | ConcatDataset] = {}
 
-    # ---- paths ------------------------------------------------------------------------------------------------
-    def _root(self, benchmark: str) -> Path:
+    # ---- which benchmarks and splits ----------------------------------------------------------------------------
+    def _uses(self, stage: str | None) -> list[tuple[str, str]]:
+        """(benchmark, split) pairs a stage reads (None: every stage)."""
         hp = self.hparams
-        if benchmark == "embedded":
-            from fsseg.data.embedded import MARKER_NAME, ensure_embedded_benchmark
-
-            if hp.root and (Path(hp.root) / MARKER_NAME).is_file():  # an embedded benchmark generated before
-                return Path(hp.root)
-            return ensure_embedded_benchmark(Path(hp.root) if hp.root else None, seed=0)
-        if hp.root is None:
-            raise ValueError(
-                "data.root is not set: give the folder that holds COCO2014/, VOC2012/, FSS-1000/, LVIS/"
-            )
-        root = Path(hp.root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root {root} does not exist")
-        return root
-
-    def _splits(self, benchmark: str, root: Path) -> str | None:
-        if benchmark == "embedded" and self.hparams.splits_dir is None:
-            return str(root / "splits")
-        return self.hparams.splits_dir
+        out = []
+        if stage in (None, "fit"):
+            out += [(b, "trn") for b in hp.train_benchmarks or [hp.benchmark]]
+        if stage in (None, "fit", "validate"):
+            out.append((hp.benchmark, "val"))
+        if stage in (None, "test", "predict"):
+            out.append((hp.benchmark, "test"))
+        return out
 
     def build(self, split: str, benchmark: str | None = None, fold: int | None = None) -> FewShotDataset:
         hp = self.hparams
-        benchmark = benchmark or hp.benchmark
-        root = self._root(benchmark)
+        cls = benchmark_class(benchmark or hp.benchmark)
         n = {"trn": hp.train_episodes, "val": hp.val_episodes, "test": hp.test_episodes}[split]
-        return benchmark_class(benchmark)(
-            root=root,
+        return cls(
+            root=cls.resolve_root(hp.root),
             split=split,
             fold=hp.fold if fold is None else fold,
             shot=hp.shot,
@@ -134,14 +128,19 @@ class FewShotDataModule(L.LightningDataModule):
             eval_size=hp.eval_size,
             n_episodes=n,
             seed=hp.seed,
-            splits_dir=self._splits(benchmark, root),
+            splits_dir=hp.splits_dir,
             support_control="none" if split == "trn" else hp.support_control,
         )
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if "embedded" in [self.hparams.benchmark, *(self.hparams.train_benchmarks or [])]:
-            self._root("embedded")
+        """One-time work of the benchmarks the current stage reads (ADE20K's class index, the embedded benchmark's
+        generation): once per node, before any ``setup``."""
+        fn = self.trainer.state.fn if self.trainer is not None else None
+        stage = fn.value if fn is not None else None  # fit | validate | test | predict; None: every stage
+        for name, split in dict.fromkeys(self._uses(stage)):
+            cls = benchmark_class(name)
+            cls.prepare_data(cls.resolve_root(self.hparams.root), split)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -152,10 +151,34 @@ class FewShotDataModule(L.LightningDataModule):
                 )
             else:
                 self.datasets["trn"] = self.build("trn")
+            if stage == "fit" and hp.effective_batch_size is not None and self.trainer is not None:
+                self._set_accumulation()
         if stage in (None, "fit", "validate"):
             self.datasets["val"] = self.build("val")
         if stage in (None, "test", "predict"):
             self.datasets["test"] = self.build("test")
+
+    def _set_accumulation(self) -> None:
+        """``trainer.accumulate_grad_batches`` from ``effective_batch_size`` (see the class docstring)."""
+        hp, trainer = self.hparams, self.trainer
+        acc = accumulation_steps(hp.effective_batch_size, trainer.world_size, hp.batch_size)
+        if trainer.accumulate_grad_batches not in (1, acc):
+            raise ValueError(
+                f"trainer.accumulate_grad_batches is {trainer.accumulate_grad_batches}, but data.effective_batch_size "
+                f"{hp.effective_batch_size} with {trainer.world_size} process(es) x data.batch_size {hp.batch_size} "
+                f"needs {acc}: leave trainer.accumulate_grad_batches unset or set data.effective_batch_size null"
+            )
+        trainer.accumulate_grad_batches = acc
+        rank_zero_info(
+            f"effective batch {hp.effective_batch_size} = {trainer.world_size} process(es) x batch {hp.batch_size} "
+            f"x accumulation {acc}"
+        )
+        batches = len(self.datasets["trn"]) // trainer.world_size // hp.batch_size
+        if batches % acc:
+            rank_zero_warn(
+                f"an epoch has {batches} batches per process, not a multiple of the accumulation {acc}: the last "
+                f"optimizer step of each epoch sees fewer than {hp.effective_batch_size} episodes"
+            )
 
     def eval_class_ids(self, stage: str) -> list[int]:
         split = "val" if stage in ("val", "validate", "fit") else "test"

@@ -1,4 +1,5 @@
-"""PASCAL-5i (VOC2012 + SBD augmented masks), 4 folds of 5 classes (docs/PROTOCOL.md §1).
+"""PASCAL-5i (VOC2012 + SBD augmented masks), 4 folds of 5 classes (docs/PROTOCOL.md §1), and the embedded
+benchmark, a generated stand-in in the same layout (`fsseg.data.embedded`).
 
 Layout: ``<root>/VOC2012/JPEGImages/<id>.jpg`` and ``<root>/VOC2012/SegmentationClassAug/<id>.png`` (value = class
 1..20, 0 = background, 255 = ignore). Lists: ``pascal5i/{trn,val}/fold{f}.txt`` (``IMAGEID__CLASS``, 1-based).
@@ -6,6 +7,7 @@ Layout: ``<root>/VOC2012/JPEGImages/<id>.jpg`` and ``<root>/VOC2012/Segmentation
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +23,19 @@ PASCAL_CLASSES = (
 
 
 class PascalFewShot(FewShotDataset):
-    benchmark = "pascal5i"
+    name = "pascal5i"
+    title = "PASCAL-5i"
+    layout = "VOC2012/JPEGImages/*.jpg and VOC2012/SegmentationClassAug/*.png"
     nfolds = 4
     nclass = 20
 
-    def check_root(self) -> None:
-        for sub in ("VOC2012/JPEGImages", "VOC2012/SegmentationClassAug"):
-            if not (self.root / sub).is_dir():
-                raise FileNotFoundError(
-                    f"PASCAL-5i: folder {self.root / sub} is missing (expected <root>/VOC2012/JPEGImages and "
-                    f"<root>/VOC2012/SegmentationClassAug; run `fsseg data check --root {self.root}`)"
-                )
+    @classmethod
+    def required_paths(cls, root: Path, split: str) -> list[tuple[Path, str]]:
+        voc = root / "VOC2012"
+        return [
+            (voc / "JPEGImages", "the VOC2012 images"),
+            (voc / "SegmentationClassAug", "the SBD-augmented masks (SegmentationClassAug)"),
+        ]
 
     def _read_fold(self, split: str, fold: int) -> list[tuple[str, int]]:
         path = resolve_splits_dir(self.splits_dir) / "pascal5i" / split / f"fold{fold}.txt"
@@ -77,8 +81,48 @@ class PascalFewShot(FewShotDataset):
     def image_path(self, key: str) -> Path:
         return self.root / "VOC2012" / "JPEGImages" / f"{key}.jpg"
 
+    def mask_path(self, key: str) -> Path:
+        return self.root / "VOC2012" / "SegmentationClassAug" / f"{key}.png"
+
     def load_mask(self, key: str, class_id: int) -> np.ndarray:
-        label = load_label(self.root / "VOC2012" / "SegmentationClassAug" / f"{key}.png")
+        label = load_label(self.mask_path(key))
         mask = (label == class_id + 1).astype(np.uint8)
         mask[label == IGNORE] = IGNORE
         return mask
+
+
+class EmbeddedFewShot(PascalFewShot):
+    """The embedded benchmark: generated on first use (`prepare_data`) into ``data.root``, or when that is not set
+    into ``$FSSEG_CACHE/embedded-v1-seed0`` (default ``~/.cache/fsseg``); its split lists live in ``<root>/splits``.
+    A root holding an ``embedded.json`` marker is used as it is (any generator parameters)."""
+
+    name = "embedded"
+    title = "embedded"
+    layout = (
+        "a generated benchmark in the PASCAL-5i layout, with its split lists in splits/ (fsseg.data.embedded)"
+    )
+    check_default = False
+
+    @classmethod
+    def resolve_root(cls, root: str | os.PathLike | None) -> Path:
+        from fsseg.data.embedded import default_embedded_root
+
+        return Path(root).expanduser() if root else default_embedded_root(seed=0)
+
+    @classmethod
+    def default_splits_dir(cls, root: Path) -> Path:
+        return root / "splits"
+
+    @classmethod
+    def required_paths(cls, root: Path, split: str) -> list[tuple[Path, str]]:
+        from fsseg.data.embedded import MARKER_NAME
+
+        what = "written by the generator (the data module's prepare_data runs it: fsseg.data.embedded)"
+        return [(root / MARKER_NAME, what), *super().required_paths(root, split)]
+
+    @classmethod
+    def prepare_data(cls, root: Path, split: str) -> None:
+        from fsseg.data.embedded import MARKER_NAME, ensure_embedded_benchmark
+
+        if not (root / MARKER_NAME).is_file():  # a benchmark generated before is used with its own parameters
+            ensure_embedded_benchmark(root, seed=0)

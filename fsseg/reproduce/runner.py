@@ -2,7 +2,10 @@
 seeds with ordinary ``fsseg test`` runs, and write the table.
 
 Each evaluation is `fsseg.cli.run_cli` in this process on one device, so it writes ``metrics.json`` and
-``episodes.jsonl`` into ``<out>/runs/<table>/<row>/<benchmark>/fold<f>-<k>shot/seed<s>/``.
+``episodes.jsonl`` into ``<out>/runs/<table>/<row>/<benchmark>/fold<f>-<k>shot/seed<s>/``. A cell with support
+controls (every smoke cell: ``other_class``) is tested again on the same checkpoint and seeds with
+``data.support_control`` set, into ``.../fold<f>-<k>shot/<control>/seed<s>/``, and the table shows that mIoU in a
+column of its own: how much of the score needs the support.
 """
 
 from __future__ import annotations
@@ -39,22 +42,28 @@ def train_smoke_models(cells: list[Cell], data: str | None, out: Path) -> None:
     for cell in cells:
         if not cell.train:
             continue
-        key = (cell.config, cell.fold, tuple(cell.fit_args))
+        key = (*cell.configs, cell.fold, tuple(cell.fit_args))
         if key not in trained:
-            name = Path(cell.config).stem
-            argv = ["fit", "--config", cell.config, "--data.fold", str(cell.fold), *cell.fit_args,
+            name = "+".join(Path(c).stem for c in cell.configs)
+            argv = ["fit", *config_args(cell.configs), "--data.fold", str(cell.fold), *cell.fit_args,
                     *logger_args(out / "train" / name, f"fold{cell.fold}")]  # fmt: skip
             if data:
                 argv += ["--data.root", data]
             fit = run_cli(argv)
             trained[key] = fit.trainer.checkpoint_callback.last_model_path
             if not trained[key]:
-                raise RuntimeError(f"training {cell.config} on fold {cell.fold} saved no checkpoint")
+                raise RuntimeError(
+                    f"training {' + '.join(cell.configs)} on fold {cell.fold} saved no checkpoint"
+                )
         cell.ckpt = trained[key]
 
 
+def config_args(configs: list[str]) -> list[str]:
+    return [a for c in configs for a in ("--config", c)]
+
+
 def test_argv(cell: Cell, data: str | None) -> list[str]:
-    argv = ["--config", cell.config, "--data.benchmark", cell.evaluated_on, "--data.fold", str(cell.fold),
+    argv = [*config_args(cell.configs), "--data.benchmark", cell.evaluated_on, "--data.fold", str(cell.fold),
             "--data.shot", str(cell.shot), "--trainer.devices", "1"]  # fmt: skip
     if data:
         argv += ["--data.root", data]
@@ -74,20 +83,32 @@ def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | No
     if smoke:
         train_smoke_models(cells, data, out / "runs" / spec.name)
     measured, done = [], {}
-    for cell in cells:
-        argv = test_argv(cell, data)
+
+    def evaluate(argv: list[str], seeds: list[int], folder: Path) -> list[Path]:
         key = (
             *argv,
-            *map(str, cell.seeds),
+            *map(str, seeds),
         )  # an identical evaluation (smoke: several rows on one benchmark) runs once
         if key not in done:
-            done[key] = evaluate_seeds(argv, cell.seeds, out / "runs" / spec.name / cell.slug)["runs"]
+            done[key] = [Path(r) for r in evaluate_seeds(argv, seeds, folder)["runs"]]
+        return done[key]
+
+    for cell in cells:
+        argv, folder = test_argv(cell, data), out / "runs" / spec.name / cell.slug
+        runs = evaluate(argv, cell.seeds, folder)
+        controls = {
+            c: evaluate([*argv, "--data.support_control", c], cell.seeds, folder / c) for c in cell.controls
+        }
         measured.append(Measured(cell.row, cell.setting, cell.published, cell.benchmark, cell.evaluated_on,
-                                 cell.fold, cell.shot, [Path(r) for r in done[key]]))  # fmt: skip
+                                 cell.fold, cell.shot, runs, controls))  # fmt: skip
     lines = table_lines(measured, n_boot=n_boot)
-    note = (f"SMOKE RUN: every row evaluated on the embedded benchmark with the tiny demo models "
-            f"({time.perf_counter() - start:.0f} s); the published column is the paper's number for the row's "
-            f"benchmark, not comparable to ours." if smoke else "")  # fmt: skip
+    note = ""
+    if smoke:
+        note = (f"SMOKE RUN: every row evaluated on the embedded benchmark with the tiny demo models "
+                f"({time.perf_counter() - start:.0f} s); the published column is the paper's number for the row's "
+                f"benchmark, not comparable to ours. The control column tests the same checkpoint with supports of "
+                f"another class (data.support_control: other_class): a method that uses its support drops there. "
+                + str(spec.smoke.get("note", ""))).strip()  # fmt: skip
     paths = write_table(lines, out, spec.name, spec.title, note)
     from fsseg.report import atomic_write_text
 

@@ -1,7 +1,13 @@
 """Reproduction table specs (``configs/reproduce/*.yaml``): rows -> evaluation cells, and the check of every input.
 
 A cell is one (row, benchmark, fold, shot) evaluated over seeds 0..N-1. Before anything runs, `missing_inputs` lists
-every data folder, weight, checkpoint and config the cells need that is absent, with what belongs there.
+every data folder, weight, checkpoint and config the cells need that is absent, with what belongs there (the data
+part comes from the benchmark classes, through `fsseg.data.tools.check`).
+
+Top-level keys: ``title``, ``paths`` (what belongs at each ``{CKPTS}`` path), ``precision`` (``trainer.precision`` of
+every test run; default ``32-true``: the released DiffewS evaluation runs in fp32, docs/PROTOCOL.md §3a), ``smoke``
+(``test_episodes``, ``folds``, ``fit_args``, ``controls``: the support controls every smoke cell is also tested
+with, default ``[other_class]``; ``note``: a line for the smoke table) and ``rows``.
 """
 
 from __future__ import annotations
@@ -13,14 +19,9 @@ from pathlib import Path
 import yaml
 
 ROW_KEYS = {"name", "setting", "published", "config", "ckpt", "args", "benchmarks", "shots", "seeds", "smoke"}
-SMOKE_KEYS = {"config", "ckpt", "seeds", "folds", "fit_args", "test_episodes"}
-DATA_LAYOUT = {  # what `fsseg data check` looks for, in words
-    "coco20i": "COCO2014/{train2014,val2014}/*.jpg and the semantic masks COCO2014/annotations/{train2014,val2014}/*.png "
-               "(`fsseg data build-coco-masks`)",
-    "pascal5i": "VOC2012/JPEGImages/*.jpg and VOC2012/SegmentationClassAug/*.png",
-    "lvis92i": "LVIS/ with the COCO 2017 images ({train,val}2017) and the LVIS-92i class lists (`fsseg data build-lvis`)",
-    "fss1000": "FSS-1000/<category>/<n>.jpg + <n>.png",
-}  # fmt: skip
+SMOKE_KEYS = {"config", "ckpt", "seeds", "folds", "fit_args", "test_episodes", "controls", "note"}
+DEFAULT_PRECISION = "32-true"
+DEFAULT_SMOKE_CONTROLS = ["other_class"]
 
 
 @dataclass
@@ -35,11 +36,12 @@ class Cell:
     fold: int
     shot: int
     seeds: list[int]
-    config: str
-    ckpt: str | None  # None with ``train``: the smoke run trains ``config`` on this fold first
+    configs: list[str]  # one --config each, in order (a base and its overlays)
+    ckpt: str | None  # None with ``train``: the smoke run trains the configs on this fold first
     args: list[str] = field(default_factory=list)
     train: bool = False
     fit_args: list[str] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)  # support controls tested besides the plain episodes
 
     @property
     def slug(self) -> str:
@@ -55,6 +57,7 @@ class TableSpec:
     rows: list[dict]
     smoke: dict
     repo: Path  # the checkout the spec lives in (configs/reproduce/<name>.yaml): repository configs resolve here
+    precision: str = DEFAULT_PRECISION
 
     def config_path(self, config: str) -> str:
         """A relative repository config (``configs/x.yaml``) from the current folder, else from the checkout."""
@@ -63,9 +66,38 @@ class TableSpec:
             return config
         return str(self.repo / p)
 
+    def config_paths(self, config: str | list[str], data: str, ckpts: str, fold: int) -> list[str]:
+        return [self.config_path(fill(c, data, ckpts, fold)) for c in _as_list(config)]
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
 
 def fill(value: str, data: str, ckpts: str, fold: int) -> str:
     return str(value).replace("{DATA}", data).replace("{CKPTS}", ckpts).replace("{fold}", str(fold))
+
+
+def _check_row(row: dict, where: str) -> None:
+    unknown = set(row) - ROW_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(ROW_KEYS)}")
+    for key in ("name", "config", "benchmarks", "shots"):
+        if key not in row:
+            raise ValueError(f"{where}: key {key!r} is missing")
+    if not all(isinstance(c, str) and c for c in _as_list(row["config"])):
+        raise ValueError(f"{where}: 'config' must be a config path or a list of them (a base, then overlays)")
+    if not isinstance(row["benchmarks"], dict) or not all(
+        isinstance(f, list) for f in row["benchmarks"].values()
+    ):
+        raise ValueError(f"{where}: 'benchmarks' must map a benchmark to its list of folds")
+    if int(row.get("seeds", 1)) < 1:
+        raise ValueError(f"{where}: 'seeds' must be >= 1, got {row.get('seeds')}")
+    unknown = set(row.get("smoke") or {}) - SMOKE_KEYS
+    if unknown:
+        raise ValueError(
+            f"{where}.smoke: unknown keys {sorted(unknown)}; expected some of {sorted(SMOKE_KEYS)}"
+        )
 
 
 def load_spec(path: str | Path) -> TableSpec:
@@ -77,28 +109,13 @@ def load_spec(path: str | Path) -> TableSpec:
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{path}: 'rows' must be a non-empty list")
     for i, row in enumerate(rows):
-        where = f"{path}: rows[{i}]"
-        unknown = set(row) - ROW_KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(ROW_KEYS)}")
-        for key in ("name", "config", "benchmarks", "shots"):
-            if key not in row:
-                raise ValueError(f"{where}: key {key!r} is missing")
-        if not isinstance(row["benchmarks"], dict) or not all(
-            isinstance(f, list) for f in row["benchmarks"].values()
-        ):
-            raise ValueError(f"{where}: 'benchmarks' must map a benchmark to its list of folds")
-        if int(row.get("seeds", 1)) < 1:
-            raise ValueError(f"{where}: 'seeds' must be >= 1, got {row.get('seeds')}")
-        unknown = set(row.get("smoke") or {}) - SMOKE_KEYS
-        if unknown:
-            raise ValueError(
-                f"{where}.smoke: unknown keys {sorted(unknown)}; expected some of {sorted(SMOKE_KEYS)}"
-            )
+        _check_row(row, f"{path}: rows[{i}]")
+    names = [row["name"] for row in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: row names must be unique (--rows selects by name), got {names}")
     repo = path.resolve().parent.parent.parent
-    return TableSpec(
-        path.stem, raw.get("title", path.stem), raw.get("paths") or {}, rows, raw.get("smoke") or {}, repo
-    )
+    return TableSpec(path.stem, raw.get("title", path.stem), raw.get("paths") or {}, rows, raw.get("smoke") or {},
+                     repo, str(raw.get("precision", DEFAULT_PRECISION)))  # fmt: skip
 
 
 def _arg_list(args: dict | None, data: str, ckpts: str, fold: int) -> list[str]:
@@ -106,6 +123,24 @@ def _arg_list(args: dict | None, data: str, ckpts: str, fold: int) -> list[str]:
     for key, value in (args or {}).items():
         out += [f"--{key}", "null" if value is None else fill(value, data, ckpts, fold)]
     return out
+
+
+def _cell(spec: TableSpec, row: dict, sm: dict, common: dict, d: str, c: str, smoke: bool) -> Cell:
+    fold = common["fold"]
+    precision = ["--trainer.precision", spec.precision]  # before the row's args, which may override it
+    if smoke:
+        if "config" not in sm:
+            raise ValueError(f"{spec.name}: row {row['name']!r} has no smoke config")
+        args = precision + (
+            ["--data.test_episodes", str(sm["test_episodes"])] if sm.get("test_episodes") else []
+        )
+        ckpt = fill(sm["ckpt"], d, c, fold) if sm.get("ckpt") else None
+        return Cell(**common, evaluated_on="embedded", configs=spec.config_paths(sm["config"], d, c, fold),
+                    ckpt=ckpt, args=args, train=ckpt is None, fit_args=[str(a) for a in sm.get("fit_args", [])],
+                    controls=list(sm.get("controls", DEFAULT_SMOKE_CONTROLS)))  # fmt: skip
+    ckpt = fill(row["ckpt"], d, c, fold) if row.get("ckpt") else None
+    return Cell(**common, evaluated_on=common["benchmark"], configs=spec.config_paths(row["config"], d, c, fold),
+                ckpt=ckpt, args=precision + _arg_list(row.get("args"), d, c, fold))  # fmt: skip
 
 
 def build_cells(
@@ -131,21 +166,7 @@ def build_cells(
                 for shot in row["shots"]:
                     common = dict(row=row["name"], setting=row.get("setting", ""), published=row.get("published"),
                                   benchmark=benchmark, fold=int(fold), shot=int(shot), seeds=list(range(seeds)))  # fmt: skip
-                    if smoke:
-                        if "config" not in sm:
-                            raise ValueError(f"{spec.name}: row {row['name']!r} has no smoke config")
-                        args = (
-                            ["--data.test_episodes", str(sm["test_episodes"])]
-                            if sm.get("test_episodes")
-                            else []
-                        )
-                        ckpt = fill(sm["ckpt"], d, c, fold) if sm.get("ckpt") else None
-                        cells.append(Cell(**common, evaluated_on="embedded", config=spec.config_path(sm["config"]), ckpt=ckpt, args=args,
-                                          train=ckpt is None, fit_args=[str(a) for a in sm.get("fit_args", [])]))  # fmt: skip
-                    else:
-                        ckpt = fill(row["ckpt"], d, c, fold) if row.get("ckpt") else None
-                        cells.append(Cell(**common, evaluated_on=benchmark, config=spec.config_path(fill(row["config"], d, c, fold)),
-                                          ckpt=ckpt, args=_arg_list(row.get("args"), d, c, fold)))  # fmt: skip
+                    cells.append(_cell(spec, row, sm, common, d, c, smoke))
     return cells
 
 
@@ -155,7 +176,8 @@ def _needed_paths(spec: TableSpec, cells: list[Cell], data: str, ckpts: str, smo
                  for cell in cells for p, w in spec.paths.items()}  # fmt: skip
     needed: dict[str, str] = {}
     for cell in cells:
-        needed.setdefault(cell.config, described.get(cell.config, "the run config (a repository file)"))
+        for config in cell.configs:
+            needed.setdefault(config, described.get(config, "the run config (a repository file)"))
         if cell.ckpt:
             needed.setdefault(cell.ckpt, described.get(cell.ckpt, "a checkpoint"))
         for value in cell.args:
@@ -164,12 +186,28 @@ def _needed_paths(spec: TableSpec, cells: list[Cell], data: str, ckpts: str, smo
     return needed
 
 
+def missing_data(root: Path, benchmarks: list[str], quick: int | None = 20) -> list[str]:
+    """Lines for each benchmark whose files are incomplete under ``root`` (what `fsseg data check` reports)."""
+    from fsseg.data.registry import benchmark_class
+    from fsseg.data.tools.check import check_benchmark
+
+    lines: list[str] = []
+    for name in benchmarks:
+        cls = benchmark_class(name)
+        rep = check_benchmark(cls, root, quick=quick)
+        if rep.ok:
+            continue
+        lines.append(f"{cls.title} data (expected under {root}: {cls.layout}):")
+        lines += [f"  missing {p}" for p in rep.missing[:20]]
+        if len(rep.missing) > 20:
+            lines.append(f"  ... and {len(rep.missing) - 20} more")
+        lines += [f"  note: {n}" for n in cls.check_notes(root)]
+    return lines
+
+
 def missing_inputs(spec: TableSpec, cells: list[Cell], data: str | None, ckpts: str | None, smoke: bool,
                    quick: int | None = 20) -> list[str]:  # fmt: skip
     """Lines describing every missing input (empty when everything is in place)."""
-    from fsseg.data.splits_io import resolve_splits_dir
-    from fsseg.data.tools.check import CHECKS, TITLES
-
     d, c = data or "<DATA>", ckpts or "<CKPTS>"
     lines: list[str] = []
     if not smoke:
@@ -179,19 +217,10 @@ def missing_inputs(spec: TableSpec, cells: list[Cell], data: str | None, ckpts: 
             )
         if ckpts is None:
             lines.append("CKPTS is not set: give the folder of weights and checkpoints listed below")
-        benchmarks = sorted({cell.evaluated_on for cell in cells})
         root = Path(d).expanduser()
         if data is not None and not root.is_dir():
             lines.append(f"data root {root} does not exist")
-        splits = resolve_splits_dir(None)
-        for b in benchmarks:
-            rep = CHECKS[b](root, splits, quick)
-            if not rep.ok:
-                lines.append(f"{TITLES[b]} data (expected under {root}: {DATA_LAYOUT.get(b, '')}):")
-                lines += [f"  missing {p}" for p in rep.missing[:20]]
-                if len(rep.missing) > 20:
-                    lines.append(f"  ... and {len(rep.missing) - 20} more")
-                lines += [f"  note: {n}" for n in rep.lines if "build" in n or "needs" in n or "layout" in n]
+        lines += missing_data(root, sorted({cell.evaluated_on for cell in cells}), quick)
     for path, what in _needed_paths(spec, cells, d, c, smoke).items():
         if not Path(path).expanduser().exists():
             lines.append(f"missing {path}: {what}")

@@ -11,18 +11,28 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fsseg.data.protocol import SUPPORT_CONTROLS
 from fsseg.reproduce.published import published_miou
 from fsseg.reproduce.stats import bootstrap_fold_mean, load_run, percentile_interval, t_interval
 
-TITLES = {"coco20i": "COCO-20i", "pascal5i": "PASCAL-5i", "lvis92i": "LVIS-92i", "fss1000": "FSS-1000",
-          "embedded": "embedded", "coco_40_20_20": "COCO (40/20/20)"}  # fmt: skip
+CONTROLS = tuple(c for c in SUPPORT_CONTROLS if c != "none")
 COLUMNS = ("method", "setting", "benchmark", "evaluated_on", "shot", "fold", "ours", "ci_low", "ci_high", "interval",
-           "published", "diff", "seeds", "episodes")  # fmt: skip
+           "published", "diff", "seeds", "episodes", *CONTROLS)  # fmt: skip
+
+
+def title(benchmark: str) -> str:
+    """How a benchmark is printed: its class's ``title`` (the name itself when it is not registered)."""
+    from fsseg.data.registry import benchmark_class
+
+    try:
+        return benchmark_class(benchmark).title or benchmark
+    except ValueError:
+        return benchmark
 
 
 @dataclass
@@ -37,6 +47,7 @@ class Measured:
     fold: int
     shot: int
     runs: list[Path]  # one per seed, seed order
+    controls: dict[str, list[Path]] = field(default_factory=dict)  # support control -> its seed runs
 
 
 def _interval(
@@ -67,18 +78,33 @@ def table_lines(measured: Sequence[Measured], n_boot: int = 1000, seed: int = 0)
         base = dict(
             method=row, setting=setting, benchmark=bench, evaluated_on=on, shot=shot, seeds=values.shape[1]
         )
+        controls = _control_values(
+            ms
+        )  # control -> [folds] mIoU (mean over its seeds), or None where not tested
         for i, m in enumerate(ms):
             lo, hi, kind = _interval(values[i].tolist(), m.runs[:1], n_boot, seed)
             lines.append({**base, "fold": str(m.fold), "ours": float(values[i].mean()), "ci_low": lo, "ci_high": hi,
                           "interval": kind, "published": published_miou(pub, bench, shot, m.fold),
-                          "episodes": episodes[i]})  # fmt: skip
+                          "episodes": episodes[i], **{c: v if v is None else v[i] for c, v in controls.items()}})  # fmt: skip
         lo, hi, kind = _interval(values.mean(0).tolist(), [m.runs[0] for m in ms], n_boot, seed)
         lines.append({**base, "fold": "mean(" + ",".join(str(m.fold) for m in ms) + ")", "ours": float(values.mean()),
                       "ci_low": lo, "ci_high": hi, "interval": kind, "published": published_miou(pub, bench, shot),
-                      "episodes": sum(episodes)})  # fmt: skip
+                      "episodes": sum(episodes),
+                      **{c: v if v is None else float(np.mean(v)) for c, v in controls.items()}})  # fmt: skip
     for line in lines:
         line["diff"] = None if line["published"] is None else line["ours"] - line["published"]
     return lines
+
+
+def _control_values(ms: Sequence[Measured]) -> dict[str, list[float] | None]:
+    """Per control: the mIoU of each fold (mean over that control's seed runs); None unless every fold has it."""
+    out: dict[str, list[float] | None] = {}
+    for c in CONTROLS:
+        if all(m.controls.get(c) for m in ms):
+            out[c] = [float(np.mean([load_run(r).miou() for r in m.controls[c]])) for m in ms]
+        else:
+            out[c] = None
+    return out
 
 
 def _num(v, fmt: str = ".1f") -> str:
@@ -95,41 +121,52 @@ def to_csv(lines: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def to_markdown(lines: Sequence[dict], title: str, note: str = "") -> str:
-    head = "| Method | Setting | Benchmark | Shot | Folds | Ours | 95% interval | Published | Ours − published | Seeds | Episodes |"
-    sep = "|" + "---|" * 11
+CONTROL_TITLES = {"other_class": "Other-class supports", "empty_mask": "Empty support masks"}
+
+
+def to_markdown(lines: Sequence[dict], heading: str, note: str = "") -> str:
+    controls = [c for c in CONTROLS if any(line.get(c) is not None for line in lines)]
+    head = ("| Method | Setting | Benchmark | Shot | Folds | Ours | 95% interval | Published | Ours − published | Seeds "
+            "| Episodes |" + "".join(f" {CONTROL_TITLES[c]} |" for c in controls))  # fmt: skip
+    sep = "|" + "---|" * (11 + len(controls))
 
     def render(rows):
         out = [head, sep]
         for r in rows:
-            bench = TITLES.get(r["benchmark"], r["benchmark"])
+            bench = title(r["benchmark"])
             if r["evaluated_on"] != r["benchmark"]:
-                bench += f" (run on {TITLES.get(r['evaluated_on'], r['evaluated_on'])})"
+                bench += f" (run on {title(r['evaluated_on'])})"
             out.append(f"| {r['method']} | {r['setting']} | {bench} | {r['shot']} | {r['fold']} | {_num(r['ours'])} | "
                        f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}] ({r['interval']}) | {_num(r['published'])} | "
-                       f"{_num(r['diff'], '+.1f')} | {r['seeds']} | {r['episodes']} |")  # fmt: skip
+                       f"{_num(r['diff'], '+.1f')} | {r['seeds']} | {r['episodes']} |"
+                       + "".join(f" {_num(r.get(c))} |" for c in controls))  # fmt: skip
         return out
 
-    text = [f"# {title}", ""] + ([note, ""] if note else [])
+    text = [f"# {heading}", ""] + ([note, ""] if note else [])
     text += ["## Fold means", ""] + render([r for r in lines if r["fold"].startswith("mean")])
     text += ["", "## Per fold", ""] + render([r for r in lines if not r["fold"].startswith("mean")])
     text += [
         "",
         "mIoU per docs/PROTOCOL.md §2 (per-class intersection/union summed over a fold's episodes, mean over its "
         "classes); a fold mean is the plain mean of the fold mIoUs. Ours with several seeds: mean over "
-        "data.seed 0..N-1 (different support draws; seed 0 = the published episodes). – : no published number.",
+        "data.seed 0..N-1 (different support draws; seed 0 = the published episodes). – : no published number."
+        + (
+            " Control columns: the same checkpoint and seeds with data.support_control set (docs/PROTOCOL.md §1)."
+            if controls
+            else ""
+        ),
     ]
     return "\n".join(text) + "\n"
 
 
 def write_table(
-    lines: Sequence[dict], out_dir: str | Path, name: str, title: str, note: str = ""
+    lines: Sequence[dict], out_dir: str | Path, name: str, heading: str, note: str = ""
 ) -> tuple[Path, Path]:
     """Write ``out_dir/<name>.md`` and ``out_dir/<name>.csv`` (atomically)."""
     from fsseg.report import atomic_write_text
 
     out_dir = Path(out_dir)
     md, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
-    atomic_write_text(md, to_markdown(lines, title, note))
+    atomic_write_text(md, to_markdown(lines, heading, note))
     atomic_write_text(csv_path, to_csv(lines))
     return md, csv_path

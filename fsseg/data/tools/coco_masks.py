@@ -160,12 +160,13 @@ def build_coco_masks(
     limit: int | None = None,
     workers: int = 0,
     progress_every: int = 1000,
-    log=sys.stderr,
+    log=None,
 ) -> dict[str, int]:
     """Write one semantic PNG per image of ``ann_file`` into ``out_dir``; returns counts (written, skipped).
 
     ``limit`` keeps the first N images of the JSON (quick runs); ``workers`` > 0 uses that many processes.
     """
+    log = log or sys.stderr
     if overlap not in OVERLAP_RULES:
         raise ValueError(f"overlap must be one of {OVERLAP_RULES}, got {overlap!r}")
     if crowd not in CROWD_RULES:

@@ -37,11 +37,8 @@ import gzip
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
-
-from pycocotools import mask as mask_utils
-
-from fsseg.data.tools.coco_masks import segmentation_rle
 
 FORMAT = "fsseg-lvis-classes/1"
 SPLITS = ("val", "train")
@@ -66,6 +63,10 @@ def image_file(image: dict) -> str:
 
 def build_class_lists(lvis: dict, source: str = "") -> dict:
     """The plain-data class lists (format in the module docstring) from a parsed LVIS JSON."""
+    from pycocotools import mask as mask_utils  # here, so that reading the lists needs no pycocotools
+
+    from fsseg.data.tools.coco_masks import segmentation_rle
+
     for key in ("images", "annotations", "categories"):
         if not isinstance(lvis.get(key), list):
             raise ValueError(f"LVIS JSON {source}: expected a list under key {key!r}")
@@ -109,13 +110,19 @@ def write_json_gz_atomic(obj, path: Path) -> None:
 
 
 def read_class_lists(path: str | Path) -> list[dict]:
-    """Read and check a class-list file; returns its ``classes``."""
+    """Read and check a class-list file; returns its ``classes`` (parsed once per file version)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"LVIS class list {path} is missing; build it from the LVIS v1 JSON with "
             f"`fsseg data build-lvis --root <root>` (reads <root>/LVIS/lvis_v1_<split>.json)"
         )
+    stat = path.stat()
+    return _read_class_lists(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_class_lists(path: Path, mtime_ns: int, size: int) -> list[dict]:
     try:
         with gzip.open(path, "rt") as f:
             data = json.load(f)
@@ -135,9 +142,8 @@ def read_class_lists(path: str | Path) -> list[dict]:
     return data["classes"]
 
 
-def build_lvis_lists(
-    json_file: str | Path, out_file: str | Path, overwrite: bool = False, log=sys.stderr
-) -> Path:
+def build_lvis_lists(json_file: str | Path, out_file: str | Path, overwrite: bool = False, log=None) -> Path:
+    log = log or sys.stderr
     json_file, out_file = Path(json_file), Path(out_file)
     if out_file.exists() and not overwrite:
         print(f"{out_file} exists; skipped (use --overwrite)", file=log)
