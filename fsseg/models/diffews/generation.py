@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 GENERATIONS = ("oi2m", "mi2m", "mn2m")
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query input, timesteps [B]) -> UNet output
+# the same with the inference generator (support-token sampling draws from it): (query input, t [B], generator)
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
 def multires_noise(
@@ -41,24 +43,6 @@ def multires_noise(
         )
         level += 1
     return noise / noise.flatten(1).std(1).view(-1, 1, 1, 1)
-
-
-def make_scheduler(pretrained: str, beta_start: float, beta_end: float, beta_schedule: str):
-    """SD 2.1's DDIM scheduler config with the beta range overridden."""
-    from diffusers import DDIMScheduler
-
-    from fsseg.models.diffews.unet_loading import load_component
-
-    return load_component(
-        DDIMScheduler,
-        pretrained,
-        "scheduler",
-        "noise scheduler",
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule=beta_schedule,
-        prediction_type="v_prediction",
-    )
 
 
 def training_inputs(kind, z_q, z_mq, scheduler=None, multires_strength=0.0, generator=None):
@@ -100,3 +84,11 @@ def generate(kind, denoise: Denoise, z_q, scheduler=None, steps: int = 10, gener
         out = scheduler.step(v, t, z)
         z, x0 = out.prev_sample, out.pred_original_sample
     return x0
+
+
+def inference_timesteps(kind, scheduler=None, steps: int = 10, device=None) -> list[torch.Tensor]:
+    """The timesteps `generate` visits (scalars): oi2m t = 1, mi2m/mn2m the DDIM schedule."""
+    if kind == "oi2m":
+        return [torch.ones((), dtype=torch.long, device=device)]
+    scheduler.set_timesteps(steps, device=device)
+    return list(scheduler.timesteps)

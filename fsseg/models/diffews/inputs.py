@@ -61,14 +61,3 @@ def foreground_score(pred: torch.Tensor, image: torch.Tensor, form: str) -> torc
     else:
         raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {form!r}")
     return score.mean(1)
-
-
-def threshold(score: torch.Tensor, kind: str, value: float) -> torch.Tensor:
-    """[B, h, w] -> {0, 1} long: ``score > value * max(score)`` (relative, per image) or ``score > value`` (absolute)."""
-    if kind == "relative":
-        ref = score.flatten(1).amax(1).view(-1, 1, 1) * value
-    elif kind == "absolute":
-        ref = torch.full_like(score[:, :1, :1], value)
-    else:
-        raise ValueError(f"threshold must be 'relative' or 'absolute', got {kind!r}")
-    return (score > ref).long()
