@@ -104,8 +104,9 @@ def test_predict_masks_postprocessing(sd_dir):
     torch.testing.assert_close(img * 255, (img * 255).round())  # uint8 levels
     pred = m.predict_masks(batch, (48, 40))
     assert pred.shape == (2, 48, 40) and pred.dtype == torch.long and set(pred.unique().tolist()) <= {0, 1}
-    score = torch.nn.functional.interpolate(img, size=(48, 40), mode="nearest").mean(1)
-    expected = (score > 0.25 * score.flatten(1).amax(1)[:, None, None]).long()
+    resized = torch.nn.functional.interpolate(img, size=(48, 40), mode="nearest")
+    score = resized.mean(1)  # the channel mean against 0.25 * the maximum over all channels and pixels
+    expected = (score > 0.25 * resized.flatten(1).amax(1)[:, None, None]).long()
     assert torch.equal(pred, expected)
     m_abs = DiffewsModule(pretrained=sd_dir, threshold_mode="absolute", threshold=0.15).eval()
     m_abs.load_state_dict(m.state_dict())

@@ -81,7 +81,9 @@ def direct_predictions(model, images: dict, shots: int, img_size: int) -> dict[s
     return out
 
 
-def check_outputs(images: dict, expected: dict[str, np.ndarray]) -> None:
+def check_outputs(images: dict, expected: dict[str, np.ndarray], tolerance: float = 0.0) -> None:
+    """The written masks equal ``expected`` (up to a ``tolerance`` fraction of pixels: DiffewS's cached K/V path
+    differs from the joint call by float noise, which can move a decoded value across a uint8 level)."""
     out = images["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{Path(n).stem}_{k}.png" for n in QUERY_SIZES for k in ("mask", "overlay")
@@ -90,7 +92,9 @@ def check_outputs(images: dict, expected: dict[str, np.ndarray]) -> None:
         stem = Path(name).stem
         mask = np.array(Image.open(out / f"{stem}_mask.png"))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask == 255, expected[stem] == 1)
+        if tolerance == 0:
+            np.testing.assert_array_equal(mask == 255, expected[stem] == 1)
+        assert ((mask == 255) != (expected[stem] == 1)).mean() <= tolerance
         with Image.open(out / f"{stem}_overlay.png") as ov:
             assert ov.size == (w, h) and ov.mode == "RGB"
 
@@ -186,7 +190,9 @@ def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.5", *cli_args(images, 2)])
     assert done.value.code == 0
     model.eval().hparams.threshold = 0.5  # what --threshold sets
-    check_outputs(images, direct_predictions(model, images, 2, 32))  # so the checkpoint's weights were used
+    check_outputs(
+        images, direct_predictions(model, images, 2, 32), 0.01
+    )  # the checkpoint's weights were used
 
 
 def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):

@@ -1,5 +1,7 @@
-"""`DiffewsModule`: DiffewS (few-shot segmentation by fine-tuning Stable Diffusion 2.1's UNet), as released, with
-every design choice the paper ablates as an init argument (see docs/PROTOCOL.md §3 and configs/ablations/diffews/)."""
+"""`DiffewsModule`: DiffewS (few-shot segmentation by fine-tuning Stable Diffusion 2.1's UNet), with every design
+choice the paper ablates as an init argument (see docs/PROTOCOL.md §3 and configs/ablations/diffews/). Where the
+released code and the paper differ, the released behaviour is the default and the paper's form a named option
+(``threshold_reference``, ``quantize``, ``mask_resize``, ``multires_noise_form``; see README.md)."""
 
 from __future__ import annotations
 
@@ -8,21 +10,23 @@ import torch.nn.functional as F
 
 from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
 from fsseg.models.diffews import generation as gen
-from fsseg.models.diffews import support_cache
+from fsseg.models.diffews import support_cache, tca
 from fsseg.models.diffews.inputs import (
     INJECTIONS,
+    QUANTIZE,
     SUPERVISIONS,
+    THRESHOLD_REFERENCES,
     binary_mask,
-    foreground_score,
+    foreground_channels,
     inject_rgb,
     mask_image,
+    quantize,
+    score_and_reference,
     supervision_image,
 )
-from fsseg.models.diffews.processors import FusionInputs, install_fusion, support_keep
+from fsseg.models.diffews.processors import MASK_RESIZES, FusionInputs, install_fusion
 from fsseg.models.diffews.unet_loading import SD21_ID, ConvInRouter, add_input_conv, unet_folder
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SD21 = dict(reference=SD21_ID, key="model.init_args.pretrained")
 
 
@@ -36,9 +40,19 @@ class DiffewsModule(FewShotModule):
         injection: ``concat`` (released) | ``multiply_rgb`` | ``multiply_latent`` | ``add`` | ``attention_mask``.
         supervision: ``white_fg`` (released) | ``real_fg`` | ``black_fg`` | ``overlay``.
         generation: ``oi2m`` (released) | ``mi2m`` | ``mn2m``; ``beta_start``/``beta_end``/``beta_schedule``,
-            ``num_inference_steps``, ``ensemble_size`` (mn2m), ``multires_noise`` (mn2m strength, 0 = plain noise).
-        threshold / threshold_mode: foreground where the score exceeds ``threshold * max`` (``relative``, released,
-            0.25) or ``threshold`` (``absolute``; the paper's best absolute value is 0.15).
+            ``num_inference_steps``, ``ensemble_size`` (mn2m), ``multires_noise`` (mn2m training-noise strength, annealed
+            by t/T; 0 = plain noise), ``multires_noise_form``: ``released`` (the released ``pyramid_noise_like``: at
+            most 6 levels sized from the full resolution) | ``marigold`` (the paper's "Marigold-style" noise: at most
+            10 levels, each sized from the previous one).
+        threshold / threshold_mode: foreground where the score exceeds ``threshold * reference`` (``relative``,
+            released, 0.25) or ``threshold`` (``absolute``; the paper's best absolute value is 0.15).
+        threshold_reference: the relative threshold's reference: ``rgb_max`` (released evaluation code: the maximum
+            over all three channels and pixels of the decoded image) | ``mean_max`` (the paper: the maximum of the
+            channel-mean score).
+        quantize: ``floor`` (released: the decoded image passes through uint8 by truncation) | ``none`` (the paper
+            describes no uint8 step).
+        mask_resize: attention-mask injection's support mask on each layer's token grid: ``nearest`` (released) |
+            ``any`` (a cell is visible if any pixel under it is foreground; the paper does not say how).
         nshot: ``concat`` (all support K/V) | ``sample`` (support K/V sampled down to the 1-shot count).
         train_shots: None = every given support each step; N = a random 1..N of them per step (DiffewS-n).
         image_encoder: CLIPVisionModelWithProjection folder or hub id (needed by ``tca``).
@@ -67,8 +81,12 @@ class DiffewsModule(FewShotModule):
         num_inference_steps: int = 10,
         ensemble_size: int = 1,
         multires_noise: float = 0.9,
+        multires_noise_form: str = "released",
         threshold: float = 0.25,
         threshold_mode: str = "relative",
+        threshold_reference: str = "rgb_max",
+        quantize: str = "floor",
+        mask_resize: str = "nearest",
         nshot: str = "concat",
         train_shots: int | None = None,
         image_encoder: str | None = None,
@@ -128,6 +146,10 @@ class DiffewsModule(FewShotModule):
             "generation": gen.GENERATIONS,
             "nshot": ("concat", "sample"),
             "support_pass": ("joint", "separate"),
+            "multires_noise_form": gen.NOISE_FORMS,
+            "threshold_reference": THRESHOLD_REFERENCES,
+            "quantize": QUANTIZE,
+            "mask_resize": MASK_RESIZES,
         }
         for key, allowed in choices.items():
             if hp[key] not in allowed:
@@ -200,9 +222,9 @@ class DiffewsModule(FewShotModule):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[N, 4, h, w] -> [N, 3, S, S] in [0, 1], rounded to uint8 levels as the released code does."""
+        """[N, 4, h, w] -> [N, 3, S, S] in [0, 1] (clipped to [-1, 1], then ``x * 0.5 + 0.5``)."""
         img = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
-        return ((img.float().clamp(-1, 1) + 1) / 2 * 255).round() / 255
+        return img.float().clamp(-1, 1) * 0.5 + 0.5
 
     # ---- the support side of a UNet call ----------------------------------------------------------------------
     def _support_inputs(self, s_img, s_mask, sample: bool) -> dict:
@@ -211,7 +233,9 @@ class DiffewsModule(FewShotModule):
         flat_img, flat_mask = s_img.flatten(0, 1), s_mask.flatten(0, 1)  # [B*K, 3, S, S], [B*K, S, S]
         hp = self.hparams
         if hp.interaction == "tca":
-            return self._clip_support(flat_img, flat_mask, b, k)
+            return tca.support_tokens(
+                self.image_encoder, flat_img, flat_mask, b, hp.injection, hp.mask_resize
+            )
         if hp.injection == "concat":
             z = self.encode(torch.cat([flat_img, mask_image(flat_mask)]), sample)
             z_s, z_ms = z.chunk(2)
@@ -224,32 +248,6 @@ class DiffewsModule(FewShotModule):
             out["mask"] = s_mask  # [B, K, S, S]
         return out
 
-    def _clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] in [0, 1] -> [N, T, D] projected CLIP patch + class tokens."""
-        enc = self.image_encoder
-        size = enc.config.image_size
-        x = F.interpolate(
-            images, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-        ).clamp(0, 1)
-        mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-        with torch.no_grad():
-            hidden = enc.vision_model(pixel_values=(x - mean) / std).last_hidden_state
-            return enc.visual_projection(enc.vision_model.post_layernorm(hidden))
-
-    def _clip_support(self, flat_img, flat_mask, b, k) -> dict:
-        hp = self.hparams
-        if hp.injection == "concat":  # image tokens and mask-image tokens, side by side in the sequence
-            tokens = torch.cat([self._clip_tokens(flat_img), self._clip_tokens(mask_image(flat_mask))], 1)
-        else:
-            tokens = self._clip_tokens(inject_rgb(flat_img, flat_mask, hp.injection))
-        keep = None
-        if hp.injection == "attention_mask":  # class token always visible, patch tokens where the mask is
-            grid = self.image_encoder.config.image_size // self.image_encoder.config.patch_size
-            patch = support_keep(flat_mask[:, None], (grid, grid), "any")  # [B*K, g*g]
-            keep = torch.cat([torch.ones_like(patch[:, :1]), patch], 1).reshape(b, -1)  # [B, K*T]
-        return {"tokens": tokens.reshape(b, -1, tokens.shape[-1]), "keep": keep}  # [B, K*T, D]
-
     # ---- UNet calls: joint (one batched call) or separate (support K/V bank, then the queries) ----------------
     def _fusion(self, n_query: int, support: dict, generator=None, **layout) -> FusionInputs:
         mask = support.get("mask")  # [B_s, K, S, S]
@@ -259,7 +257,7 @@ class DiffewsModule(FewShotModule):
             n_query=n_query,
             n_shot=support["k"],
             support_mask=mask,
-            mask_resize="any",
+            mask_resize=self.hparams.mask_resize,
             sample_one_shot=self.hparams.nshot == "sample" and not self.training,
             generator=generator,
             **layout,
@@ -359,7 +357,7 @@ class DiffewsModule(FewShotModule):
         ).chunk(2)
         support = self._support_inputs(s_img, s_mask, sample=True)
         query_in, t, target = gen.training_inputs(
-            hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise
+            hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise, hp.multires_noise_form
         )
         pred = self.unet_call(query_in, support, t, self._prompt(train=True))
         loss = F.mse_loss(pred.float(), target.float())
@@ -379,7 +377,7 @@ class DiffewsModule(FewShotModule):
 
     @torch.no_grad()
     def predict_image(self, batch: dict, denoiser: gen.Denoiser | None = None) -> torch.Tensor:
-        """The decoded prediction ``[B, 3, S, S]`` in [0, 1] (uint8 levels), before thresholding.
+        """The decoded prediction ``[B, 3, S, S]`` in [0, 1] (ensemble mean, then `quantize`), before thresholding.
 
         ``denoiser`` is the UNet call (default: `joint_denoiser` on the batch's supports; `predict_with_support`
         gives the stored support's); the generation loop, its seed and the ensemble are the same for both.
@@ -404,13 +402,16 @@ class DiffewsModule(FewShotModule):
             )
             for _ in range(runs)
         ]
-        return torch.stack(preds).mean(0) if runs > 1 else preds[0]
+        return quantize(torch.stack(preds).mean(0) if runs > 1 else preds[0], hp.quantize)
 
     def masks(self, pred: torch.Tensor, query_img: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        """Post-processing: decoded ``[B, 3, S, S]`` -> nearest resize to ``out_size`` -> score -> threshold."""
+        """Post-processing: decoded ``[B, 3, S, S]`` -> nearest resize to ``out_size`` -> score and reference ->
+        threshold (the released evaluation's order)."""
         pred = F.interpolate(pred, size=out_size, mode="nearest")  # [B, 3, h, w]
         image = F.interpolate(query_img.float(), size=out_size, mode="nearest")
-        return self.binarize(foreground_score(pred, image, self.hparams.supervision))  # [B, h, w]
+        channels = foreground_channels(pred, image, self.hparams.supervision)  # [B, 3, h, w]
+        score, reference = score_and_reference(channels, self.hparams.threshold_reference)  # [B, h, w], [B]
+        return self.binarize(score, reference)
 
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         return self.masks(self.predict_image(batch), batch["query_img"], out_size)
