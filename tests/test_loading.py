@@ -169,3 +169,22 @@ def test_diffseg_and_baseline_share_the_loader(hub_cache, tmp_path):
     fake_cache(hub_cache, "timm/resnet18.a1_in1k", weights)
     m = PrototypeModule(backbone="resnet18", pretrained=True, out_indices=(1,))
     torch.testing.assert_close(m.encoder.conv1.weight, net.conv1.weight)
+
+
+def test_checkpoint_keeps_the_source_as_given_and_loads_from_elsewhere(tmp_path, monkeypatch):
+    import lightning as L
+
+    rel = dict(decoder="fsseg/assets/tiny-diffseg/decoder", prior="fsseg/assets/tiny-diffseg/prior")
+    m = DiffSegModule(edge_source="sobel", **rel)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(m)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    saved = torch.load(tmp_path / "run.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert {k: saved[k] for k in rel} == rel and saved["allow_download"] is False  # nothing machine-specific
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = DiffSegModule.load_from_checkpoint(tmp_path / "run.ckpt", map_location="cpu")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in loaded.state_dict().items())
