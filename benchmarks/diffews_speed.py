@@ -1,10 +1,12 @@
-"""DiffewS speed and memory: the one-pass KV fusion (fsseg) against the released two-pass "K/V bank" formulation.
+"""DiffewS speed and memory: the one-pass KV fusion against the released two-pass "K/V bank" formulation.
 
     python benchmarks/diffews_speed.py --model tiny                       # the shipped tiny DiffewS, CPU
     python benchmarks/diffews_speed.py --model sd21 --iters 1 --warmup 0  # SD 2.1 architecture, random weights, 512 px
     python benchmarks/diffews_speed.py --model sd21 --device cuda --dtype bfloat16 --iters 20
 
-Measures, for each formulation, inference episodes/s (VAE encode, UNet, VAE decode, post-processing) and peak
+Both are DiffewsModule itself: ``support_pass: joint`` (queries and supports in one batched UNet call) and
+``support_pass: separate`` (a support call records every attn1 K/V, then a query call attends to them; the same
+fusion function). Measures, for each, inference episodes/s (VAE encode, UNet, VAE decode, post-processing) and peak
 memory, and the training step time (loss forward + backward) and peak memory, on the same weights and episodes, and
 the two-pass / one-pass ratios. Peak memory: CUDA max allocated, or on CPU the peak resident set size above the
 level before the measurement (sampled every 2 ms). Writes ``benchmarks/results/diffews_<model>_<device>_<dtype>.json``.
@@ -22,10 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.inputs import binary_mask, supervision_image
 from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text_encoder, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,85 +102,6 @@ class PeakMemory:
         self.mib = (self.peak - self.base) / 2**20
 
 
-class BankProcessor:
-    """The two-pass self-attention: the support pass appends K/V to a per-layer bank, the query pass reads it."""
-
-    def __init__(self, state: dict, layer: int):
-        self.state, self.layer = state, layer
-
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        bank_mode="read",
-    ):
-        b, n, c = hidden_states.shape
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        bank = self.state["bank"][self.layer]
-        if bank_mode == "write":  # a forward argument, so checkpoint recomputation sees the same mode
-            bank.append((k, v))
-        else:  # query rows b attend to [own, its K supports]; bank entries are [B, L, C] per shot
-            k = torch.cat([k] + [bk for bk, _ in bank], 1)
-            v = torch.cat([v] + [bv for _, bv in bank], 1)
-        split = lambda t: t.view(b, -1, attn.heads, c // attn.heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-class TwoPass:
-    """Run a DiffewsModule's UNet the released way: K support passes (conv_in_ref) then one query pass."""
-
-    def __init__(self, module: DiffewsModule):
-        self.m = module
-        unet = module.unet
-        self.fused = dict(unet.attn_processors)
-        names = [n for n in self.fused if n.endswith("attn1.processor")]
-        self.state = {"bank": [[] for _ in names]}
-        self.bank_procs = {**self.fused, **{n: BankProcessor(self.state, i) for i, n in enumerate(names)}}
-
-    def install(self) -> None:
-        """Bank processors on attn1. They stay until restore(), and each bank until the next call, so gradient
-        checkpointing can recompute the passes during backward."""
-        self.m.unet.set_attn_processor(dict(self.bank_procs))  # (diffusers pops from the dict it is given)
-
-    def restore(self) -> None:
-        self.m.unet.set_attn_processor(dict(self.fused))
-
-    def unet_call(self, query_in, support, t, prompt):
-        m, unet = self.m, self.m.unet
-        k = support["k"]
-        x_s = support["x"].view(query_in.shape[0], k, *support["x"].shape[1:])  # [B, K, 8, h, w]
-        self.state["bank"] = [[] for _ in self.state["bank"]]
-        e = prompt.expand(query_in.shape[0], -1, -1)
-        for j in range(k):
-            with m.router.route([(unet.conv_in_ref, x_s[:, j])]):
-                unet(x_s[:, j, :4], t, encoder_hidden_states=e, cross_attention_kwargs={"bank_mode": "write"})
-        return unet(query_in, t, encoder_hidden_states=e).sample
-
-    @torch.no_grad()
-    def predict_image(self, batch):
-        m = self.m
-        q_img, s_img, s_mask = m._episode_tensors(batch)
-        z_q = m.encode(q_img, sample=False)
-        support = m._support_inputs(s_img, s_mask, sample=False)
-        t = torch.ones(z_q.shape[0], dtype=torch.long, device=z_q.device)
-        return m.decode(-self.unet_call(z_q, support, t, m.prompt_infer))
-
-    def training_loss(self, batch):
-        m = self.m
-        q_img, s_img, s_mask = m._episode_tensors(batch)
-        q_mask = binary_mask(batch["query_mask"])
-        z_q, z_mq = m.encode(
-            torch.cat([q_img, supervision_image(q_img, q_mask, "white_fg")]), sample=True
-        ).chunk(2)
-        support = m._support_inputs(s_img, s_mask, sample=True)
-        t = torch.ones(z_q.shape[0], dtype=torch.long, device=z_q.device)
-        return F.mse_loss(self.unet_call(z_q, support, t, m.prompt_train).float(), -z_mq.float())
-
-
 def build_sd21(workdir: Path, seed: int) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -212,6 +133,43 @@ def measure(fn, device, iters: int, warmup: int) -> dict:
     return {"seconds": secs, "peak_mib": round(mem.mib, 1), "peak_total_mib": round(mem.total_mib, 1)}
 
 
+def build_module(pretrained: str, support_pass: str, checkpointing: bool, device, dtype) -> DiffewsModule:
+    module = DiffewsModule(
+        pretrained=pretrained, support_pass=support_pass, gradient_checkpointing=checkpointing
+    ).to(device)
+    module.vae.to(dtype)
+    if dtype != torch.float32:
+        module.unet.to(dtype)
+        module.prompt_train, module.prompt_infer = (
+            module.prompt_train.to(dtype),
+            module.prompt_infer.to(dtype),
+        )
+    return module
+
+
+def time_module(module: DiffewsModule, batch: dict, device, iters: int, warmup: int, n_episodes: int) -> dict:
+    """Inference (predict_masks) and training-step (loss + backward) time and peak memory."""
+    size = tuple(batch["query_mask_eval"].shape[-2:])
+    module.eval()
+    with torch.no_grad():
+        inf = measure(lambda: module.predict_masks(batch, size), device, iters, warmup)
+    module.train()
+
+    def step():
+        module.training_loss(batch)["loss"].backward()
+        module.unet.zero_grad(set_to_none=True)
+
+    trn = measure(step, device, iters, warmup)
+    return {
+        "inference_episodes_per_s": round(n_episodes / inf["seconds"], 4),
+        "inference_peak_mib": inf["peak_mib"],
+        "inference_peak_total_mib": inf["peak_total_mib"],
+        "train_step_s": round(trn["seconds"], 4),
+        "train_peak_mib": trn["peak_mib"],
+        "train_peak_total_mib": trn["peak_total_mib"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "sd21"), default="tiny")
@@ -235,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or (128 if args.model == "tiny" else 512)
     iters = args.iters or (20 if args.model == "tiny" else 2)
     warmup = args.warmup if args.warmup is not None else (3 if args.model == "tiny" else 1)
+    batch = {
+        k: v.to(device) if torch.is_tensor(v) else v
+        for k, v in random_episodes(args.batch, args.shots, size, seed=0).items()
+    }
+    results, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "tiny":
             pretrained = args.pretrained
@@ -242,55 +205,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             pretrained = str(build_sd21(Path(tmp), 0))
             print(f"built SD 2.1-architecture folder in {time.perf_counter() - t0:.0f}s", flush=True)
-        module = DiffewsModule(pretrained=pretrained, gradient_checkpointing=args.gradient_checkpointing).to(
-            device
-        )
-    module.vae.to(dtype)
-    if dtype != torch.float32:
-        module.unet.to(dtype)
-        module.prompt_train, module.prompt_infer = (
-            module.prompt_train.to(dtype),
-            module.prompt_infer.to(dtype),
-        )
-    batch = {
-        k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in random_episodes(args.batch, args.shots, size, seed=0).items()
-    }
-    two = TwoPass(module)
+        for name, support_pass in (("one_pass", "joint"), ("two_pass", "separate")):
+            module = build_module(pretrained, support_pass, args.gradient_checkpointing, device, dtype)
+            module.eval()
+            with torch.no_grad():
+                images[name] = module.predict_image(batch).float().cpu()
+            results[name] = time_module(module, batch, device, iters, warmup, args.batch)
+            print(name, results[name], flush=True)
+            del module
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     # both formulations agree on these weights (the parity the tests check in float32)
-    module.eval()
-    with torch.no_grad():
-        one_img = module.predict_image(batch)
-        two.install()
-        diff = (one_img - two.predict_image(batch)).abs().max().item()
-        two.restore()
-    results = {}
-    for name, predict, loss in (
-        ("one_pass", module.predict_image, module.training_loss),
-        ("two_pass", two.predict_image, two.training_loss),
-    ):
-        if name == "two_pass":
-            two.install()
-        module.eval()
-        inf = measure(lambda predict=predict: predict(batch), device, iters, warmup)
-        module.train()
-
-        def step(loss=loss):
-            out = loss(batch)
-            out = out["loss"] if isinstance(out, dict) else out
-            out.backward()
-            module.unet.zero_grad(set_to_none=True)
-
-        trn = measure(step, device, iters, warmup)
-        results[name] = {
-            "inference_episodes_per_s": round(args.batch / inf["seconds"], 4),
-            "inference_peak_mib": inf["peak_mib"],
-            "inference_peak_total_mib": inf["peak_total_mib"],
-            "train_step_s": round(trn["seconds"], 4),
-            "train_peak_mib": trn["peak_mib"],
-            "train_peak_total_mib": trn["peak_total_mib"],
-        }
-        print(name, results[name], flush=True)
+    diff = (images["one_pass"] - images["two_pass"]).abs().max().item()
     one, two_r = results["one_pass"], results["two_pass"]
     report = {
         "model": args.model,

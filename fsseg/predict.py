@@ -116,13 +116,11 @@ def _import(class_path: str) -> type:
 
 
 def threshold_override(cls: type, value: float) -> dict:
-    """The init argument that ``--threshold`` sets for this method."""
-    params = inspect.signature(cls.__init__).parameters
-    if "threshold_value" in params:
-        return {"threshold_value": value}
-    if "threshold" in params and isinstance(params["threshold"].default, float):
-        return {"threshold": value}
-    raise ValueError(f"--threshold does not apply to {cls.__name__}: it has no numeric threshold")
+    """The init argument that ``--threshold`` sets: every score-thresholding method's ``threshold`` (applied in its
+    own ``threshold_mode``)."""
+    if not getattr(cls, "has_threshold", False):
+        raise ValueError(f"--threshold does not apply to {cls.__name__}: it has no numeric threshold")
+    return {"threshold": value}
 
 
 def load_model(

@@ -113,13 +113,13 @@ def test_diffews_ablation_overlay_evaluation_and_batch(path):
         assert cfg["data"]["effective_batch_size"] == 4
     if path.stem.startswith("threshold_"):
         kind, value = path.stem.split("_")[1:]
-        assert (init["threshold"], init["threshold_value"]) == (kind, float(value))
+        assert (init["threshold_mode"], init["threshold"]) == (kind, float(value))
     elif path.stem.startswith(
         ("nshot_", "train_shots_")
     ):  # Tables 6/7 rows equal Tables 1/2: the relative 0.25
-        assert (init["threshold"], init["threshold_value"]) == ("relative", None)
+        assert (init["threshold_mode"], init["threshold"]) == ("relative", 0.25)
     else:  # the released evaluation's absolute 0.1 (inferred; see the header)
-        assert (init["threshold"], init["threshold_value"]) == ("absolute", 0.1)
+        assert (init["threshold_mode"], init["threshold"]) == ("absolute", 0.1)
         assert "46.64" in path.read_text() and "main_oss.py" in path.read_text()
 
 

@@ -63,7 +63,7 @@ def test_duplicate_support_gives_plain_unet_output(sd_dir, shots):
     }
     with torch.no_grad():
         fused = m.unet_call(z_q, support, t, m.prompt_infer)
-        m.fusion.clear()  # no supports: every processor runs plain self-attention
+        # a plain UNet call (no fusion inputs): every processor runs plain self-attention
         plain = m.unet(z_q, t, encoder_hidden_states=m.prompt_infer.expand(2, -1, -1)).sample
         # a different support changes the output (the test above is not vacuous)
         other = m.unet_call(z_q, {"x": torch.randn(2 * shots, 8, 16, 16), "k": shots}, t, m.prompt_infer)
@@ -104,10 +104,11 @@ def test_predict_masks_postprocessing(sd_dir):
     torch.testing.assert_close(img * 255, (img * 255).round())  # uint8 levels
     pred = m.predict_masks(batch, (48, 40))
     assert pred.shape == (2, 48, 40) and pred.dtype == torch.long and set(pred.unique().tolist()) <= {0, 1}
-    score = torch.nn.functional.interpolate(img, size=(48, 40), mode="nearest").mean(1)
-    expected = (score > 0.25 * score.flatten(1).amax(1)[:, None, None]).long()
+    resized = torch.nn.functional.interpolate(img, size=(48, 40), mode="nearest")
+    score = resized.mean(1)  # the channel mean against 0.25 * the maximum over all channels and pixels
+    expected = (score > 0.25 * resized.flatten(1).amax(1)[:, None, None]).long()
     assert torch.equal(pred, expected)
-    m_abs = DiffewsModule(pretrained=sd_dir, threshold="absolute").eval()
+    m_abs = DiffewsModule(pretrained=sd_dir, threshold_mode="absolute", threshold=0.15).eval()
     m_abs.load_state_dict(m.state_dict())
     assert torch.equal(m_abs.predict_masks(batch, (48, 40)), (score > 0.15).long())
     # inference is deterministic and each episode is independent of its batch neighbours
@@ -120,7 +121,7 @@ def test_predict_masks_postprocessing(sd_dir):
 def test_missing_weights_error_names_component(tmp_path):
     with pytest.raises(
         FileNotFoundError,
-        match=r"(?s)Stable Diffusion VAE.*huggingface-cli download stabilityai/stable-diffusion-2-1",
+        match=r"(?s)Stable Diffusion VAE.*hf download stabilityai/stable-diffusion-2-1 --include 'vae/\*'",
     ):
         DiffewsModule(pretrained=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="injection='nope'"):

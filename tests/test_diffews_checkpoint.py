@@ -111,11 +111,12 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
     torch.testing.assert_close(one_pass, two_pass, rtol=1e-5, atol=1e-5)
     assert one_pass.abs().max() > 1e-2
     # end to end: the module's thresholded prediction is the released post-processing of the two-pass latent
-    img_ref = m.decode(two_pass)
+    img_ref = torch.floor(m.decode(two_pass) * 255) / 255  # uint8 levels by truncation
     img = m.predict_image(batch)
     assert (img - img_ref).abs().max() <= 1 / 255 + 1e-6
-    score = img_ref.mean(1)
-    ref_mask = (score > 0.25 * score.flatten(1).amax(1)[:, None, None]).long()
+    ref_mask = (
+        img_ref.mean(1) > 0.25 * img_ref.flatten(1).amax(1)[:, None, None]
+    ).long()  # max over RGB, pixels
     assert (m.predict_masks(batch, (32, 32)) != ref_mask).float().mean() < 0.01
 
 

@@ -1,5 +1,6 @@
-"""FusionAttnProcessor semantics on a bare diffusers Attention layer: KV fusion, QKV fusion, attention-mask
-injection and support-token sampling."""
+"""FusionAttnProcessor semantics on a bare diffusers Attention layer, with the per-call `FusionInputs` passed the way
+the UNet passes them (``cross_attention_kwargs``): KV fusion, QKV fusion, attention-mask injection, support-token
+sampling, and the record/bank layouts (the two-pass form) computing what the joint layout computes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from fsseg.models.diffews.processors import FusionAttnProcessor, FusionContext, layer_mask
+from fsseg.models.diffews.processors import FusionAttnProcessor, FusionInputs, support_keep, token_grid
 
 B, K, L, C, H = 2, 3, 16, 32, 4
 
@@ -15,10 +16,9 @@ B, K, L, C, H = 2, 3, 16, 32, 4
 def setup(mode="kv"):
     torch.manual_seed(0)
     attn = Attention(query_dim=C, heads=H, dim_head=C // H).eval()
-    ctx = FusionContext(n_query=B, n_shot=K)
-    attn.set_processor(FusionAttnProcessor(ctx, mode))
+    attn.set_processor(FusionAttnProcessor("layer", mode))
     x = torch.randn(B * (1 + K), L, C)
-    return attn, ctx, x
+    return attn, x
 
 
 def reference(attn, q_rows, kv_rows, mask=None):
@@ -30,10 +30,18 @@ def reference(attn, q_rows, kv_rows, mask=None):
     return attn.to_out[0](o.transpose(1, 2).reshape(q_rows.shape[0], -1, C))
 
 
+def two_pass(attn, x, **kw):
+    """The record/bank layouts: support rows record their K/V, then the query rows read them."""
+    record: dict = {}
+    out_s = attn(x[B:], fusion=FusionInputs(n_query=0, n_shot=K, record=record))
+    out_q = attn(x[:B], fusion=FusionInputs(n_query=B, n_shot=K, bank=dict(record), **kw))
+    return torch.cat([out_q, out_s])
+
+
 @torch.no_grad()
 def test_kv_fusion_query_sees_supports_supports_see_themselves():
-    attn, ctx, x = setup("kv")
-    out = attn(x)
+    attn, x = setup("kv")
+    out = attn(x, fusion=FusionInputs(n_query=B, n_shot=K))
     sup = x[B:].view(B, K * L, C)  # query b's supports, concatenated
     torch.testing.assert_close(
         out[:B], reference(attn, x[:B], torch.cat([x[:B], sup], 1)), rtol=1e-5, atol=1e-6
@@ -41,13 +49,15 @@ def test_kv_fusion_query_sees_supports_supports_see_themselves():
     torch.testing.assert_close(out[B:], reference(attn, x[B:], x[B:]), rtol=1e-5, atol=1e-6)
     x2 = x.clone()
     x2[:B] += 1  # supports do not look at the query
-    torch.testing.assert_close(attn(x2)[B:], out[B:])
+    torch.testing.assert_close(attn(x2, fusion=FusionInputs(n_query=B, n_shot=K))[B:], out[B:])
+    torch.testing.assert_close(two_pass(attn, x), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x), reference(attn, x, x), rtol=1e-5, atol=1e-6)  # no inputs: plain
 
 
 @torch.no_grad()
 def test_qkv_fusion_is_joint_attention():
-    attn, ctx, x = setup("qkv")
-    out = attn(x)
+    attn, x = setup("qkv")
+    out = attn(x, fusion=FusionInputs(n_query=B, n_shot=K))
     joint = torch.cat([x[:B], x[B:].view(B, K * L, C)], 1)  # [B, (1+K)L, C]
     ref = reference(attn, joint, joint)
     torch.testing.assert_close(out[:B], ref[:, :L], rtol=1e-5, atol=1e-6)
@@ -56,33 +66,32 @@ def test_qkv_fusion_is_joint_attention():
 
 @torch.no_grad()
 def test_attention_mask_hides_background_support_tokens():
-    attn, ctx, x = setup("kv")
+    attn, x = setup("kv")
     mask = torch.zeros(B, K, 8, 8)
     mask[:, :, :4] = 1  # top half foreground; the layer grid is 4x4, so token rows 0-1 are visible
-    ctx.support_mask, ctx.mask_hw = mask, (8, 8)
-    out = attn(x)
-    keep = layer_mask(mask, (8, 8), L)
-    assert (
-        keep.shape == (B, K * L)
-        and keep.view(B, K, 4, 4)[:, :, :2].all()
-        and not keep.view(B, K, 4, 4)[:, :, 2:].any()
-    )
+    inputs = FusionInputs(n_query=B, n_shot=K, support_mask=mask)
+    out = attn(x, fusion=inputs)
+    keep = support_keep(mask, token_grid((8, 8), L))
+    assert keep.shape == (B, K * L)
+    assert keep.view(B, K, 4, 4)[:, :, :2].all() and not keep.view(B, K, 4, 4)[:, :, 2:].any()
     sup = x[B:].view(B, K * L, C)
     for b in range(B):
         visible = torch.cat([x[b], sup[b][keep[b]]])[None]
         torch.testing.assert_close(
             out[b : b + 1], reference(attn, x[b : b + 1], visible), rtol=1e-5, atol=1e-6
         )
-    ctx.support_mask = torch.zeros(B, K, 8, 8)  # nothing visible: plain self-attention of the query
-    torch.testing.assert_close(attn(x)[:B], reference(attn, x[:B], x[:B]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two_pass(attn, x, support_mask=mask), out, rtol=1e-5, atol=1e-6)
+    empty = FusionInputs(n_query=B, n_shot=K, support_mask=torch.zeros(B, K, 8, 8))  # nothing visible
+    torch.testing.assert_close(attn(x, fusion=empty)[:B], reference(attn, x[:B], x[:B]), rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()
 def test_sampling_keeps_one_shot_count_of_support_tokens():
-    attn, ctx, x = setup("kv")
-    ctx.sample_one_shot = True
-    ctx.generator = torch.Generator().manual_seed(3)
-    out = attn(x)
+    attn, x = setup("kv")
+    sampled = lambda seed: FusionInputs(  # noqa: E731
+        n_query=B, n_shot=K, sample_one_shot=True, generator=torch.Generator().manual_seed(seed)
+    )
+    out = attn(x, fusion=sampled(3))
     g = torch.Generator().manual_seed(3)
     sup = x[B:].view(B, K * L, C)
     for b in range(B):
@@ -93,12 +102,36 @@ def test_sampling_keeps_one_shot_count_of_support_tokens():
             rtol=1e-5,
             atol=1e-6,
         )
-    full = FusionContext(n_query=B, n_shot=K)
-    attn.set_processor(FusionAttnProcessor(full, "kv"))
-    assert (attn(x)[:B] - out[:B]).abs().max() > 1e-4  # sampling changed something
-    one = FusionContext(n_query=B, n_shot=1, sample_one_shot=True)  # 1-shot: nothing to drop
-    attn.set_processor(FusionAttnProcessor(one, "kv"))
-    x1 = x[: 2 * B]
-    torch.testing.assert_close(
-        attn(x1)[:B], reference(attn, x1[:B], torch.cat([x1[:B], x1[B:]], 1)), rtol=1e-5, atol=1e-6
+    # the two-pass layout draws the same tokens from the same generator state
+    record: dict = {}
+    attn(x[B:], fusion=FusionInputs(n_query=0, n_shot=K, record=record))
+    bank = FusionInputs(
+        n_query=B, n_shot=K, sample_one_shot=True, generator=torch.Generator().manual_seed(3), bank=record
     )
+    torch.testing.assert_close(attn(x[:B], fusion=bank), out[:B], rtol=1e-5, atol=1e-6)
+    full = attn(x, fusion=FusionInputs(n_query=B, n_shot=K))
+    assert (full[:B] - out[:B]).abs().max() > 1e-4  # sampling changed something
+    x1 = x[: 2 * B]  # 1-shot: nothing to drop
+    one = FusionInputs(n_query=B, n_shot=1, sample_one_shot=True, generator=torch.Generator())
+    torch.testing.assert_close(
+        attn(x1, fusion=one)[:B],
+        reference(attn, x1[:B], torch.cat([x1[:B], x1[B:]], 1)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@torch.no_grad()
+def test_one_support_set_is_shared_by_every_query_of_a_bank_call():
+    attn, x = setup("kv")
+    record: dict = {}
+    attn(x[B : B + K], fusion=FusionInputs(n_query=0, n_shot=K, record=record))  # one episode's supports
+    out = attn(x[:B], fusion=FusionInputs(n_query=B, n_shot=K, bank=record))
+    shared = x[B : B + K].reshape(1, K * L, C)
+    for b in range(B):
+        torch.testing.assert_close(
+            out[b : b + 1],
+            reference(attn, x[b : b + 1], torch.cat([x[b : b + 1], shared], 1)),
+            rtol=1e-5,
+            atol=1e-6,
+        )

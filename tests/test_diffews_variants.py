@@ -105,8 +105,11 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dirs):
     assert hp.pretrained == tiny_dirs[0]
     for line in configs[-1].read_text().splitlines():  # the row's own settings arrived
         key, _, value = line.strip().partition(": ")
-        if key in ("interaction", "injection", "supervision", "generation", "threshold", "nshot"):
-            assert hp[key] == value.split("#")[0].strip(), key
+        value = value.split("#")[0].strip()
+        if key in ("interaction", "injection", "supervision", "generation", "threshold_mode", "nshot"):
+            assert hp[key] == value, key
+        if key == "threshold":
+            assert hp[key] == float(value), key
     opt = model.configure_optimizers()
     optimizer = opt["optimizer"] if isinstance(opt, dict) else opt
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == 1e-5

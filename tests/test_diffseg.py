@@ -201,3 +201,39 @@ def test_latent_fg_weight_only_reweights_foreground_cells(tiny_dir):
         torch.testing.assert_close(
             plain.training_loss(empty)["latent_loss"], weighted.training_loss(empty)["latent_loss"]
         )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"scm_zero_init": False},
+        {"knowledge": "resnet"},
+        {"knowledge": "transformer", "attn_maps": "self"},
+        {"use_unet": False, "use_scm": False, "pam_att2": "none"},
+        {"noise_query": True, "use_pam": False},
+    ],
+    ids=["default", "frb", "fst", "no_unet", "noised_no_pam"],
+)
+def test_cached_support_equals_joint_forward(tiny_dir, kw):
+    """`encode_support` once + `predict_with_support` = `predict_masks` on episodes sharing that support."""
+    torch.manual_seed(0)
+    m = make_module(tiny_dir, **kw).eval()
+    with torch.no_grad():  # away from the (near-zero) init, so the support matters
+        for p in m.trainable_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    b = batch_of(3, k=2)
+    shared = {**b, "support_imgs": b["support_imgs"][:1].expand(3, -1, -1, -1, -1)}
+    shared["support_masks"] = b["support_masks"][:1].expand(3, -1, -1, -1)
+    with torch.no_grad():
+        state = m.encode_support(shared["support_imgs"][0], shared["support_masks"][0])
+        l_joint, _ = m(shared)
+        l_cached, _ = m.query_forward(shared["query_img"], *state)
+        # float noise only: the support set is encoded alone (1 row) instead of once per episode, and the attention
+        # maps' min-max normalisation amplifies its 1e-7 differences in E_m
+        torch.testing.assert_close(l_cached, l_joint, rtol=0, atol=1e-2)
+        joint = m.predict_masks(shared, (40, 30))
+        assert (m.predict_with_support(state, shared["query_img"], (40, 30)) != joint).float().mean() < 0.01
+        other = m(b)[
+            0
+        ]  # each episode's own support: a different prediction, so the check above is not vacuous
+        assert (other - l_joint).abs().max() > 0.1

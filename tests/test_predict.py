@@ -16,8 +16,8 @@ from fsseg.cli import main as fsseg_main
 from fsseg.cli import run_cli
 from fsseg.data.base import image_to_tensor, load_rgb
 from fsseg.models.baseline import PrototypeModule
-from fsseg.models.diffews import DiffewsModule, support_cache
-from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write_tiny_sd
+from fsseg.models.diffews import DiffewsModule
+from fsseg.models.diffews.tiny import write_tiny_sd
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.tiny import save_tiny_components
 from fsseg.predict import load_model, load_support, predict_images, read_support_mask
@@ -81,7 +81,9 @@ def direct_predictions(model, images: dict, shots: int, img_size: int) -> dict[s
     return out
 
 
-def check_outputs(images: dict, expected: dict[str, np.ndarray]) -> None:
+def check_outputs(images: dict, expected: dict[str, np.ndarray], tolerance: float = 0.0) -> None:
+    """The written masks equal ``expected`` (up to a ``tolerance`` fraction of pixels: DiffewS's cached K/V path
+    differs from the joint call by float noise, which can move a decoded value across a uint8 level)."""
     out = images["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{Path(n).stem}_{k}.png" for n in QUERY_SIZES for k in ("mask", "overlay")
@@ -90,7 +92,9 @@ def check_outputs(images: dict, expected: dict[str, np.ndarray]) -> None:
         stem = Path(name).stem
         mask = np.array(Image.open(out / f"{stem}_mask.png"))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask == 255, expected[stem] == 1)
+        if tolerance == 0:
+            np.testing.assert_array_equal(mask == 255, expected[stem] == 1)
+        assert ((mask == 255) != (expected[stem] == 1)).mean() <= tolerance
         with Image.open(out / f"{stem}_overlay.png") as ov:
             assert ov.size == (w, h) and ov.mode == "RGB"
 
@@ -185,8 +189,10 @@ def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.5", *cli_args(images, 2)])
     assert done.value.code == 0
-    model.eval().threshold_value = 0.5  # what --threshold sets
-    check_outputs(images, direct_predictions(model, images, 2, 32))  # so the checkpoint's weights were used
+    model.eval().hparams.threshold = 0.5  # what --threshold sets
+    check_outputs(
+        images, direct_predictions(model, images, 2, 32), 0.01
+    )  # the checkpoint's weights were used
 
 
 def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):
@@ -217,6 +223,13 @@ def _write(path: Path, config: dict) -> Path:
 
 # ---- the support is encoded once ----------------------------------------------------------------------------------
 CachedDiffews = DiffewsModule  # binds the support cache as encode_support / predict_with_support
+
+
+def cached_image(model: DiffewsModule, state, queries: torch.Tensor) -> torch.Tensor:
+    """The decoded prediction of `predict_with_support`: `predict_image` with the stored support's UNet call."""
+    from fsseg.models.diffews.support_cache import cached_denoiser
+
+    return model.predict_image({"query_img": queries}, cached_denoiser(model, state, queries.shape[0]))
 
 
 def _count_rows(module: torch.nn.Module) -> list[int]:
@@ -251,14 +264,7 @@ def test_support_encoded_once_for_all_queries(images):
 
 
 @pytest.mark.parametrize(
-    "kw",
-    [
-        {},
-        pytest.param(
-            {"injection": "attention_mask", "generation": "mi2m", "num_inference_steps": 2},
-            marks=pytest.mark.slow,
-        ),
-    ],
+    "kw", [{}, {"injection": "attention_mask", "generation": "mi2m", "num_inference_steps": 2}]
 )
 def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     """One support pass (K rows) per visited timestep, then query-only UNet passes (1 row each); the prediction
@@ -288,38 +294,11 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     }
     with torch.no_grad():
         joint = model.predict_image(batch)
-    cached = support_cache.support_prediction_image(model, model.encode_support(s_imgs, s_masks), q)
+    cached = cached_image(model, model.encode_support(s_imgs, s_masks), q)
     assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"nshot": "sample"},  # the same support-token draws as the joint call
-        pytest.param({"interaction": "qkv"}, marks=pytest.mark.slow),  # only the VAE latents are reused
-        pytest.param(
-            {"interaction": "tca", "injection": "attention_mask"}, marks=pytest.mark.slow
-        ),  # CLIP tokens reused
-        pytest.param(
-            {"generation": "mn2m", "num_inference_steps": 2, "ensemble_size": 2}, marks=pytest.mark.slow
-        ),
-    ],
-)
-def test_diffews_support_cache_equals_joint_call_for_every_variant(sd_dir, tmp_path, kw):
-    tiny_image_encoder(seed=3).save_pretrained(tmp_path / "clip")
-    model = DiffewsModule(pretrained=sd_dir, image_encoder=str(tmp_path / "clip"), **kw).eval()
-    ep = random_episodes(b=1, k=2, size=32, seed=3)
-    q = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    batch = {
-        "query_img": q,
-        "support_imgs": ep["support_imgs"].expand(2, -1, -1, -1, -1),
-        "support_masks": ep["support_masks"].expand(2, -1, -1, -1),
-    }
-    with torch.no_grad():
-        joint = model.predict_image(batch)
-    state = support_cache.encode_support(model, ep["support_imgs"][0], ep["support_masks"][0])
-    cached = support_cache.support_prediction_image(model, state, q)
-    assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
+# every variant's cached support against its joint call: tests/test_diffews_cache.py
 
 
 CachedDiffSeg = DiffSegModule  # binds the support cache as encode_support / predict_with_support

@@ -70,7 +70,7 @@ def test_refuses_before_any_work_listing_every_missing_input(tmp_path, capsys):
         assert f"missing {path}" in msg, path
     assert f"data root {data} does not exist" in msg
     assert f"missing {ckpts / 'stable-diffusion-2-1'}" not in msg  # present, so not listed
-    assert "huggingface-cli download kandinsky-community/kandinsky-2-2-prior" in msg  # and where it goes
+    assert "hf download kandinsky-community/kandinsky-2-2-prior" in msg  # and where it goes
     assert not out.exists()  # nothing ran, no table
     # without DATA/CKPTS at all (the Makefile passes empty strings): says so and lists the layout under <DATA>
     assert reproduce_main(["table2", "--data", "", "--ckpts", "", "--out", str(out)]) == 2

@@ -63,7 +63,6 @@ class FewShotIoU(Metric):
         n = len(class_ids)
         self.add_state("inter", default=torch.zeros(n, 2, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("union", default=torch.zeros(n, 2, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("episodes", default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, class_id: torch.Tensor) -> None:
         class_id = torch.as_tensor(class_id, device=self._lookup.device).long().reshape(-1)
@@ -79,7 +78,6 @@ class FewShotIoU(Metric):
         inter, union = episode_inter_union(pred, target, self.ignore_index)
         self.inter.index_add_(0, idx, inter)
         self.union.index_add_(0, idx, union)
-        self.episodes.index_add_(0, idx, torch.ones_like(idx))
 
     def compute(self) -> dict[str, torch.Tensor]:
         inter = self.inter.double()

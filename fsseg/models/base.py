@@ -1,46 +1,78 @@
 """`FewShotModule`: the train/val/test/predict logic shared by every method.
 
 A method implements ``training_loss(batch) -> {"loss": ..., ...}`` and
-``predict_masks(batch, out_size) -> LongTensor [B, h, w]``; this class does the rest: one ``model_step`` for all
-stages, one `FewShotIoU` per evaluation stage, the per-episode records of a test run, and the optimiser and
-scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a ``class_path`` callable).
+``predict_masks(batch, out_size) -> LongTensor [B, h, w]`` (abstract: a subclass without them cannot be built); this
+class does the rest: one ``model_step`` for all stages, one `FewShotIoU` per evaluation stage, the per-episode
+records of a test run, the optimiser and scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a
+``class_path`` callable), frozen pretrained parts (`frozen_modules`), component loading (`load_component`, offline
+first: `fsseg.models.loading`) and the one threshold convention of score-thresholding methods (`binarize`).
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
+from typing import ClassVar
 
 import lightning as L
 import torch
 
 # Lightning's aliases: jsonargparse builds them from a `class_path` (e.g. torch.optim.AdamW, LinearLR) in a config.
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 
 from fsseg.metrics import FewShotIoU, episode_inter_union
+from fsseg.models import loading
+
+THRESHOLD_MODES = ("absolute", "relative")
 
 
-class FewShotModule(L.LightningModule):
+def threshold_scores(
+    score: torch.Tensor, threshold: float, mode: str, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, h, w]`` scores -> {0, 1} long: ``score > threshold`` (absolute) or ``score > threshold * reference``
+    (relative; ``reference [B]`` defaults to each image's maximum score)."""
+    if mode == "absolute":
+        return (score > threshold).long()
+    if mode != "relative":
+        raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {mode!r}")
+    if reference is None:
+        reference = score.flatten(1).amax(1)  # [B]
+    return (score > threshold * reference.view(-1, 1, 1)).long()
+
+
+class FewShotModule(L.LightningModule, metaclass=ABCMeta):
     """Base LightningModule of every fsseg method.
 
     Args:
         optimizer: builds the optimiser from the trainable parameters (default AdamW, lr 1e-3).
         scheduler: builds an LR scheduler from the optimiser (default none).
         scheduler_interval: ``step`` or ``epoch``.
+        threshold / threshold_mode: for methods that threshold a foreground score (`binarize`): ``absolute``
+            (``score > threshold``) or ``relative`` (``score > threshold * max``); None for the others.
     """
 
-    #: attribute names of frozen sub-modules that are loaded from their own files and never written into
-    #: Lightning checkpoints (e.g. ``("vae",)``).
-    frozen_modules: tuple[str, ...] = ()
+    #: attribute names of frozen pretrained sub-modules: assigning one turns its gradients off and puts it in eval
+    #: mode, ``.train()`` keeps it there, and it is never written into Lightning checkpoints (it is loaded from its
+    #: own files, e.g. ``("vae",)``).
+    frozen_modules: ClassVar[tuple[str, ...]] = ()
+    #: whether the method takes ``threshold`` / ``threshold_mode`` init arguments (``fsseg predict-images --threshold``)
+    has_threshold: ClassVar[bool] = False
 
     def __init__(
         self,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
+        threshold: float | None = None,
+        threshold_mode: str = "absolute",
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
+        if threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+        if threshold is not None and not isinstance(threshold, (int, float)):
+            raise ValueError(f"threshold must be a number, got {threshold!r}")
         self.optimizer_fn = optimizer
         self.scheduler_fn = scheduler
         self.scheduler_interval = scheduler_interval
@@ -56,6 +88,37 @@ class FewShotModule(L.LightningModule):
     @abstractmethod
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         """Binary query predictions ``[B, *out_size]`` (int64, {0, 1})."""
+
+    # ---- frozen pretrained parts, components, thresholds ------------------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        if name in type(self).frozen_modules and isinstance(value, nn.Module):
+            value.requires_grad_(False).eval()
+        super().__setattr__(name, value)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_modules:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
+        return self
+
+    def locate_component(self, source: str, subfolder: str | None, what: str, **kwargs):
+        """The local folder of a pretrained component (`fsseg.models.loading.locate`: package asset, working
+        directory, Hugging Face cache; a download only when the ``allow_download`` init argument is true).
+        ``reference`` (the hub id whose layout is expected) and ``key`` (the config key naming ``source``) go into
+        the error a missing component raises."""
+        allow = bool(self.hparams.get("allow_download", False))
+        return loading.locate(source, subfolder, what, allow_download=allow, **kwargs)
+
+    def load_component(self, cls, source: str, subfolder: str | None, what: str, **kwargs):
+        """``cls.from_pretrained`` of `locate_component`'s folder, offline (`fsseg.models.loading.load_component`)."""
+        allow = bool(self.hparams.get("allow_download", False))
+        return loading.load_component(cls, source, subfolder, what, allow_download=allow, **kwargs)
+
+    def binarize(self, score: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, h, w]`` foreground scores -> {0, 1} long with the ``threshold`` / ``threshold_mode`` init args."""
+        return threshold_scores(score, self.hparams.threshold, self.hparams.threshold_mode, reference)
 
     # ---- one support set, many queries (``fsseg predict-images``) ------------------------------------------
     def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> object:

@@ -28,8 +28,8 @@ class PrototypeModule(FewShotModule):
     """Prototype matching on a timm backbone.
 
     Args:
-        backbone: timm model name (``features_only``). ``pretrained: true`` loads its ImageNet weights the way timm
-            does (local HF cache or hub).
+        backbone: timm model name (``features_only``). ``pretrained: true`` loads its ImageNet weights from the
+            Hugging Face cache (timm's hub id, e.g. ``timm/resnet18.a1_in1k``), offline unless ``allow_download``.
         out_indices: backbone stages whose features are upsampled to the finest one and concatenated.
         embed_dim: width of the trainable 1x1 projection (0 = use the features as they are).
         temperature: cosine-similarity scale (PANet uses 20).
@@ -45,14 +45,16 @@ class PrototypeModule(FewShotModule):
         temperature: float = 20.0,
         align_weight: float = 1.0,
         freeze_backbone: bool = False,
+        allow_download: bool = False,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        weights = {"pretrained_cfg_overlay": {"file": self._weights_file(backbone)}} if pretrained else {}
         self.encoder = timm.create_model(
-            backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices)
+            backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **weights
         )
         if freeze_backbone:
             self.encoder.requires_grad_(False)
@@ -62,6 +64,27 @@ class PrototypeModule(FewShotModule):
         self.align_weight = align_weight
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _weights_file(self, backbone: str) -> str:
+        """The backbone's ImageNet weights file, located like every pretrained component (fsseg.models.loading)."""
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(backbone)
+        if cfg is None or not cfg.hf_hub_id:
+            raise ValueError(
+                f"timm has no Hugging Face hub weights for backbone {backbone!r} (pretrained: true)"
+            )
+        folder = self.locate_component(
+            cfg.hf_hub_id,
+            None,
+            f"ImageNet weights of {backbone}",
+            reference=cfg.hf_hub_id,
+            key=None,
+        )
+        for name in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            if name and (folder / name).is_file():
+                return str(folder / name)
+        raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder} ({cfg.hf_hub_id})")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[N, 3, S, S]`` in [0, 1] -> features ``[N, D, h, w]`` at the finest chosen stage."""

@@ -1,4 +1,4 @@
-"""Images in and out of DiffewS: mask images, support-mask injection, supervision targets, mask scores.
+"""Images in and out of DiffewS: mask images, support-mask injection, supervision targets, post-processing.
 
 Images here are in [0, 1] (``[B, 3, S, S]``); masks are ``{0, 1}`` floats ``[B, S, S]`` (ignore 255 already mapped
 to background). The VAE sees ``2 * x - 1``.
@@ -10,6 +10,8 @@ import torch
 
 INJECTIONS = ("concat", "multiply_rgb", "multiply_latent", "add", "attention_mask")
 SUPERVISIONS = ("white_fg", "real_fg", "black_fg", "overlay")
+QUANTIZE = ("floor", "none")
+THRESHOLD_REFERENCES = ("rgb_max", "mean_max")
 
 
 def binary_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -45,30 +47,41 @@ def supervision_image(image: torch.Tensor, mask: torch.Tensor, form: str) -> tor
     raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {form!r}")
 
 
-def foreground_score(pred: torch.Tensor, image: torch.Tensor, form: str) -> torch.Tensor:
-    """[B, 3, h, w] predicted image in [0, 1] (+ the query image at the same size) -> [B, h, w] foreground score.
+def quantize(image: torch.Tensor, mode: str) -> torch.Tensor:
+    """The decoded prediction ``[B, 3, S, S]`` in [0, 1] as the evaluation sees it: ``floor`` = uint8 levels by
+    truncation (the released code: ``(x * 255).astype(np.uint8)``, then ``/ 255``); ``none`` = as decoded (the
+    paper describes no uint8 step)."""
+    if mode == "floor":
+        return torch.floor(image * 255) / 255
+    if mode == "none":
+        return image
+    raise ValueError(f"quantize must be one of {QUANTIZE}, got {mode!r}")
 
-    white_fg and real_fg: the channel mean (background is black). black_fg: how much darker than the query image
-    the prediction is. overlay: the mask recovered as ``2 * pred - image`` (the paper's "subtract the original
+
+def foreground_channels(pred: torch.Tensor, image: torch.Tensor, form: str) -> torch.Tensor:
+    """[B, 3, h, w] predicted image in [0, 1] (+ the query image at the same size) -> [B, 3, h, w] per-channel
+    foreground evidence; its channel mean is the foreground score.
+
+    white_fg and real_fg: the prediction itself (background is black). black_fg: how much darker than the query
+    image the prediction is. overlay: the mask recovered as ``2 * pred - image`` (the paper's "subtract the original
     image"). The last three are this project's choices; the paper does not give their post-processing.
     """
     if form in ("white_fg", "real_fg"):
-        score = pred
-    elif form == "black_fg":
-        score = (image - pred).clamp_min(0)
-    elif form == "overlay":
-        score = (2 * pred - image).clamp(0, 1)
-    else:
-        raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {form!r}")
-    return score.mean(1)
+        return pred
+    if form == "black_fg":
+        return (image - pred).clamp_min(0)
+    if form == "overlay":
+        return (2 * pred - image).clamp(0, 1)
+    raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {form!r}")
 
 
-def threshold(score: torch.Tensor, kind: str, value: float) -> torch.Tensor:
-    """[B, h, w] -> {0, 1} long: ``score > value * max(score)`` (relative, per image) or ``score > value`` (absolute)."""
-    if kind == "relative":
-        ref = score.flatten(1).amax(1).view(-1, 1, 1) * value
-    elif kind == "absolute":
-        ref = torch.full_like(score[:, :1, :1], value)
-    else:
-        raise ValueError(f"threshold must be 'relative' or 'absolute', got {kind!r}")
-    return (score > ref).long()
+def score_and_reference(channels: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel evidence ``[B, 3, h, w]`` -> (score = channel mean ``[B, h, w]``, relative-threshold reference
+    ``[B]``): ``rgb_max`` = the maximum over all three channels and all pixels (the released evaluation code),
+    ``mean_max`` = the maximum of the score itself (the paper's ``max(value)``)."""
+    score = channels.mean(1)
+    if reference == "rgb_max":
+        return score, channels.flatten(1).amax(1)
+    if reference == "mean_max":
+        return score, score.flatten(1).amax(1)
+    raise ValueError(f"threshold_reference must be one of {THRESHOLD_REFERENCES}, got {reference!r}")

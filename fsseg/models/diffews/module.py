@@ -1,5 +1,7 @@
-"""`DiffewsModule`: DiffewS (few-shot segmentation by fine-tuning Stable Diffusion 2.1's UNet), as released, with
-every design choice the paper ablates as an init argument (see docs/PROTOCOL.md §3 and configs/ablations/diffews/)."""
+"""`DiffewsModule`: DiffewS (few-shot segmentation by fine-tuning Stable Diffusion 2.1's UNet), with every design
+choice the paper ablates as an init argument (see docs/PROTOCOL.md §3 and configs/ablations/diffews/). Where the
+released code and the paper differ, the released behaviour is the default and the paper's form a named option
+(``threshold_reference``, ``quantize``, ``mask_resize``, ``multires_noise_form``; see README.md)."""
 
 from __future__ import annotations
 
@@ -8,28 +10,24 @@ import torch.nn.functional as F
 
 from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
 from fsseg.models.diffews import generation as gen
-from fsseg.models.diffews import support_cache
+from fsseg.models.diffews import support_cache, tca
 from fsseg.models.diffews.inputs import (
     INJECTIONS,
+    QUANTIZE,
     SUPERVISIONS,
+    THRESHOLD_REFERENCES,
     binary_mask,
-    foreground_score,
+    foreground_channels,
     inject_rgb,
     mask_image,
+    quantize,
+    score_and_reference,
     supervision_image,
-    threshold,
 )
-from fsseg.models.diffews.processors import FusionContext, install_fusion
-from fsseg.models.diffews.unet_loading import (
-    ConvInRouter,
-    add_input_conv,
-    load_component,
-    load_unet,
-    resolve_source,
-)
+from fsseg.models.diffews.processors import MASK_RESIZES, FusionInputs, install_fusion
+from fsseg.models.diffews.unet_loading import SD21_ID, ConvInRouter, add_input_conv, unet_folder
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SD21 = dict(reference=SD21_ID, key="model.init_args.pretrained")
 
 
 class DiffewsModule(FewShotModule):
@@ -42,24 +40,36 @@ class DiffewsModule(FewShotModule):
         injection: ``concat`` (released) | ``multiply_rgb`` | ``multiply_latent`` | ``add`` | ``attention_mask``.
         supervision: ``white_fg`` (released) | ``real_fg`` | ``black_fg`` | ``overlay``.
         generation: ``oi2m`` (released) | ``mi2m`` | ``mn2m``; ``beta_start``/``beta_end``/``beta_schedule``,
-            ``num_inference_steps``, ``ensemble_size`` (mn2m), ``multires_noise`` (mn2m strength, 0 = plain noise).
-        threshold: ``relative`` (value > 0.25 * max, released) | ``absolute`` (value > 0.15); ``threshold_value``
-            overrides the number.
+            ``num_inference_steps``, ``ensemble_size`` (mn2m), ``multires_noise`` (mn2m training-noise strength, annealed
+            by t/T; 0 = plain noise), ``multires_noise_form``: ``released`` (the released ``pyramid_noise_like``: at
+            most 6 levels sized from the full resolution) | ``marigold`` (the paper's "Marigold-style" noise: at most
+            10 levels, each sized from the previous one).
+        threshold / threshold_mode: foreground where the score exceeds ``threshold * reference`` (``relative``,
+            released, 0.25) or ``threshold`` (``absolute``; the paper's best absolute value is 0.15).
+        threshold_reference: the relative threshold's reference: ``rgb_max`` (released evaluation code: the maximum
+            over all three channels and pixels of the decoded image) | ``mean_max`` (the paper: the maximum of the
+            channel-mean score).
+        quantize: ``floor`` (released: the decoded image passes through uint8 by truncation) | ``none`` (the paper
+            describes no uint8 step).
+        mask_resize: attention-mask injection's support mask on each layer's token grid: ``nearest`` (released) |
+            ``any`` (a cell is visible if any pixel under it is foreground; the paper does not say how).
         nshot: ``concat`` (all support K/V) | ``sample`` (support K/V sampled down to the 1-shot count).
         train_shots: None = every given support each step; N = a random 1..N of them per step (DiffewS-n).
         image_encoder: CLIPVisionModelWithProjection folder or hub id (needed by ``tca``).
+        support_pass: ``joint`` (queries and supports in one batched UNet call) | ``separate`` (the released code's
+            form: a support call records every ``attn1`` K/V, then a query call attends to them; ``fsa`` only).
+            Both compute the same function; ``joint`` is one call instead of two.
         gradient_checkpointing: UNet gradient checkpointing.
         seed: seeds the support-token sampling and the mn2m inference noise.
+        allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
     """
 
     frozen_modules = ("vae", "image_encoder")
-    # many queries, one support: the support pass runs once and its attn1 K/V are reused (fsseg predict-images)
-    encode_support = support_cache.encode_support
-    predict_with_support = support_cache.predict_with_support
+    has_threshold = True
 
     def __init__(
         self,
-        pretrained: str = "stabilityai/stable-diffusion-2-1",
+        pretrained: str = SD21_ID,
         unet_path: str | None = None,
         interaction: str = "fsa",
         injection: str = "concat",
@@ -71,55 +81,60 @@ class DiffewsModule(FewShotModule):
         num_inference_steps: int = 10,
         ensemble_size: int = 1,
         multires_noise: float = 0.9,
-        threshold: str = "relative",
-        threshold_value: float | None = None,
+        multires_noise_form: str = "released",
+        threshold: float = 0.25,
+        threshold_mode: str = "relative",
+        threshold_reference: str = "rgb_max",
+        quantize: str = "floor",
+        mask_resize: str = "nearest",
         nshot: str = "concat",
         train_shots: int | None = None,
         image_encoder: str | None = None,
+        support_pass: str = "joint",
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        allow_download: bool = False,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)
+        super().__init__(
+            optimizer, scheduler, scheduler_interval, threshold=threshold, threshold_mode=threshold_mode
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self._check_choices()
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        pretrained, unet_path, image_encoder = map(resolve_source, (pretrained, unet_path, image_encoder))
-        self.vae = (
-            load_component(AutoencoderKL, pretrained, "vae", "Stable Diffusion VAE")
-            .requires_grad_(False)
-            .eval()
-        )
+        self.vae = self.load_component(AutoencoderKL, pretrained, "vae", "Stable Diffusion VAE", **SD21)
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.unet, unet_source, unet_sub = load_unet(pretrained, unet_path)
+        folder = unet_folder(self, pretrained, unet_path)
+        self.unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
         if interaction != "tca" and injection == "concat":
-            add_input_conv(self.unet, unet_source, unet_sub, "conv_in_ref", 2 * self.unet.config.in_channels)
+            add_input_conv(self.unet, folder, "conv_in_ref", 2 * self.unet.config.in_channels)
         if generation == "mn2m":
-            add_input_conv(
-                self.unet, unet_source, unet_sub, "conv_in_query", 2 * self.unet.config.in_channels
-            )
+            add_input_conv(self.unet, folder, "conv_in_query", 2 * self.unet.config.in_channels)
         self.router = ConvInRouter(self.unet.conv_in)
-        self.fusion = FusionContext()
         self.image_encoder = None
         if interaction == "tca":
             self._load_image_encoder(image_encoder)
         else:
-            self.n_fusion_layers = install_fusion(
-                self.unet, self.fusion, "kv" if interaction == "fsa" else "qkv"
-            )
+            self.n_fusion_layers = install_fusion(self.unet, "kv" if interaction == "fsa" else "qkv")
             self._register_prompts(pretrained)
         self.noise_scheduler = None
-        if generation != "oi2m":
-            self.noise_scheduler = gen.make_scheduler(pretrained, beta_start, beta_end, beta_schedule)
+        if generation != "oi2m":  # SD 2.1's DDIM config with the beta range overridden
+            betas = dict(beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
+            self.noise_scheduler = self.load_component(
+                DDIMScheduler,
+                pretrained,
+                "scheduler",
+                "noise scheduler",
+                **SD21,
+                **betas,
+                prediction_type="v_prediction",
+            )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes
-        self.threshold_value = (
-            threshold_value if threshold_value is not None else (0.25 if threshold == "relative" else 0.15)
-        )
 
     # ---- construction ---------------------------------------------------------------------------------------
     def _check_choices(self) -> None:
@@ -129,8 +144,12 @@ class DiffewsModule(FewShotModule):
             "injection": INJECTIONS,
             "supervision": SUPERVISIONS,
             "generation": gen.GENERATIONS,
-            "threshold": ("relative", "absolute"),
             "nshot": ("concat", "sample"),
+            "support_pass": ("joint", "separate"),
+            "multires_noise_form": gen.NOISE_FORMS,
+            "threshold_reference": THRESHOLD_REFERENCES,
+            "quantize": QUANTIZE,
+            "mask_resize": MASK_RESIZES,
         }
         for key, allowed in choices.items():
             if hp[key] not in allowed:
@@ -147,6 +166,11 @@ class DiffewsModule(FewShotModule):
             raise ValueError(
                 "DiffewsModule: interaction='qkv' supports neither injection='attention_mask' nor nshot='sample'"
             )
+        if hp.support_pass == "separate" and hp.interaction != "fsa":
+            raise ValueError(
+                "DiffewsModule: support_pass='separate' (a K/V bank) needs interaction='fsa': with qkv the supports "
+                "see the query, with tca they never pass through the UNet"
+            )
         if hp.train_shots is not None and hp.train_shots < 1:
             raise ValueError(f"DiffewsModule: train_shots must be None or >= 1, got {hp.train_shots}")
 
@@ -154,8 +178,10 @@ class DiffewsModule(FewShotModule):
         """The empty prompt's CLIP embedding: 77 tokens (training form), 2 tokens (released inference form)."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        tok = load_component(CLIPTokenizer, pretrained, "tokenizer", "CLIP tokenizer")
-        text = load_component(CLIPTextModel, pretrained, "text_encoder", "CLIP text encoder").eval()
+        tok = self.load_component(CLIPTokenizer, pretrained, "tokenizer", "CLIP tokenizer", **SD21)
+        text = self.load_component(
+            CLIPTextModel, pretrained, "text_encoder", "CLIP text encoder", **SD21
+        ).eval()
         ids_train = tok(
             "", padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
@@ -172,21 +198,20 @@ class DiffewsModule(FewShotModule):
             raise ValueError(
                 "DiffewsModule: interaction='tca' needs model.init_args.image_encoder (a CLIPVisionModelWithProjection folder or hub id)"
             )
-        hint = "For SD 2.1 use the OpenCLIP ViT-H/14 image tower, e.g. `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (download it, set image_encoder)."
-        enc = load_component(CLIPVisionModelWithProjection, source, None, "CLIP image encoder", hint)
+        enc = self.load_component(  # SD 2.1's text tower is OpenCLIP ViT-H/14: its image tower matches
+            CLIPVisionModelWithProjection,
+            source,
+            None,
+            "CLIP image encoder",
+            reference="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+            key="model.init_args.image_encoder",
+        )
         if enc.config.projection_dim != self.unet.config.cross_attention_dim:
             raise ValueError(
                 f"image_encoder {source!r}: projection_dim {enc.config.projection_dim} != UNet cross_attention_dim "
                 f"{self.unet.config.cross_attention_dim}"
             )
-        self.image_encoder = enc.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vae.eval()
-        if self.image_encoder is not None:
-            self.image_encoder.eval()
-        return self
+        self.image_encoder = enc
 
     # ---- latents ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,18 +222,20 @@ class DiffewsModule(FewShotModule):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[N, 4, h, w] -> [N, 3, S, S] in [0, 1], rounded to uint8 levels as the released code does."""
+        """[N, 4, h, w] -> [N, 3, S, S] in [0, 1] (clipped to [-1, 1], then ``x * 0.5 + 0.5``)."""
         img = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
-        return ((img.float().clamp(-1, 1) + 1) / 2 * 255).round() / 255
+        return img.float().clamp(-1, 1) * 0.5 + 0.5
 
-    # ---- one UNet call for a batch of episodes ----------------------------------------------------------------
+    # ---- the support side of a UNet call ----------------------------------------------------------------------
     def _support_inputs(self, s_img, s_mask, sample: bool) -> dict:
         """Support side of the UNet call: [B, K, 3, S, S] images and [B, K, S, S] {0,1} masks."""
         b, k = s_mask.shape[:2]
         flat_img, flat_mask = s_img.flatten(0, 1), s_mask.flatten(0, 1)  # [B*K, 3, S, S], [B*K, S, S]
         hp = self.hparams
         if hp.interaction == "tca":
-            return self._clip_support(flat_img, flat_mask, b, k)
+            return tca.support_tokens(
+                self.image_encoder, flat_img, flat_mask, b, hp.injection, hp.mask_resize
+            )
         if hp.injection == "concat":
             z = self.encode(torch.cat([flat_img, mask_image(flat_mask)]), sample)
             z_s, z_ms = z.chunk(2)
@@ -221,38 +248,31 @@ class DiffewsModule(FewShotModule):
             out["mask"] = s_mask  # [B, K, S, S]
         return out
 
-    def _clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] in [0, 1] -> [N, T, D] projected CLIP patch + class tokens."""
-        enc = self.image_encoder
-        size = enc.config.image_size
-        x = F.interpolate(
-            images, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-        ).clamp(0, 1)
-        mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-        with torch.no_grad():
-            hidden = enc.vision_model(pixel_values=(x - mean) / std).last_hidden_state
-            return enc.visual_projection(enc.vision_model.post_layernorm(hidden))
+    # ---- UNet calls: joint (one batched call) or separate (support K/V bank, then the queries) ----------------
+    def _fusion(self, n_query: int, support: dict, generator=None, **layout) -> FusionInputs:
+        mask = support.get("mask")  # [B_s, K, S, S]
+        if mask is not None and n_query and mask.shape[0] != n_query:
+            mask = mask.expand(n_query, -1, -1, -1)  # one support set shared by every query
+        return FusionInputs(
+            n_query=n_query,
+            n_shot=support["k"],
+            support_mask=mask,
+            mask_resize=self.hparams.mask_resize,
+            sample_one_shot=self.hparams.nshot == "sample" and not self.training,
+            generator=generator,
+            **layout,
+        )
 
-    def _clip_support(self, flat_img, flat_mask, b, k) -> dict:
-        hp = self.hparams
-        if hp.injection == "concat":  # image tokens and mask-image tokens, side by side in the sequence
-            tokens = torch.cat([self._clip_tokens(flat_img), self._clip_tokens(mask_image(flat_mask))], 1)
-        else:
-            tokens = self._clip_tokens(inject_rgb(flat_img, flat_mask, hp.injection))
-        keep = None
-        if hp.injection == "attention_mask":  # class token always visible, patch tokens where the mask is
-            grid = self.image_encoder.config.image_size // self.image_encoder.config.patch_size
-            patch = (
-                F.interpolate(flat_mask[:, None], size=(grid, grid), mode="area").flatten(1) > 0
-            )  # [B*K, g*g]
-            keep = torch.cat([torch.ones_like(patch[:, :1]), patch], 1).reshape(b, -1)  # [B, K*T]
-        return {"tokens": tokens.reshape(b, -1, tokens.shape[-1]), "keep": keep}  # [B, K*T, D]
+    @staticmethod
+    def _conv_for(conv, x: torch.Tensor, in_channels: int):
+        return conv if x.shape[1] != in_channels else None
 
     def unet_call(self, query_in, support: dict, t, prompt, generator=None) -> torch.Tensor:
-        """UNet output for the query rows ``[B, 4, h, w]``; queries and supports go through one batched call."""
+        """UNet output for the query rows ``[B, 4, h, w]``, query inputs ``[B, 4 or 8, h, w]``, timesteps ``[B]``."""
         b = query_in.shape[0]
-        q_conv = self.unet.conv_in_query if query_in.shape[1] != self.unet.config.in_channels else None
+        q_conv = self._conv_for(
+            getattr(self.unet, "conv_in_query", None), query_in, self.unet.config.in_channels
+        )
         if "tokens" in support:  # tca: only the queries pass through the UNet
             with self.router.route([(q_conv, query_in)]):
                 return self.unet(
@@ -261,23 +281,56 @@ class DiffewsModule(FewShotModule):
                     encoder_hidden_states=support["tokens"].to(query_in.dtype),
                     encoder_attention_mask=support["keep"],
                 ).sample
+        if self.hparams.support_pass == "separate":
+            return self.query_call(
+                query_in, support, t, prompt, self.support_bank(support, t, prompt), generator
+            )
         x_s, k = support["x"], support["k"]
-        s_conv = self.unet.conv_in_ref if x_s.shape[1] != self.unet.config.in_channels else None
+        s_conv = self._conv_for(getattr(self.unet, "conv_in_ref", None), x_s, self.unet.config.in_channels)
         sample = torch.cat(
             [query_in[:, :4], x_s[:, :4]]
-        )  # [B(1+K), 4, h, w]; conv_in_ref/conv_in_query replace rows
+        )  # [B(1+K), 4, h, w]; conv_in_ref/_query replace rows
         timesteps = torch.cat([t, t.repeat_interleave(k)])
-        ctx = self.fusion
-        ctx.n_query, ctx.n_shot = b, k
-        ctx.support_mask = support.get("mask")
-        ctx.mask_hw = tuple(ctx.support_mask.shape[-2:]) if ctx.support_mask is not None else (0, 0)
-        ctx.generator = generator
-        ctx.sample_one_shot = self.hparams.nshot == "sample" and not self.training
+        fusion = self._fusion(b, support, generator)
         with self.router.route([(q_conv, query_in), (s_conv, x_s)]):
             out = self.unet(
-                sample, timesteps, encoder_hidden_states=prompt.expand(sample.shape[0], -1, -1)
+                sample,
+                timesteps,
+                encoder_hidden_states=prompt.expand(sample.shape[0], -1, -1),
+                cross_attention_kwargs={"fusion": fusion},
             ).sample
         return out[:b]
+
+    def support_bank(self, support: dict, t, prompt) -> dict:
+        """The support-only UNet call (rows ``[B_s*K]``, timesteps ``t [B_s]`` per episode): every ``attn1`` layer's
+        K/V, ``{layer name: (K, V)}``."""
+        x_s, k = support["x"], support["k"]
+        s_conv = self._conv_for(getattr(self.unet, "conv_in_ref", None), x_s, self.unet.config.in_channels)
+        record: dict = {}
+        fusion = FusionInputs(n_query=0, n_shot=k, record=record)
+        with self.router.route([(s_conv, x_s)]):
+            self.unet(
+                x_s[:, :4],
+                t.repeat_interleave(k),
+                encoder_hidden_states=prompt.expand(x_s.shape[0], -1, -1),
+                cross_attention_kwargs={"fusion": fusion},
+            )
+        return dict(record)  # a copy: a checkpoint recomputation may write the record again
+
+    def query_call(self, query_in, support: dict, t, prompt, bank: dict, generator=None) -> torch.Tensor:
+        """The query-only UNet call ``[B, 4, h, w]``: each query attends to its own and the banked support K/V."""
+        b = query_in.shape[0]
+        q_conv = self._conv_for(
+            getattr(self.unet, "conv_in_query", None), query_in, self.unet.config.in_channels
+        )
+        fusion = self._fusion(b, support, generator, bank=bank)
+        with self.router.route([(q_conv, query_in)]):
+            return self.unet(
+                query_in[:, :4],
+                t,
+                encoder_hidden_states=prompt.expand(b, -1, -1),
+                cross_attention_kwargs={"fusion": fusion},
+            ).sample
 
     # ---- FewShotModule hooks ----------------------------------------------------------------------------------
     def _episode_tensors(self, batch: dict, shots: int | None = None):
@@ -285,7 +338,7 @@ class DiffewsModule(FewShotModule):
         s_img, s_mask = (
             batch["support_imgs"].float(),
             binary_mask(batch["support_masks"]),
-        )  # [B, K, 3, S, S], [B, K, S, S]
+        )  # [B, K, 3|-, S, S]
         if shots is not None and shots < s_mask.shape[1]:
             idx = torch.randperm(s_mask.shape[1])[:shots].to(s_mask.device)
             s_img, s_mask = s_img[:, idx], s_mask[:, idx]
@@ -304,7 +357,7 @@ class DiffewsModule(FewShotModule):
         ).chunk(2)
         support = self._support_inputs(s_img, s_mask, sample=True)
         query_in, t, target = gen.training_inputs(
-            hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise
+            hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise, hp.multires_noise_form
         )
         pred = self.unet_call(query_in, support, t, self._prompt(train=True))
         loss = F.mse_loss(pred.float(), target.float())
@@ -315,29 +368,63 @@ class DiffewsModule(FewShotModule):
             return None
         return self.prompt_train if train else self.prompt_infer
 
-    @torch.no_grad()
-    def predict_image(self, batch: dict) -> torch.Tensor:
-        """The decoded prediction ``[B, 3, S, S]`` in [0, 1] (uint8 levels), before thresholding."""
-        hp = self.hparams
-        q_img, s_img, s_mask = self._episode_tensors(batch)
-        z_q = self.encode(q_img, sample=False)
+    def joint_denoiser(self, batch: dict) -> gen.Denoiser:
+        """The UNet call on the batch's own supports: ``(query input, t, generator) -> output``."""
+        _, s_img, s_mask = self._episode_tensors(batch)
         support = self._support_inputs(s_img, s_mask, sample=False)
+        prompt = self._prompt(train=False)
+        return lambda x, t, g: self.unet_call(x, support, t, prompt, g)
+
+    @torch.no_grad()
+    def predict_image(self, batch: dict, denoiser: gen.Denoiser | None = None) -> torch.Tensor:
+        """The decoded prediction ``[B, 3, S, S]`` in [0, 1] (ensemble mean, then `quantize`), before thresholding.
+
+        ``denoiser`` is the UNet call (default: `joint_denoiser` on the batch's supports; `predict_with_support`
+        gives the stored support's); the generation loop, its seed and the ensemble are the same for both.
+        """
+        hp = self.hparams
+        z_q = self.encode(batch["query_img"].float(), sample=False)
+        if denoiser is None:
+            denoiser = self.joint_denoiser(batch)
         first = int(batch["episode_idx"].reshape(-1)[0]) if "episode_idx" in batch else 0
         generator = torch.Generator().manual_seed(hp.seed * 1_000_003 + first)
-        denoise = lambda x, t: self.unet_call(x, support, t, self._prompt(train=False), generator)  # noqa: E731
         runs = hp.ensemble_size if hp.generation == "mn2m" else 1
         preds = [
             self.decode(
                 gen.generate(
-                    hp.generation, denoise, z_q, self.noise_scheduler, hp.num_inference_steps, generator
+                    hp.generation,
+                    lambda x, t: denoiser(x, t, generator),
+                    z_q,
+                    self.noise_scheduler,
+                    hp.num_inference_steps,
+                    generator,
                 )
             )
             for _ in range(runs)
         ]
-        return torch.stack(preds).mean(0) if runs > 1 else preds[0]
+        return quantize(torch.stack(preds).mean(0) if runs > 1 else preds[0], hp.quantize)
+
+    def masks(self, pred: torch.Tensor, query_img: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """Post-processing: decoded ``[B, 3, S, S]`` -> nearest resize to ``out_size`` -> score and reference ->
+        threshold (the released evaluation's order)."""
+        pred = F.interpolate(pred, size=out_size, mode="nearest")  # [B, 3, h, w]
+        image = F.interpolate(query_img.float(), size=out_size, mode="nearest")
+        channels = foreground_channels(pred, image, self.hparams.supervision)  # [B, 3, h, w]
+        score, reference = score_and_reference(channels, self.hparams.threshold_reference)  # [B, h, w], [B]
+        return self.binarize(score, reference)
 
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
-        pred = F.interpolate(self.predict_image(batch), size=out_size, mode="nearest")  # [B, 3, h, w]
-        image = F.interpolate(batch["query_img"].float(), size=out_size, mode="nearest")
-        score = foreground_score(pred, image, self.hparams.supervision)  # [B, h, w]
-        return threshold(score, self.hparams.threshold, self.threshold_value)
+        return self.masks(self.predict_image(batch), batch["query_img"], out_size)
+
+    # ---- one support set, many queries (fsseg predict-images) -------------------------------------------------
+    @torch.no_grad()
+    def encode_support(
+        self, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> support_cache.SupportState:
+        return support_cache.encode_support(self, support_imgs, support_masks)
+
+    def predict_with_support(
+        self, state, query_imgs: torch.Tensor, out_size: tuple[int, int]
+    ) -> torch.Tensor:
+        denoiser = support_cache.cached_denoiser(self, state, query_imgs.shape[0])
+        return self.masks(self.predict_image({"query_img": query_imgs}, denoiser), query_imgs, out_size)

@@ -2,82 +2,39 @@
 
 A released DiffewS UNet is a diffusers ``UNet2DConditionModel`` folder whose state dict also holds
 ``conv_in_ref.*`` (the 8-channel support input conv) and whose ``config.json`` has ``in_channels_ref: 8``.
-diffusers ignores both; :func:`load_unet` reads the extra weights back from the same files.
+diffusers ignores both; :func:`add_input_conv` reads the extra weights back from the same files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-SD21_HINT = (
-    "Download Stable Diffusion 2.1 (subfolders unet, vae, text_encoder, tokenizer, scheduler), e.g. "
-    "`huggingface-cli download stabilityai/stable-diffusion-2-1 --local-dir <dir>`, and set "
-    "`model.init_args.pretrained: <dir>` (or keep the hub id and have it in the Hugging Face cache)."
-)
+from fsseg.models.loading import MissingWeightsError, local_path
+
+SD21_ID = "stabilityai/stable-diffusion-2-1"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 EXTRA_CONVS = {"conv_in_ref": "in_channels_ref", "conv_in_query": "in_channels_query"}
 
 
-def resolve_source(source: str | None) -> str | None:
-    """A relative folder that is not under the working directory is looked up beside the installed ``fsseg``
-    package, so ``fsseg/assets/tiny-diffews`` works from anywhere; hub ids and other values pass through."""
-    if source is None or Path(source).is_absolute() or Path(source).exists():
-        return source
-    import fsseg
-
-    candidate = Path(fsseg.__file__).resolve().parent.parent / source
-    return str(candidate) if candidate.exists() else source
-
-
-def load_component(cls, source: str, subfolder: str | None, what: str, hint: str = SD21_HINT, **kwargs):
-    """``cls.from_pretrained(source, subfolder=...)`` with an error naming the missing component and where it goes."""
-    try:
-        if subfolder is None:
-            return cls.from_pretrained(source, **kwargs)
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError) as err:
-        where = f"{source}/{subfolder}" if subfolder else source
-        raise FileNotFoundError(
-            f"cannot load the {what} ({cls.__name__}) from {where!r}: {err}\n{hint}"
-        ) from err
-
-
-def _resolve(source: str, subfolder: str | None, filename: str) -> Path | None:
-    local = Path(source) / (subfolder or "") / filename
-    if Path(source).is_dir():
-        return local if local.is_file() else None
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(source, filename, subfolder=subfolder))
-    except Exception:  # not in the cache / not in the repo: the caller reports what it looked for
-        return None
-
-
-def read_weights(source: str, subfolder: str | None, prefix: str) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a diffusers model folder's weights whose names start with ``prefix`` (prefix stripped)."""
     out: dict[str, torch.Tensor] = {}
     files: list[Path] = []
     for name in WEIGHT_FILES:
-        index = _resolve(source, subfolder, name + ".index.json")
-        if index is not None:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [p for p in (_resolve(source, subfolder, s) for s in shards) if p is not None]
+        index = folder / (name + ".index.json")
+        if index.is_file():
+            files = [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
             break
-        single = _resolve(source, subfolder, name)
-        if single is not None:
-            files = [single]
+        if (folder / name).is_file():
+            files = [folder / name]
             break
     if not files:
-        raise FileNotFoundError(
-            f"no weights ({' / '.join(WEIGHT_FILES)}) under {source!r} subfolder {subfolder!r}"
-        )
+        raise FileNotFoundError(f"no weights ({' / '.join(WEIGHT_FILES)}) in {str(folder)!r}")
     for path in files:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -103,10 +60,10 @@ def conv_like(conv_in: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     return conv.to(conv_in.weight.dtype)
 
 
-def add_input_conv(unet, source: str, subfolder: str | None, name: str, in_channels: int) -> bool:
+def add_input_conv(unet, folder: Path, name: str, in_channels: int) -> bool:
     """Attach ``unet.<name>`` (``conv_in_ref`` / ``conv_in_query``) and record its channels in the config.
 
-    Weights come from the UNet folder when its config declares them, else from conv_in (see :func:`conv_like`).
+    Weights come from the UNet ``folder`` when its config declares them, else from conv_in (see :func:`conv_like`).
     Returns whether they were loaded from the folder.
     """
     key = EXTRA_CONVS[name]
@@ -115,11 +72,11 @@ def add_input_conv(unet, source: str, subfolder: str | None, name: str, in_chann
     loaded = False
     if declared is not None:
         if int(declared) != in_channels:
-            raise ValueError(f"{source}: UNet config has {key}={declared}, this variant needs {in_channels}")
-        sd = read_weights(source, subfolder, name + ".")
+            raise ValueError(f"{folder}: UNet config has {key}={declared}, this variant needs {in_channels}")
+        sd = read_weights(folder, name + ".")
         if set(sd) != {"weight", "bias"}:
             raise ValueError(
-                f"{source}: config declares {key} but the weights hold {name}.{sorted(sd)} (expected weight, bias)"
+                f"{folder}: config declares {key} but the weights hold {name}.{sorted(sd)} (expected weight, bias)"
             )
         conv.load_state_dict(sd)
         loaded = True
@@ -161,17 +118,16 @@ class ConvInRouter:
         return torch.cat(pieces, 0)
 
 
-def load_unet(pretrained: str, unet_path: str | None = None):
-    """The SD UNet from ``pretrained``/unet, or a released DiffewS UNet folder ``unet_path`` (diffusers layout)."""
-    from diffusers import UNet2DConditionModel
-
-    if unet_path is not None:
-        hint = f"`unet_path` must be a diffusers UNet folder (config.json + {WEIGHT_FILES[0]}), e.g. a released DiffewS UNet."
-        if not os.path.isdir(unet_path):
-            raise FileNotFoundError(f"DiffewS UNet folder {unet_path!r} does not exist. {hint}")
-        return load_component(UNet2DConditionModel, unet_path, None, "DiffewS UNet", hint), unet_path, None
-    return (
-        load_component(UNet2DConditionModel, pretrained, "unet", "Stable Diffusion UNet"),
-        pretrained,
-        "unet",
-    )
+def unet_folder(module, pretrained: str, unet_path: str | None) -> Path:
+    """The local folder of the UNet: ``pretrained``/unet (SD 2.1), or a released DiffewS UNet folder."""
+    if unet_path is None:
+        return module.locate_component(
+            pretrained, "unet", "Stable Diffusion UNet", reference=SD21_ID, key="model.init_args.pretrained"
+        )
+    folder = local_path(unet_path)
+    if folder is None or not (folder / "config.json").is_file():
+        raise MissingWeightsError(
+            f"model.init_args.unet_path = {unet_path!r} is not a diffusers UNet folder (config.json + "
+            f"{WEIGHT_FILES[0]}), e.g. a released DiffewS UNet"
+        )
+    return folder

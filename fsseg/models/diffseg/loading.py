@@ -2,8 +2,9 @@
 
 ``decoder`` and ``prior`` are hub ids or local folders with the subfolders of
 ``kandinsky-community/kandinsky-2-2-decoder`` (``unet``, ``movq``, ``scheduler``) and
-``kandinsky-community/kandinsky-2-2-prior`` (``image_encoder``, ``image_processor``). Hub ids resolve through the
-local Hugging Face cache (or a download, when the machine is online).
+``kandinsky-community/kandinsky-2-2-prior`` (``image_encoder``, ``image_processor``), resolved and loaded offline
+first by `fsseg.models.loading` (package asset, working directory, Hugging Face cache; a download only with
+``allow_download``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from fsseg.models.loading import load_component
 
 DECODER_ID = "kandinsky-community/kandinsky-2-2-decoder"
 PRIOR_ID = "kandinsky-community/kandinsky-2-2-prior"
@@ -27,18 +30,6 @@ class FrozenParts:
     image_processor: CLIPImageProcessor
 
 
-def _load(cls, source: str, subfolder: str, what: str, repo_id: str):
-    try:
-        return cls.from_pretrained(source, subfolder=subfolder)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"could not load the {what} ({cls.__name__}) from {source!r}, subfolder {subfolder!r}: {err}\n"
-            f"Expected a local folder or hub id holding '{subfolder}/' as in {repo_id}; fetch it on an online "
-            f"machine with `huggingface-cli download {repo_id} --include '{subfolder}/*'` and point the config "
-            f"at the folder (model.init_args.decoder / model.init_args.prior)."
-        ) from err
-
-
 def _check_kandinsky_unet(unet: UNet2DConditionModel, source: str) -> None:
     cfg = unet.config
     if cfg.encoder_hid_dim_type != "image_proj" or cfg.addition_embed_type != "image":
@@ -48,23 +39,31 @@ def _check_kandinsky_unet(unet: UNet2DConditionModel, source: str) -> None:
         )
 
 
-def load_frozen_parts(decoder: str = DECODER_ID, prior: str = PRIOR_ID) -> FrozenParts:
-    """Load every frozen part, switch it to eval mode and turn its gradients off."""
-    unet = _load(UNet2DConditionModel, decoder, "unet", "Kandinsky 2.2 decoder UNet", DECODER_ID)
+def load_frozen_parts(
+    decoder: str = DECODER_ID, prior: str = PRIOR_ID, allow_download: bool = False
+) -> FrozenParts:
+    """Load every frozen part (DiffSegModule freezes them: they are its ``frozen_modules``)."""
+
+    def load(cls, source, subfolder, what, reference, key):
+        return load_component(
+            cls, source, subfolder, what, reference=reference, key=key, allow_download=allow_download
+        )
+
+    dec = (decoder, DECODER_ID, "model.init_args.decoder")
+    pri = (prior, PRIOR_ID, "model.init_args.prior")
+    unet = load(UNet2DConditionModel, dec[0], "unet", "Kandinsky 2.2 decoder UNet", *dec[1:])
     _check_kandinsky_unet(unet, decoder)
-    movq = _load(VQModel, decoder, "movq", "Kandinsky 2.2 MoVQ", DECODER_ID)
-    scheduler = _load(DDPMScheduler, decoder, "scheduler", "Kandinsky 2.2 decoder scheduler", DECODER_ID)
-    image_encoder = _load(
-        CLIPVisionModelWithProjection, prior, "image_encoder", "CLIP image encoder", PRIOR_ID
+    movq = load(VQModel, dec[0], "movq", "Kandinsky 2.2 MoVQ", *dec[1:])
+    scheduler = load(DDPMScheduler, dec[0], "scheduler", "Kandinsky 2.2 decoder scheduler", *dec[1:])
+    image_encoder = load(
+        CLIPVisionModelWithProjection, pri[0], "image_encoder", "CLIP image encoder", *pri[1:]
     )
-    image_processor = _load(CLIPImageProcessor, prior, "image_processor", "CLIP image processor", PRIOR_ID)
+    image_processor = load(CLIPImageProcessor, pri[0], "image_processor", "CLIP image processor", *pri[1:])
     if image_encoder.config.projection_dim != unet.config.encoder_hid_dim:
         raise ValueError(
             f"CLIP image encoder from {prior!r} gives {image_encoder.config.projection_dim}-d embeddings but the UNet "
             f"from {decoder!r} expects encoder_hid_dim={unet.config.encoder_hid_dim}"
         )
-    for module in (unet, movq, image_encoder):
-        module.requires_grad_(False).eval()
     return FrozenParts(unet, movq, scheduler, image_encoder, image_processor)
 
 

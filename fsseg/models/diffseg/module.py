@@ -17,7 +17,6 @@ from lightning.pytorch.cli import (  # typed so jsonargparse accepts class_path
 )
 
 from fsseg.models.base import FewShotModule
-from fsseg.models.diffseg import support_cache
 from fsseg.models.diffseg.capture import CaptureStore, FeatureCapture, fuse_attention_maps, install_capture
 from fsseg.models.diffseg.hed import build_edge_source
 from fsseg.models.diffseg.loading import (
@@ -29,6 +28,7 @@ from fsseg.models.diffseg.loading import (
 )
 from fsseg.models.diffseg.pam import ConvHead, PerceptualAttention
 from fsseg.models.diffseg.scm import SCMHooks, SpatialControl, unet_level_channels
+from fsseg.models.loading import resolve_file
 
 
 def _level_size(size: tuple[int, int], level: int) -> tuple[int, int]:
@@ -55,13 +55,13 @@ class DiffSegModule(FewShotModule):
         scm_levels / scm_shared: Table 6.
         latent_fg_weight: weight of foreground latent cells in the latent MSE (1 = the paper's plain MSE; >1 counters
             small objects, used by the short demo run).
-        threshold: foreground where the decoded prediction (mean over RGB, in [0, 1]) exceeds it.
+        threshold / threshold_mode: foreground where the decoded prediction (mean over RGB, in [0, 1]) exceeds
+            ``threshold`` (``absolute``, the paper's reading) or ``threshold * max`` (``relative``).
+        allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
     """
 
     frozen_modules = ("unet", "movq", "image_encoder", "edge_net")
-    # many queries, one support: the support latent and CLIP embedding are computed once (fsseg predict-images)
-    encode_support = support_cache.encode_support
-    predict_with_support = support_cache.predict_with_support
+    has_threshold = True
 
     def __init__(
         self,
@@ -93,11 +93,15 @@ class DiffSegModule(FewShotModule):
         latent_loss_weight: float = 1.0,
         latent_fg_weight: float = 1.0,
         threshold: float = 0.5,
+        threshold_mode: str = "absolute",
+        allow_download: bool = False,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)
+        super().__init__(
+            optimizer, scheduler, scheduler_interval, threshold=threshold, threshold_mode=threshold_mode
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if knowledge not in ("attention", "resnet", "transformer"):
             raise ValueError(f"knowledge must be 'attention', 'resnet' or 'transformer', got {knowledge!r}")
@@ -122,9 +126,7 @@ class DiffSegModule(FewShotModule):
                 raise ValueError(f"{name} must be within 1..{n_levels - 1} for this UNet, got {list(levels)}")
         self.latent_channels = parts.movq.config.latent_channels
         self.downsample = 2 ** (len(parts.movq.config.block_out_channels) - 1)
-        self.edge_net = (
-            build_edge_source(edge_source, hed_weights).requires_grad_(False).eval() if use_scm else None
-        )
+        self.edge_net = build_edge_source(edge_source, resolve_file(hed_weights)) if use_scm else None
 
         down_ch, up_ch = unet_level_channels(parts.unet)
         self.scm = None
@@ -159,16 +161,7 @@ class DiffSegModule(FewShotModule):
     def load_frozen_parts(self, decoder: str, prior: str) -> FrozenParts:
         """The frozen UNet / MoVQ / scheduler / CLIP encoder + processor (``from_pretrained``; a subclass may build
         them otherwise, e.g. the speed benchmark's random-weight Kandinsky)."""
-        return load_frozen_parts(decoder, prior)
-
-    # ---- frozen parts stay in eval mode ---------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for name in self.frozen_modules:
-            module = getattr(self, name, None)
-            if module is not None:
-                module.eval()
-        return self
+        return load_frozen_parts(decoder, prior, allow_download=self.hparams.allow_download)
 
     # ---- encoders ---------------------------------------------------------------------------------------------
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
@@ -229,9 +222,15 @@ class DiffSegModule(FewShotModule):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(L_pre [B, C, h, w], M_a [B, 1, s, s] or None)."""
-        query = batch["query_img"]  # [B, 3, S, S] in [0, 1]
+        return self.query_forward(batch["query_img"], *self.support_inputs(batch))
+
+    def query_forward(self, query: torch.Tensor, ls: torch.Tensor, emb: torch.Tensor | None):
+        """The query side: ``[B, 3, S, S]`` in [0, 1] with the support latent ``L_s`` and embedding ``E_m`` (one
+        support set, ``[1, ...]``, serves every query) -> (L_pre, M_a)."""
+        b = query.shape[0]
+        ls = ls.expand(b, -1, -1, -1)
+        emb = emb.expand(b, -1) if emb is not None else None
         lq = self.encode(query)
-        ls, emb = self.support_inputs(batch)
         m_a, prior = (None, None) if self.unet is None else self.unet_prior(lq, emb, query)
         return self.head(lq, ls, prior), m_a
 
@@ -266,4 +265,17 @@ class DiffSegModule(FewShotModule):
 
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         l_pre, _ = self(batch)
-        return (self.decode_prediction(l_pre, out_size) > self.hparams.threshold).long()
+        return self.binarize(self.decode_prediction(l_pre, out_size))
+
+    # ---- one support set, many queries (fsseg predict-images): L_s and E_m computed once ------------------------
+    @torch.no_grad()
+    def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor):
+        """``[K, 3, S, S]`` in [0, 1], ``[K, S, S]`` {0, 1, 255} -> (L_s ``[1, C, h, w]``, E_m ``[1, D]`` or None)."""
+        return self.support_inputs({"support_imgs": support_imgs[None], "support_masks": support_masks[None]})
+
+    @torch.no_grad()
+    def predict_with_support(
+        self, state, query_imgs: torch.Tensor, out_size: tuple[int, int]
+    ) -> torch.Tensor:
+        l_pre, _ = self.query_forward(query_imgs, *state)
+        return self.binarize(self.decode_prediction(l_pre, out_size))
