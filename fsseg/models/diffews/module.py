@@ -53,6 +53,8 @@ class DiffewsModule(FewShotModule):
     """
 
     frozen_modules = ("vae", "image_encoder")
+    # what a checkpoint's weights depend on; thresholds, nshot, inference steps and asset paths may change at test time
+    architecture_args = ("interaction", "injection", "supervision", "generation")
     # many queries, one support: the support pass runs once and its attn1 K/V are reused (fsseg predict-images)
     encode_support = support_cache.encode_support
     predict_with_support = support_cache.predict_with_support
