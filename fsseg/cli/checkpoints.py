@@ -9,6 +9,7 @@ by name; any other difference (a threshold, inference steps, an asset path) is t
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, not a Lightning checkpoint, or of another model."""
 
 
+def _load_error(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in words that never suggest loading unsafely."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
+        found = re.search(r"GLOBAL (\S+)", detail)
+        if "Unsupported global" in detail:
+            what = f" ({found.group(1)})" if found else ""
+            return f"it holds a Python object{what}, which fsseg never unpickles (expected tensors and plain values)"
+        detail = detail.split(".")[0].strip()
+    else:
+        detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    if "weights_only" in detail:
+        detail = type(err).__name__
+    return f"it is corrupt ({detail})"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a Lightning checkpoint's contents (tensors memory-mapped, plain values only, never arbitrary objects)."""
     path = Path(path)
@@ -30,19 +48,13 @@ def read_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
-            f"checkpoint {path} is not a PyTorch checkpoint (not a zip archive): a corrupt, truncated or unrelated file"
+            f"checkpoint {path} cannot be read: it is not a complete PyTorch checkpoint archive (truncated, "
+            f"corrupt, or another kind of file)"
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a damaged archive
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            reason = (
-                "it holds Python objects other than tensors and plain values, which fsseg never unpickles"
-            )
-        else:
-            reason = f"it is corrupt or truncated ({first})"
-        raise CheckpointError(f"checkpoint {path} cannot be read: {reason}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_error(err)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (it has no state_dict)")
     return ckpt
