@@ -122,11 +122,16 @@ def test_an_existing_result_is_refused_unless_overwrite(trained, tmp_path, capsy
     assert f"{metrics} (and" in capsys.readouterr().err and metrics.read_text() == "{}"
     assert run(["test", "--config", str(cfg), "--ckpt_path", ckpt, "--overwrite"]) == 0
     assert metrics.read_text() == before
-    # another setting is another folder; a fit never reuses a version folder
-    assert (
-        run(["test", "--config", str(cfg), "--ckpt_path", ckpt, "--data.shot", "2", "--data.seed", "3"]) == 0
-    )
+    # another setting is another folder
+    assert run(["test", "--config", str(cfg), "--ckpt", ckpt, "--data.shot", "2", "--data.seed", "3"]) == 0
     assert (tmp_path / "runs/t/test_embedded_fold0_2shot_seed3/metrics.json").is_file()
+    # without a logger the report goes to trainer.default_root_dir, under the same rule
+    no_logger = ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "plain")]
+    assert run(["test", "--config", str(cfg), "--ckpt_path", ckpt, *no_logger]) == 0
+    assert (tmp_path / "plain/metrics.json").is_file()
+    capsys.readouterr()
+    assert run(["test", "--config", str(cfg), "--ckpt_path", ckpt, *no_logger]) == 2
+    assert "plain/metrics.json (and" in capsys.readouterr().err
 
 
 def test_failed_runs_leave_no_empty_folders(trained, tmp_path, monkeypatch, capsys):

@@ -258,11 +258,8 @@ class FssegCLI(LightningCLI):
             if version is not None:
                 folder = version if isinstance(version, str) else f"version_{version}"
                 self.run_dir = Path(args.save_dir) / (args.name or "") / folder
-        if self.run_dir is not None and rank_zero_only.rank == 0:
-            outputs = [self.run_dir / f for f in RUN_FILES] + sorted(
-                self.run_dir.glob("events.out.tfevents.*")
-            )
-            claim_outputs(outputs, self.overwrite)
+        if self.run_dir is not None:
+            self._claim()  # before the (slow) model build
         extra = {"no_ckpt": True} if cfg.no_ckpt else {}
         callbacks = [TestReport(extra)]
         if sub == "fit":
@@ -278,8 +275,17 @@ class FssegCLI(LightningCLI):
             self.run_dir = Path(
                 loggers[0].log_dir if loggers and loggers[0].log_dir else self.trainer.default_root_dir
             )
+            self._claim()
         self._created = [p for p in (self.run_dir, self.run_dir.parent) if not p.exists()]
         _say(f"fsseg {self.subcommand}: writing to {self.run_dir}")
+
+    def _claim(self) -> None:
+        """Refuse (or, with ``--overwrite``, remove) results of an earlier run in this run's folder."""
+        if rank_zero_only.rank == 0:  # other ranks start after rank 0 has checked, and never write these
+            d = self.run_dir
+            claim_outputs(
+                [d / f for f in RUN_FILES] + sorted(d.glob("events.out.tfevents.*")), self.overwrite
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
