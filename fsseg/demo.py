@@ -41,7 +41,7 @@ def fit_and_test(config: Path, out: Path, extra: list[str]) -> dict:
 
     start = time.perf_counter()
     fit = run_cli(["fit", "--config", str(config), *logger_args(out / "fit")])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = fit.last_checkpoint
     fit_s = time.perf_counter() - start
     results = {}
     for folder, control in (("test", "none"), (f"test_{CONTROL}", CONTROL)):
@@ -90,18 +90,20 @@ def references(config: Path, out: Path, test_episodes: int | None) -> list[dict]
 
 def format_table(rows: list[dict], refs: list[dict]) -> str:
     s = rows[0]["setting"]
-    lines = [
-        f"embedded benchmark, fold {s['fold']}, {s['shot']}-shot, {s['episodes']} test episodes at "
-        f"{s['resolution']} px; mIoU with each episode's own support and with a support of another class",
-        f"{'method':<26}{'mIoU':>8}{'other-class':>13}{'difference':>12}{'FB-IoU':>9}{'time (s)':>10}",
+    names = [f"{Path(r['config']).stem} ({r['model']})" for r in rows] + [
+        f"reference: {r['reference']}" for r in refs
     ]
-    for r in rows:
-        name = f"{Path(r['config']).stem} ({r['model']})"
-        lines.append(f"{name:<26}{r['miou']:>8.1f}{r['miou_other_class']:>13.1f}{r['support_gain']:>+12.1f}"
+    w = max(len(n) for n in names) + 2
+    lines = [
+        f"embedded benchmark, fold {s['fold']}, {s['shot']}-shot, {s['episodes']} test episodes at {s['resolution']} "
+        f"px: mIoU with each episode's own support, with a support of another class, and the difference",
+        f"{'method':<{w}}{'mIoU':>8}{'other-class':>13}{'own - other':>13}{'FB-IoU':>9}{'time (s)':>10}",
+    ]
+    for name, r in zip(names, rows):
+        lines.append(f"{name:<{w}}{r['miou']:>8.1f}{r['miou_other_class']:>13.1f}{r['support_gain']:>+13.1f}"
                      f"{r['fbiou']:>9.1f}{r['seconds']:>10.0f}")  # fmt: skip
-    for r in refs:
-        lines.append(f"{'reference: ' + r['reference']:<26}{r['miou']:>8.1f}{'-':>13}{'-':>12}{r['fbiou']:>9.1f}"
-                     f"{'-':>10}")  # fmt: skip
+    for name, r in zip(names[len(rows) :], refs):
+        lines.append(f"{name:<{w}}{r['miou']:>8.1f}{'-':>13}{'-':>13}{r['fbiou']:>9.1f}{'-':>10}")
     return "\n".join(lines)
 
 

@@ -227,6 +227,16 @@ def test_errors_are_one_line_and_traceback_on_request(tmp_path, small_embedded, 
     assert "did you mean: diffews" in capsys.readouterr().err
     with pytest.raises(ConfigNotFound):  # --traceback: the exception itself
         run(["fit", "--config", "difews", "--traceback"])
+    # a model that fails to build (its weights are missing): its own message, in one line
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = {"class_path": "fsseg.models.diffews.DiffewsModule",
+                    "init_args": {"pretrained": str(tmp_path / "no_sd_here")}}  # fmt: skip
+    (tmp_path / "diffews.yaml").write_text(yaml.safe_dump(raw))
+    assert run(["fit", "--config", str(tmp_path / "diffews.yaml")]) == 2
+    (line,) = [
+        x for x in capsys.readouterr().err.splitlines() if x.startswith("fsseg")
+    ]  # (diffusers warns too)
+    assert line.startswith("fsseg fit: error: model: ") and "no_sd_here" in line
     res = _fsseg("fit", "--config", "difews", cwd=tmp_path, env={"FSSEG_TRACEBACK": "1"}, check=False)
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
 

@@ -241,6 +241,14 @@ class FssegCLI(LightningCLI):
             self.checkpoint, path, model.class_path, init_args, getattr(cls, "architecture_args", ())
         )
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # a class failed to build; jsonargparse wraps its error in a long report
+            if not str(err).startswith("Does not validate against any of the Union subtypes"):
+                raise
+            raise RunRefused(condense_parse_error(str(err))) from err
+
     # ---- naming, output policy, callbacks ------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
@@ -312,6 +320,12 @@ class FssegCLI(LightningCLI):
         return int(self.checkpoint.get("global_step", 0)) if self.checkpoint else 0
 
     # ---- results -----------------------------------------------------------------------------------------------
+    @property
+    def last_checkpoint(self) -> str | None:
+        """After ``fit``: the run's newest resumable checkpoint (``checkpoints/last.ckpt``)."""
+        found = [c.last_model_path for c in self.trainer.callbacks if isinstance(c, RunCheckpoint)]
+        return (found[0] or None) if found else None
+
     def after_fit(self) -> None:
         steps = self.trainer.global_step - self._start_step()
         if steps <= 0:
@@ -319,9 +333,8 @@ class FssegCLI(LightningCLI):
                 "nothing was trained: 0 optimizer steps (the checkpoint's run already reached trainer.max_steps "
                 "/ max_epochs, or the training set or trainer.limit_train_batches is empty)"
             )
-        ckpt = next((c.last_model_path for c in self.trainer.callbacks if isinstance(c, RunCheckpoint)), None)
         _say(
-            f"fsseg fit: {steps} optimizer steps; weights in {ckpt or '(no checkpoint written)'}; config.yaml and "
+            f"fsseg fit: {steps} optimizer steps; weights in {self.last_checkpoint}; config.yaml and "
             f"TensorBoard logs in {self.run_dir}"
         )
 
@@ -351,7 +364,18 @@ class FssegCLI(LightningCLI):
 
 
 def run_cli(argv: list[str]) -> FssegCLI:
-    """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`."""
+    """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`.
+
+    A command line that does not parse raises `RunRefused` with jsonargparse's report condensed to one line.
+    """
+    try:
+        return _run_cli(argv)
+    except ArgumentError as err:
+        sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+        raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
+
+
+def _run_cli(argv: list[str]) -> FssegCLI:
     argv, overwrite = expand_shorthands(list(argv))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
     parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False} for sub in SUBCOMMANDS}
@@ -377,14 +401,23 @@ def run_cli(argv: list[str]) -> FssegCLI:
 
 
 def condense_parse_error(message: str) -> str:
-    """jsonargparse's multi-line report of a bad value as one line: the key, what is wrong, the value given."""
+    """jsonargparse's multi-line report of a bad value as one line: the key, what is wrong, the value given.
+
+    Also for a class that failed to build (its own error, e.g. missing weights, wrapped by jsonargparse).
+    """
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Does not validate against any of the Union subtypes"):
+        subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+        name = "model" if "FewShotModule" in subtypes else "data" if "DataModule" in subtypes else "a setting"
+        lines = [f'Parser key "{name}":', *lines]
     key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
     if key is None:
         return " ".join(lines)
     given = next(
-        (line.removeprefix("Given value:").strip() for line in lines if line.startswith("Given value:")), None
+        (ln.removeprefix("Given value:").strip() for ln in lines if ln.startswith("Given value:")), None
     )
+    if given is not None and (len(given) > 60 or given.startswith(("Namespace(", "NestedArg("))):
+        given = None  # a whole section: the problems name what is wrong
     problems, current = [], None
     for line in lines[1:]:
         if line.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value")):
@@ -401,11 +434,7 @@ def condense_parse_error(message: str) -> str:
 
 def main(argv: list[str]) -> int:
     """``fsseg fit|validate|test ...`` (``argv`` starts with the subcommand)."""
-    try:
-        run_cli(argv)
-    except ArgumentError as err:
-        sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
-        raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
+    run_cli(argv)
     return 0
 
 
