@@ -73,6 +73,34 @@ def test_resume_from_the_newest_checkpoint_at_the_shipped_cadence(tmp_path, smal
         assert torch.equal(v, expected[k]), k
 
 
+def test_resume_with_gradient_accumulation_and_another_cadence(tmp_path, small_embedded, monkeypatch):
+    """A cadence step is written after the batch that stepped, never between accumulated batches (DiffewS
+    accumulates 4), and ``--checkpoint_every_n_steps`` sets the cadence."""
+    cfg = write_config(tmp_path, small_embedded, max_epochs=2, accumulate_grad_batches=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"].update(batch_size=2, train_episodes=40)  # 20 batches = 10 optimizer steps per epoch
+    cfg.write_text(yaml.safe_dump(raw))
+    every3 = ["--checkpoint_every_n_steps", "3"]
+    full = run_cli(["fit", "--config", str(cfg), *every3]).model.state_dict()
+    step = PrototypeModule.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == 7 and batch_idx % 2 == 1:  # in the middle of accumulating step 8
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PrototypeModule, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(["fit", "--config", str(cfg), *every3])
+    monkeypatch.undo()
+    newest = tmp_path / "runs/t/version_1/checkpoints/last.ckpt"
+    assert torch.load(newest, map_location="cpu", weights_only=True)["global_step"] == 6
+    resumed = run_cli(["fit", "--config", str(cfg), *every3, "--ckpt_path", str(newest)])
+    assert resumed.trainer.global_step == 20
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, full[k]), k
+
+
 # ---- no silent no-op -----------------------------------------------------------------------------------------------
 def test_test_without_checkpoint_is_refused_unless_asked(tmp_path, small_embedded, capsys):
     cfg = write_config(tmp_path, small_embedded)
