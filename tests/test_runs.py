@@ -173,9 +173,12 @@ def test_failed_runs_leave_no_empty_folders(trained, tmp_path, monkeypatch, caps
     assert "RuntimeError: broken model (--traceback shows where)" in capsys.readouterr().err
     monkeypatch.setattr(PrototypeModule, "training_step", broken)
     assert run(["fit", "--config", str(cfg)]) == 1
-    assert sorted(p.name for p in (tmp_path / "runs/t").iterdir()) == [
-        "version_0"
-    ]  # no test folder, no version_1
+    assert [p.name for p in (tmp_path / "runs/t").iterdir()] == ["version_0"]  # no test folder, no version_1
+    monkeypatch.undo()
+    elsewhere = ["--trainer.logger.init_args.save_dir", str(tmp_path / "new/runs"), "--data.benchmark", "pascal5i",
+                 "--data.root", str(tmp_path / "absent")]  # fmt: skip
+    assert run(["fit", "--config", str(cfg), *elsewhere]) == 2
+    assert "absent does not exist" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_results_are_written_readable(trained, tmp_path):

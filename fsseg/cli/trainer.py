@@ -187,7 +187,8 @@ class FssegCLI(LightningCLI):
 
     def __init__(self, *args, overwrite: bool = False, **kwargs) -> None:
         self.overwrite = overwrite
-        self.checkpoint: dict | None = None
+        self.checkpoint: dict | None = None  # read from --ckpt_path until it has been checked
+        self.start_step = 0  # the global step the checkpoint was saved at
         self.setting_notes: list[str] = []
         self.run_dir: Path | None = None
         self._created: list[Path] = []
@@ -278,13 +279,16 @@ class FssegCLI(LightningCLI):
         if self.checkpoint is not None:
             skip = getattr(self.model, "_is_frozen_key", lambda key: False)
             compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)
+            self.start_step = int(self.checkpoint.get("global_step", 0))
+            self.checkpoint = None  # Lightning loads it again to restore; do not hold the mapped file
         loggers = self.trainer.loggers
         if self.run_dir is None:  # rank-local (no collective): the folder the logger will write
             self.run_dir = Path(
                 loggers[0].log_dir if loggers and loggers[0].log_dir else self.trainer.default_root_dir
             )
             self._claim()
-        self._created = [p for p in (self.run_dir, self.run_dir.parent) if not p.exists()]
+        absolute = self.run_dir.absolute()
+        self._created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # this run makes them
         _say(f"fsseg {self.subcommand}: writing to {self.run_dir}")
 
     def _claim(self) -> None:
@@ -304,20 +308,19 @@ class FssegCLI(LightningCLI):
 
     def _remove_if_empty(self) -> None:
         """Remove the run folder this command created if it holds no result: no checkpoint, no report, no step."""
-        if rank_zero_only.rank != 0 or not self._created or self.run_dir not in self._created:
+        if rank_zero_only.rank != 0 or not self._created or self._created[0] != self.run_dir.absolute():
             return
-        d = self.run_dir
-        trained = self.subcommand == "fit" and self.trainer.global_step > self._start_step()
+        d = self._created[0]
+        trained = self.subcommand == "fit" and self.trainer.global_step > self.start_step
         if not d.is_dir() or trained or any(d.glob("checkpoints/*.ckpt")) or (d / "metrics.json").exists():
             return
         import shutil
 
         shutil.rmtree(d)
-        if d.parent in self._created and d.parent.is_dir() and not any(d.parent.iterdir()):
-            d.parent.rmdir()
-
-    def _start_step(self) -> int:
-        return int(self.checkpoint.get("global_step", 0)) if self.checkpoint else 0
+        for parent in self._created[1:]:  # the folders above it that this run created, while empty
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
     # ---- results -----------------------------------------------------------------------------------------------
     @property
@@ -327,7 +330,7 @@ class FssegCLI(LightningCLI):
         return (found[0] or None) if found else None
 
     def after_fit(self) -> None:
-        steps = self.trainer.global_step - self._start_step()
+        steps = self.trainer.global_step - self.start_step
         if steps <= 0:
             raise NothingDone(
                 "nothing was trained: 0 optimizer steps (the checkpoint's run already reached trainer.max_steps "
