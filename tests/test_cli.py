@@ -14,7 +14,7 @@ import yaml
 
 from fsseg.cli import COMMANDS, run
 from fsseg.cli.configs import ConfigNotFound, resolve_config
-from fsseg.cli.trainer import condense_parse_error, expand_shorthands, run_cli
+from fsseg.cli.trainer import CHECKPOINT_EVERY_N_STEPS, condense_parse_error, expand_shorthands, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FSSEG = str(Path(sys.executable).parent / "fsseg")  # the installed command (DDP re-launches its command line)
@@ -168,6 +168,9 @@ def test_help_lists_every_command_and_method_without_heavy_imports(tmp_path):
                  "fsseg.models.baseline.PrototypeModule"):  # fmt: skip
         assert path in res.stdout
     assert str(REPO / "configs") in res.stdout  # where bare config names are found
+    assert (
+        f"every {CHECKPOINT_EVERY_N_STEPS} steps" in COMMANDS["fit"][1]
+    )  # the help states the shipped cadence
     # the dispatcher imports no torch/Lightning: that is what makes `fsseg --help` answer at once
     code = "import sys, fsseg.cli; fsseg.cli.usage(); print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
