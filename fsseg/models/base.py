@@ -2,9 +2,9 @@
 
 A method implements ``training_loss(batch) -> {"loss": ..., ...}`` and
 ``predict_masks(batch, out_size) -> LongTensor [B, h, w]``; this class does the rest: one ``model_step`` for all
-stages, one `FewShotIoU` per evaluation stage, the per-episode records of a test run (written by
-`fsseg.report.TestReport`), and the optimiser and
-scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a ``class_path`` callable).
+stages, one `FewShotIoU` per evaluation stage, the per-episode records of a test run (written to disk by the
+`fsseg.report.TestReport` callback), and the optimiser and scheduler given by the CLI (``optimizer`` /
+``scheduler`` init args, each a ``class_path`` callable).
 """
 
 from __future__ import annotations
