@@ -1,4 +1,7 @@
-"""`EpisodePanels`: a Lightning callback that shows what the model predicts, as image panels in TensorBoard.
+"""Lightning callbacks: `RunCheckpoint` (the resumable checkpoints of every ``fsseg fit``, installed by the CLI) and
+`EpisodePanels` (what the model predicts, as image panels in TensorBoard).
+
+`EpisodePanels`:
 
 Every ``every_n_steps`` training steps (and on the first validation batch of each validation run) it draws the first
 ``n_episodes`` episodes of the batch — supports with their masks, the query, its ground truth, the prediction of
@@ -14,11 +17,61 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fsseg.visual import column_titles, episode_row, grid
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt``: the newest resumable state of a fit, rewritten every ``every_n_steps`` optimizer
+    steps (in the middle of an epoch too), at the end of every epoch and at the end of fit. Resuming from it
+    (``fsseg fit ... --ckpt_path .../checkpoints/last.ckpt``) continues exactly where it was written, mid-epoch
+    included (`fsseg.data.samplers.ResumableLoader` restores the loader's position), so an interruption costs at
+    most ``every_n_steps`` steps.
+
+    Args:
+        every_n_steps: optimizer steps between two writes (0: only at epoch ends and at the end of fit).
+    """
+
+    def __init__(self, every_n_steps: int = 500) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"RunCheckpoint: every_n_steps must be >= 0, got {every_n_steps}")
+        super().__init__(save_last=True, save_top_k=0, enable_version_counter=False)
+        self.every_n_steps = every_n_steps
+        self._stepped_to = 0
+
+    @property
+    def state_key(self) -> str:
+        return f"RunCheckpoint{{'every_n_steps': {self.every_n_steps}}}"
+
+    def _save(self, trainer) -> None:
+        if not self._should_skip_saving_checkpoint(
+            trainer
+        ):  # not while sanity checking, not twice for one step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._stepped_to = trainer.global_step  # the step restored from a checkpoint, or 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._stepped_to:  # this batch only accumulated gradients: not a state to resume from
+            return
+        self._stepped_to = step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass  # no monitored metric: validation does not decide what is kept
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
 
 
 def foreground_iou(pred: torch.Tensor, target: torch.Tensor) -> float:

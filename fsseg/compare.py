@@ -132,17 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--json", type=Path, default=None, help="also write the comparison as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
     if args.n_boot < 1 or not 0 < args.level < 1:
         p.error("--n-boot must be >= 1 and --level in (0, 1)")
     try:
+        if args.json is not None and args.json.exists() and not args.overwrite:
+            raise FileExistsError(f"--json {args.json} already exists: pass --overwrite to replace it")
         result = compare_runs(load_run(args.run_a), load_run(args.run_b), args.n_boot, args.seed, args.level)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fsseg compare: {e}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"fsseg compare: error: {e}", file=sys.stderr)
         return 2
     print(format_comparison(result))
     if args.json is not None:
-        from fsseg.report import atomic_write_text
+        from fsseg.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"fsseg compare: -> {args.json}")
     return 0

@@ -1,8 +1,19 @@
 """``fsseg demo``: the whole loop on the embedded benchmark, on a CPU, in minutes.
 
-For each demo config (the prototype baseline, and the tiny DiffewS / DiffSeg when their configs are given) it trains
-on the training folds, tests on the held-out fold through the same CLI as any run, and measures two trivial
-references on the same episodes. The table is printed and saved as ``runs/demo/summary.json``.
+For each demo config (the prototype baseline, the tiny DiffewS and the tiny DiffSeg) it trains on the training folds
+and tests on the held-out fold twice from the same checkpoint, through the same CLI as any run: with each episode's
+own support, and with a support of another class (``data.support_control: other_class``). A method that uses its
+support loses most of its mIoU under the control; the difference is printed beside it. Two trivial references are
+measured on the same episodes. Everything goes to ``--out`` (default ``runs/demo``)::
+
+    <out>/<config>/fit/               the training run (checkpoints/last.ckpt, config.yaml, TensorBoard logs)
+    <out>/<config>/test/              metrics.json, episodes.jsonl (own support)
+    <out>/<config>/test_other_class/  the same with other-class supports
+    <out>/references/<reference>/     metrics.json, episodes.jsonl
+    <out>/summary.json                the table
+
+An ``--out`` holding an earlier demo's results is refused unless ``--overwrite``. The default configs are the
+repository's ``configs/demo_*.yaml``, found from any folder (see ``fsseg --help``).
 """
 
 from __future__ import annotations
@@ -12,75 +23,119 @@ import json
 import time
 from pathlib import Path
 
-import lightning as L
-import yaml
-
-from fsseg.cli import run_cli
-from fsseg.data.datamodule import FewShotDataModule
-from fsseg.models.references import AllForeground, PasteSupportMask
-from fsseg.report import atomic_write_text
-
-DEFAULT_CONFIGS = ("configs/demo_baseline.yaml", "configs/demo_diffews.yaml", "configs/demo_diffseg.yaml")
+DEFAULT_CONFIGS = ("demo_baseline", "demo_diffews", "demo_diffseg")
+REFERENCES = ("all_foreground", "paste_support_mask")
+CONTROL = "other_class"
 
 
-def fit_and_test(config: Path, extra: list[str]) -> dict:
+def logger_args(run_dir: Path) -> list[str]:
+    """CLI arguments that send a run's logs, checkpoints and report to ``run_dir`` exactly."""
+    from fsseg.seeds import logger_args as to_folder
+
+    return to_folder(run_dir.parent, run_dir.name)
+
+
+def fit_and_test(config: Path, out: Path, extra: list[str]) -> dict:
+    """Train one demo config, test it with its own and with other-class supports; one row of the table."""
+    from fsseg.cli.trainer import run_cli
+
     start = time.perf_counter()
-    fit = run_cli(["fit", "--config", str(config), *extra])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    fit = run_cli(["fit", "--config", str(config), *logger_args(out / "fit")])
+    ckpt = fit.last_checkpoint
     fit_s = time.perf_counter() - start
-    test = run_cli(["test", "--config", str(config), "--ckpt_path", ckpt, *extra])
-    metrics = json.loads((Path(test.trainer.log_dir) / "metrics.json").read_text())
-    return {**metrics, "fit_seconds": round(fit_s, 1), "total_seconds": round(time.perf_counter() - start, 1)}
+    results = {}
+    for folder, control in (("test", "none"), (f"test_{CONTROL}", CONTROL)):
+        test = run_cli(["test", "--config", str(config), "--ckpt_path", ckpt, "--data.support_control", control,
+                        *extra, *logger_args(out / folder)])  # fmt: skip
+        results[control] = json.loads((Path(test.trainer.log_dir) / "metrics.json").read_text())
+    own, other = results["none"], results[CONTROL]
+    return {
+        "config": str(config),
+        "model": own["model"],
+        "miou": own["miou"],
+        "fbiou": own["fbiou"],
+        "miou_other_class": other["miou"],
+        "fbiou_other_class": other["fbiou"],
+        "support_gain": own["miou"] - other["miou"],
+        "fit_seconds": round(fit_s, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "runs": {"fit": str(out / "fit"), "test": str(out / "test"), CONTROL: str(out / f"test_{CONTROL}")},
+        "setting": {k: own[k] for k in ("dataset", "fold", "shot", "episodes", "resolution")},
+    }
 
 
-def references(config: Path, extra_data: dict) -> list[dict]:
-    data_args = {**yaml.safe_load(config.read_text())["data"], **extra_data}
+def references(config: Path, out: Path, test_episodes: int | None) -> list[dict]:
+    """The trivial references on the first config's test episodes, each in its own folder under ``out``."""
+    import lightning as L
+    import yaml
+
+    from fsseg.data.datamodule import FewShotDataModule
+    from fsseg.models.references import AllForeground, PasteSupportMask
+    from fsseg.report import TestReport
+
+    data_args = yaml.safe_load(config.read_text())["data"]
+    if test_episodes is not None:
+        data_args["test_episodes"] = test_episodes
     rows = []
-    for name, model in (("all foreground", AllForeground()), ("paste support mask", PasteSupportMask())):
-        dm = FewShotDataModule(**data_args)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_progress_bar=False,
-            default_root_dir="runs/demo/references",
-            enable_model_summary=False,
-        )
-        out = trainer.test(model, datamodule=dm, verbose=False)[0]
-        rows.append({"method": name, "miou": out["test/miou"], "fbiou": out["test/fbiou"]})
+    for name, model in zip(REFERENCES, (AllForeground(), PasteSupportMask())):
+        report = TestReport()
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(out / name), callbacks=[report])  # fmt: skip
+        trainer.test(model, datamodule=FewShotDataModule(**data_args), verbose=False)
+        metrics = json.loads((report.written / "metrics.json").read_text())
+        rows.append({"reference": name.replace("_", " "), "miou": metrics["miou"], "fbiou": metrics["fbiou"],
+                     "run": str(report.written)})  # fmt: skip
     return rows
 
 
+def format_table(rows: list[dict], refs: list[dict]) -> str:
+    s = rows[0]["setting"]
+    names = [f"{Path(r['config']).stem} ({r['model']})" for r in rows] + [
+        f"reference: {r['reference']}" for r in refs
+    ]
+    w = max(len(n) for n in names) + 2
+    lines = [
+        f"embedded benchmark, fold {s['fold']}, {s['shot']}-shot, {s['episodes']} test episodes at {s['resolution']} "
+        f"px: mIoU with each episode's own support, with a support of another class, and the difference",
+        f"{'method':<{w}}{'mIoU':>8}{'other-class':>13}{'own - other':>13}{'FB-IoU':>9}{'time (s)':>10}",
+    ]
+    for name, r in zip(names, rows):
+        lines.append(f"{name:<{w}}{r['miou']:>8.1f}{r['miou_other_class']:>13.1f}{r['support_gain']:>+13.1f}"
+                     f"{r['fbiou']:>9.1f}{r['seconds']:>10.0f}")  # fmt: skip
+    for name, r in zip(names[len(rows) :], refs):
+        lines.append(f"{name:<{w}}{r['miou']:>8.1f}{'-':>13}{'-':>13}{r['fbiou']:>9.1f}{'-':>10}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fsseg demo", description=__doc__)
-    p.add_argument("configs", nargs="*", default=[c for c in DEFAULT_CONFIGS if Path(c).is_file()])
-    p.add_argument("--test-episodes", type=int, default=None, help="override data.test_episodes")
+    p = argparse.ArgumentParser(prog="fsseg demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("configs", nargs="*", help=f"demo configs (default: {', '.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results in --out")
+    p.add_argument(
+        "--test-episodes", type=int, default=None, help="override data.test_episodes (quick checks)"
+    )
     args = p.parse_args(argv)
+    from fsseg.cli.configs import resolve_config
+    from fsseg.files import atomic_write_text, claim_outputs
+
+    if args.test_episodes is not None and args.test_episodes < 1:
+        p.error("--test-episodes must be >= 1")
+    configs = [resolve_config(c) for c in (args.configs or DEFAULT_CONFIGS)]
+    names = [c.stem for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"fsseg demo: two configs share a name ({names}); their runs would share a folder")
+    out = args.out
+    claim_outputs([*(out / n for n in names), out / "references", out / "summary.json"], args.overwrite)
     extra = ["--data.test_episodes", str(args.test_episodes)] if args.test_episodes else []
-    rows, meta = [], None
-    for config in map(Path, args.configs):
-        if not config.is_file():
-            raise SystemExit(f"fsseg demo: config {config} does not exist")
-        m = fit_and_test(config, extra)
-        meta = meta or m
-        rows.append(
-            {"method": m["model"], "miou": m["miou"], "fbiou": m["fbiou"], "seconds": m["total_seconds"]}
-        )
-    if meta is None:
-        raise SystemExit("fsseg demo: no config given")
-    rows += references(
-        Path(args.configs[0]), {"test_episodes": args.test_episodes} if args.test_episodes else {}
-    )
-    header = (
-        f"embedded benchmark, fold {meta['fold']}, {meta['shot']}-shot, {meta['episodes']} test episodes "
-        f"at {meta['resolution']} px"
-    )
-    lines = [header, f"{'method':<22}{'mIoU':>8}{'FB-IoU':>9}{'time (s)':>10}"]
-    for r in rows:
-        secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-        lines.append(f"{r['method']:<22}{r['miou']:>8.1f}{r['fbiou']:>9.1f}{secs:>10}")
-    print("\n" + "\n".join(lines))
+    rows = [fit_and_test(config, out / config.stem, extra) for config in configs]
+    refs = references(configs[0], out / "references", args.test_episodes)
+    table = format_table(rows, refs)
+    print("\n" + table)
     atomic_write_text(
-        Path("runs/demo/summary.json"), json.dumps({"setting": header, "rows": rows}, indent=2) + "\n"
+        out / "summary.json", json.dumps({"table": table, "rows": rows, "references": refs}, indent=2) + "\n"
     )
+    print(f"\nfsseg demo: summary -> {out / 'summary.json'}; runs in {out}/<config>/(fit|test|test_{CONTROL})/ "
+          f"and {out}/references/")  # fmt: skip
     return 0

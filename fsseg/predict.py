@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import os
+import io
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from fsseg.data.base import image_to_tensor, load_label, load_rgb, resize_mask
+from fsseg.files import atomic_write_bytes, claim_outputs
 from fsseg.models.base import FewShotModule
 from fsseg.visual import overlay
 
@@ -132,7 +132,7 @@ def load_model(
     """
     from jsonargparse import ArgumentParser
 
-    from fsseg.cli import find_run_config
+    from fsseg.cli.configs import find_run_config
 
     if ckpt is None and config is None:
         raise ValueError("give --ckpt (a Lightning checkpoint beside its run's config.yaml) or --config")
@@ -155,30 +155,33 @@ def load_model(
         parsed = parser.parse_object({"model": {"class_path": model_cfg["class_path"], "init_args": init}})
     except Exception as e:  # jsonargparse's ArgumentError and friends
         raise ValueError(f"{config}: the model section does not parse: {e}") from e
+    state = None
+    if ckpt is not None:  # checked before the (slow) model build: readable, of this method and architecture
+        from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read_checkpoint
+
+        state = read_checkpoint(ckpt)  # errors name the file; plain tensors and values only
+        compare_model_config(state, ckpt, model_cfg["class_path"], parsed.model.init_args.as_dict(),
+                             getattr(cls, "architecture_args", ()))  # fmt: skip
     model = cls(
         **parsed.model.init_args.as_dict()
     )  # built directly: its own errors (missing weights) stay readable
-    if ckpt is not None:
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"--ckpt: checkpoint {ckpt} does not exist")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if "state_dict" not in state:
-            raise ValueError(f"--ckpt {ckpt} is not a Lightning checkpoint (no state_dict)")
+    if state is not None:
+        compare_state_dict(state, ckpt, model, getattr(model, "_is_frozen_key", lambda key: False))
         model.load_state_dict(state["state_dict"])
     return model.eval(), cfg.get("data") or {}
 
 
 # ---- outputs -------------------------------------------------------------------------------------------------------
 def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a PNG through a temporary file in the same folder, then rename (ordinary file permissions)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def output_paths(queries: list[Path], out_dir: Path) -> list[Path]:
+    """The files `predict_images` writes for these queries."""
+    return [Path(out_dir) / f"{Path(q).stem}_{kind}.png" for q in queries for kind in ("mask", "overlay")]
 
 
 @torch.no_grad()
@@ -250,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="query image or folder of images (repeatable)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace masks/overlays of the same names already in --out"
+    )
     p.add_argument("--img-size", type=int, help="model input side (default: the run's data.img_size)")
     p.add_argument("--threshold", type=float, help="foreground threshold, for methods that threshold a score")
     p.add_argument("--mask-value", type=int, help="the object's value in a multi-valued support mask")
@@ -269,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(args.support)} --support images but {len(args.support_mask)} --support-mask files; give one mask per image"
             )
         queries = list_queries(args.query)
+        claim_outputs(output_paths(queries, args.out), args.overwrite)
         model, data_cfg = load_model(args.config, args.ckpt, args.threshold)
         from fsseg.data.datamodule import FewShotDataModule
 
@@ -288,4 +295,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in records:
         print(f"{r['query']}: foreground {100 * r['foreground']:.1f}% -> {r['mask']}")
+    print(f"fsseg predict-images: {len(records)} masks and overlays -> {args.out}")
     return 0

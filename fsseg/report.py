@@ -1,27 +1,16 @@
-"""What a test run leaves in its log directory: ``metrics.json`` and ``episodes.jsonl`` (written atomically)."""
+"""What a test run leaves in its log directory, ``metrics.json`` and ``episodes.jsonl``, written by the `TestReport`
+callback (the CLI installs it)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fsseg.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the writers every command uses)
 
 
 def gather_records(records: list[dict]) -> list[dict]:
@@ -40,11 +29,25 @@ def gather_records(records: list[dict]) -> list[dict]:
 def _plain(v):
     if isinstance(v, torch.Tensor):
         return v.tolist()
-    return v
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
-def write_test_report(log_dir, trainer, values: dict, records: list[dict], class_ids: list[int]) -> Path:
-    """Write ``metrics.json`` and ``episodes.jsonl`` into ``log_dir``; returns it."""
+def model_settings(pl_module) -> dict:
+    """The model's init arguments as used (its hyper-parameters), as plain JSON values."""
+    hp = dict(getattr(pl_module, "hparams", {}) or {})
+    class_path = hp.pop("_class_path", f"{type(pl_module).__module__}.{type(pl_module).__name__}")
+    hp.pop("_instantiator", None)
+    return {"class_path": class_path, "init_args": _plain(hp)}
+
+
+def write_test_report(
+    log_dir, trainer, values: dict, records: list[dict], class_ids: list[int], extra: dict | None = None
+) -> Path:
+    """Write ``metrics.json`` (with ``extra`` entries) and ``episodes.jsonl`` into ``log_dir``; returns it."""
     log_dir = Path(log_dir)
     dm = getattr(trainer, "datamodule", None)
     meta = dm.describe() if dm is not None and hasattr(dm, "describe") else {}
@@ -57,7 +60,35 @@ def write_test_report(log_dir, trainer, values: dict, records: list[dict], class
         "episodes": len(records),
         "model": type(trainer.lightning_module).__name__,
         "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+        "model_settings": model_settings(trainer.lightning_module),
+        **(extra or {}),
     }
     atomic_write_text(log_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(log_dir / "episodes.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return log_dir
+
+
+class TestReport(Callback):
+    """Write a test run's ``metrics.json`` and ``episodes.jsonl`` into the trainer's log directory.
+
+    The module computes the metric (``test_values``, from its `FewShotIoU`) and collects one record per episode
+    (``test_records``); this callback gathers the records from every process and has rank 0 write both files, with
+    the datamodule's description of the episodes (``describe()``), the model's settings and ``extra``.
+    ``written`` is the folder written to (None until then).
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, extra: dict | None = None) -> None:
+        self.extra = dict(extra or {})
+        self.written: Path | None = None
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        values = getattr(pl_module, "test_values", None)
+        if values is None:  # not an fsseg module, or no test epoch ran
+            return
+        records = gather_records(list(getattr(pl_module, "test_records", [])))
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            class_ids = pl_module.test_iou.class_ids
+            self.written = write_test_report(log_dir, trainer, values, records, class_ids, self.extra)

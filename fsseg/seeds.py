@@ -6,19 +6,22 @@ reports the mean of 10 such runs, DiffewS one run (seed 0).
     fsseg evaluate-seeds --seeds 10 --out runs/diffseg_seeds --config configs/diffseg.yaml --ckpt X.ckpt --fold 0
 
 Every argument not listed here goes to ``fsseg test``. Each seed's run is an ordinary test run in ``OUT/seed<s>/``
-(``metrics.json``, ``episodes.jsonl``); the summary is ``OUT/seeds.json``. Runs on one device (in-process).
+(``metrics.json``, ``episodes.jsonl``); the summary is ``OUT/seeds.json``. Runs on one device (in-process). An
+``OUT`` that already holds seed runs is refused unless ``--overwrite``, which removes all of them (and the summary)
+first, so the summary never mixes old and new seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from fsseg.report import atomic_write_text
+from fsseg.files import OutputExists, atomic_write_text, claim_outputs
 
 SETTING_KEYS = ("dataset", "fold", "shot", "resolution", "episodes", "model")
 
@@ -50,13 +53,32 @@ def summarize_seeds(metrics: Sequence[dict], runs: Sequence[str | Path]) -> dict
     return out
 
 
-def evaluate_seeds(test_argv: Sequence[str], seeds: Sequence[int], out_dir: str | Path) -> dict:
-    """Run ``fsseg test *test_argv --data.seed s`` for each seed into ``out_dir/seed<s>``; write ``seeds.json``."""
-    from fsseg.cli import run_cli
+def seed_outputs(out_dir: Path) -> list[Path]:
+    """What an earlier evaluate-seeds left in ``out_dir``: ``seeds.json`` and every ``seed<s>`` run folder."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.name == "seeds.json" or re.fullmatch(r"seed\d+", p.name))
+
+
+def evaluate_seeds(
+    test_argv: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overwrite: bool = False
+) -> dict:
+    """Run ``fsseg test *test_argv --data.seed s`` for each seed into ``out_dir/seed<s>``; write ``seeds.json``.
+
+    Refuses (`OutputExists`) an ``out_dir`` holding earlier seed runs unless ``overwrite``, which removes them all.
+    """
+    from fsseg.cli.trainer import run_cli
 
     if any(a == "--data.seed" or a.startswith("--data.seed=") for a in test_argv):
         raise ValueError("evaluate-seeds sets --data.seed itself; remove it from the test arguments")
     out_dir = Path(out_dir)
+    try:
+        claim_outputs(seed_outputs(out_dir), overwrite)
+    except OutputExists:
+        raise OutputExists(
+            f"{out_dir} already holds seed runs of an earlier evaluate-seeds: pass --overwrite to replace all of them, "
+            f"or choose another --out"
+        ) from None
     metrics, runs = [], []
     for s in seeds:
         cli = run_cli(["test", *test_argv, "--data.seed", str(s), *logger_args(out_dir, f"seed{s}")])
@@ -73,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--seeds", type=int, default=10, help="evaluate seeds 0..N-1 (default 10)")
     p.add_argument("--out", type=Path, required=True, help="folder for the seed runs and seeds.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the seed runs of an earlier call in --out"
+    )
     args, test_argv = p.parse_known_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
-    summary = evaluate_seeds(test_argv, range(args.seeds), args.out)
+    summary = evaluate_seeds(test_argv, range(args.seeds), args.out, args.overwrite)
     m, f = summary["miou"], summary["fbiou"]
-    print(f"{len(summary['seeds'])} seeds: mIoU {m['mean']:.2f} +- {m['std']:.2f}, FB-IoU {f['mean']:.2f} +- "
-          f"{f['std']:.2f} -> {args.out / 'seeds.json'}")  # fmt: skip
+    print(f"fsseg evaluate-seeds: {len(summary['seeds'])} seeds: mIoU {m['mean']:.2f} +- {m['std']:.2f}, FB-IoU "
+          f"{f['mean']:.2f} +- {f['std']:.2f} -> {args.out / 'seeds.json'} (runs in {args.out}/seed<s>/)")  # fmt: skip
     return 0

@@ -160,7 +160,7 @@ def test_effective_batch_sets_the_accumulation_of_a_fit(tmp_path, small_embedded
     """16 episodes per epoch, batch 2, effective batch 8: accumulation 4, so 2 optimizer steps (8 without it)."""
     from test_cli import write_config
 
-    from fsseg.cli import run_cli
+    from fsseg.cli.trainer import run_cli
 
     cfg = write_config(tmp_path, small_embedded)
     common = ["fit", "--config", str(cfg), "--data.batch_size", "2"]

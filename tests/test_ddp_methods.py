@@ -74,7 +74,7 @@ def test_ddp_training_runs_and_ddp_evaluation_equals_one_process(model, tmp_path
     for name, extra in (("one", []), ("ddp", DDP)):
         fsseg("test", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.logger.init_args.name", name, *extra,
               cwd=tmp_path)  # fmt: skip
-        out = tmp_path / "runs" / name / "version_0"
+        out = tmp_path / "runs" / name / "test_embedded_fold0_1shot"
         reports.append((json.loads((out / "metrics.json").read_text()), (out / "episodes.jsonl").read_text()))
     (m1, e1), (m2, e2) = reports
     assert e1 == e2 and len(e1.splitlines()) == 11  # 11 episodes over 2 processes: none padded, none twice

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from fsseg.cli import main as fsseg_main
-from fsseg.cli import run_cli
+from fsseg.cli.trainer import run_cli
 from fsseg.data.base import image_to_tensor, load_rgb
 from fsseg.models.baseline import PrototypeModule
 from fsseg.models.diffews import DiffewsModule

@@ -11,7 +11,8 @@ import yaml
 from test_cli import write_config
 from test_compare import write_run
 
-from fsseg.cli import main, run_cli
+from fsseg.cli import main
+from fsseg.cli.trainer import run_cli
 from fsseg.compare import EpisodeMismatch, compare_runs
 from fsseg.reproduce.__main__ import main as reproduce_main
 from fsseg.reproduce.published import published_miou

@@ -89,7 +89,7 @@ def test_support_mask_size_is_checked(small_embedded, tmp_path):
 @pytest.mark.parametrize("control", ["other_class", "empty_mask"])
 def test_baseline_falls_under_controls_and_compare_pairs_runs(small_embedded, tmp_path, control, monkeypatch):
     """Train the prototype baseline briefly, test it with and without the control, and compare the runs."""
-    from fsseg.cli import run_cli
+    from fsseg.cli.trainer import run_cli
     from fsseg.compare import compare_runs
     from fsseg.reproduce.stats import load_run
 

@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fsseg.callbacks import EpisodePanels, foreground_iou
-from fsseg.cli import run_cli
+from fsseg.cli.trainer import run_cli
 from fsseg.visual import GT_COLOR, MASK_COLOR, PAD, TITLE_H, column_titles, grid, overlay
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 A method implements ``training_loss(batch) -> {"loss": ..., ...}`` and
 ``predict_masks(batch, out_size) -> LongTensor [B, h, w]`` (abstract: a subclass without them cannot be built); this
 class does the rest: one ``model_step`` for all stages, one `FewShotIoU` per evaluation stage, the per-episode
-records of a test run, the optimiser and scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a
+records of a test run (written to disk by the `fsseg.report.TestReport` callback), the optimiser and scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a
 ``class_path`` callable), frozen pretrained parts (`frozen_modules`), component loading (`load_component`, offline
 first: `fsseg.models.loading`) and the one threshold convention of score-thresholding methods (`binarize`).
 """
@@ -57,6 +57,10 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
     frozen_modules: ClassVar[tuple[str, ...]] = ()
     #: whether the method takes ``threshold`` / ``threshold_mode`` init arguments (``fsseg predict-images --threshold``)
     has_threshold: ClassVar[bool] = False
+    #: init arguments the trained weights depend on (they change the architecture, not a setting of it): a
+    #: checkpoint trained with other values is refused by name. Every other init argument given with a checkpoint
+    #: (thresholds, inference steps, asset paths) is used as given (`fsseg.cli.checkpoints`).
+    architecture_args: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -78,7 +82,8 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         self.scheduler_interval = scheduler_interval
         self.val_iou: FewShotIoU | None = None
         self.test_iou: FewShotIoU | None = None
-        self.test_records: list[dict] = []
+        self.test_records: list[dict] = []  # one per episode of this process's test episodes
+        self.test_values: dict | None = None  # the test metric's values once the test epoch is done
 
     # ---- what a method implements -------------------------------------------------------------------------
     @abstractmethod
@@ -203,21 +208,12 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
             self._log_metric(self.val_iou, "val")
 
     def on_test_epoch_start(self) -> None:
-        self.test_records = []
+        self.test_records, self.test_values = [], None
 
     def on_test_epoch_end(self) -> None:
-        if self.test_iou is None:
-            return
-        values = self._log_metric(self.test_iou, "test")
-        from fsseg.report import gather_records, write_test_report
-
-        records = gather_records(self.test_records)
-        self.test_records = []
-        log_dir = (
-            self.trainer.log_dir or self.trainer.default_root_dir
-        )  # a collective under DDP: every rank asks
-        if self.trainer.is_global_zero:
-            write_test_report(log_dir, self.trainer, values, records, self.test_iou.class_ids)
+        # kept with this process's `test_records` for the report (`fsseg.report.TestReport`, installed by the CLI)
+        if self.test_iou is not None:
+            self.test_values = self._log_metric(self.test_iou, "test")
 
     def _record_episodes(self, batch: dict, inter: torch.Tensor, union: torch.Tensor) -> None:
         support_names = batch["support_names"]  # collated: K lists of B names

@@ -36,6 +36,8 @@ class PrototypeModule(FewShotModule):
         align_weight: weight of PANet's prototype-alignment loss (0 disables it).
     """
 
+    architecture_args = ("backbone", "out_indices", "embed_dim")  # what a checkpoint's weights depend on
+
     def __init__(
         self,
         backbone: str = "resnet18",

@@ -1,7 +1,7 @@
 """Run a reproduction table: check every input, (smoke only) train the tiny models, evaluate each cell over its
 seeds with ordinary ``fsseg test`` runs, and write the table.
 
-Each evaluation is `fsseg.cli.run_cli` in this process on one device, so it writes ``metrics.json`` and
+Each evaluation is `fsseg.cli.trainer.run_cli` in this process on one device, so it writes ``metrics.json`` and
 ``episodes.jsonl`` into ``<out>/runs/<table>/<row>/<benchmark>/fold<f>-<k>shot/seed<s>/``. A cell with support
 controls (every smoke cell: ``other_class``) is tested again on the same checkpoint and seeds with
 ``data.support_control`` set, into ``.../fold<f>-<k>shot/<control>/seed<s>/``, and the table shows that mIoU in a
@@ -36,7 +36,7 @@ def check_inputs(
 
 def train_smoke_models(cells: list[Cell], data: str | None, out: Path) -> None:
     """Fit each distinct (config, fold, fit args) of the cells that have no checkpoint once; set their ckpt."""
-    from fsseg.cli import run_cli
+    from fsseg.cli.trainer import run_cli
 
     trained: dict[tuple, str] = {}
     for cell in cells:
@@ -69,6 +69,8 @@ def test_argv(cell: Cell, data: str | None) -> list[str]:
         argv += ["--data.root", data]
     if cell.ckpt:
         argv += ["--ckpt_path", cell.ckpt]
+    else:  # the weights the config names (e.g. a released DiffewS UNet as model.init_args.unet_path)
+        argv += ["--no_ckpt", "true"]
     return argv + cell.args
 
 

@@ -66,6 +66,8 @@ class DiffewsModule(FewShotModule):
 
     frozen_modules = ("vae", "image_encoder")
     has_threshold = True
+    # what a checkpoint's weights depend on; thresholds, nshot, inference steps and asset paths may change at test time
+    architecture_args = ("interaction", "injection", "supervision", "generation")
 
     def __init__(
         self,

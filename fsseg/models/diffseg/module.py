@@ -62,6 +62,10 @@ class DiffSegModule(FewShotModule):
 
     frozen_modules = ("unet", "movq", "image_encoder", "edge_net")
     has_threshold = True
+    # what the trained PAM/SCM depend on; the threshold, timestep, noise and asset paths may change at test time
+    architecture_args = ("edge_source", "use_unet", "use_scm", "use_pam", "knowledge", "attn_maps", "attn_levels",
+                         "attn_blocks", "pam_att1", "pam_att2", "pam_att3", "pam_dim", "pam_heads", "scm_levels",
+                         "scm_shared", "scm_width", "scm_edge_channels")  # fmt: skip
 
     def __init__(
         self,

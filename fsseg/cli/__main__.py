@@ -1,0 +1,5 @@
+"""``python -m fsseg.cli``: the ``fsseg`` command."""
+
+from fsseg.cli import main
+
+main()

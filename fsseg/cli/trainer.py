@@ -1,0 +1,445 @@
+"""``fsseg fit | validate | test``: LightningCLI over every method (chosen by ``model.class_path``) and the one
+`FewShotDataModule`, with fsseg's rules on top:
+
+- the config decides every setting, a checkpoint only gives weights: settings given with ``--ckpt`` (config files,
+  overlays, the command line) are used and recorded, a checkpoint of another method or architecture is refused by
+  name (`fsseg.cli.checkpoints`). Lightning's own behaviour, replacing the model settings with the checkpoint's
+  saved ones, is switched off;
+- ``test`` / ``validate`` need a checkpoint, or ``--no_ckpt`` (recorded) to evaluate the model as its config builds
+  it (e.g. a released DiffewS UNet given as ``model.init_args.unet_path``);
+- runs are named after the config files and fold when the config names no logger; evaluation runs go to
+  ``<save_dir>/<name>/<stage>_<benchmark>_fold<F>_<K>shot[_<control>][_seed<S>]``, never a training version folder;
+  an existing result is refused unless ``--overwrite``; a run that failed before doing anything leaves no folder;
+- ``fit`` writes a resumable ``last.ckpt`` every ``--checkpoint_every_n_steps`` optimizer steps (`RunCheckpoint`);
+- a run with nothing to do (no training step, no episode) is an error; each command prints where it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.cli import LightningCLI
+
+from fsseg.callbacks import RunCheckpoint
+from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read_checkpoint
+from fsseg.cli.configs import find_run_config, resolve_config
+from fsseg.data.datamodule import FewShotDataModule
+from fsseg.files import claim_outputs
+from fsseg.models.base import FewShotModule
+from fsseg.report import TestReport
+
+SUBCOMMANDS = ("fit", "validate", "test")
+CHECKPOINT_EVERY_N_STEPS = 500  # optimizer steps between two resumable checkpoints of every fit
+SAVE_DIR = "runs"
+METHODS = (
+    "fsseg.models.diffews.DiffewsModule",
+    "fsseg.models.diffseg.DiffSegModule",
+    "fsseg.models.baseline.PrototypeModule",
+)
+RUN_FILES = ("metrics.json", "episodes.jsonl", "config.yaml", "hparams.yaml", "checkpoints")
+_LOGGERS_WITH_VERSION = ("TensorBoardLogger", "CSVLogger")
+
+_COMMON_HELP = f"""
+methods (model.class_path):
+  {(chr(10) + "  ").join(METHODS)}
+
+fsseg shorthands and rules:
+  --config NAME   a file, or a shipped config by name (diffews, ablations/diffews/fusion_qkv); repeat to overlay
+  --fold N        = --data.fold N
+  --ckpt PATH     = --ckpt_path PATH; without --config the run's config.yaml beside the checkpoint is used.
+                  Settings given with a checkpoint (configs, overlays, command line) win over the ones saved in
+                  it; a checkpoint of another method, or trained with another value of an architecture setting,
+                  is refused by name
+  --overwrite     replace an earlier run's results in the same folder (otherwise refused)
+  --traceback     the full traceback of an error (also FSSEG_TRACEBACK=1); otherwise errors are one line"""
+
+HELP = {
+    "fit": f"""Train a method on a benchmark's training folds.
+
+  fsseg fit --config diffews --fold 1
+  fsseg fit --config diffews --config ablations/diffews/fusion_qkv
+  fsseg fit --config diffews --ckpt_path {SAVE_DIR}/diffews_fold1/version_0/checkpoints/last.ckpt   # resume
+
+Writes {SAVE_DIR}/<name>/version_N/ (name: the config's logger name, else <config names>_fold<F>): config.yaml,
+TensorBoard logs, and checkpoints/last.ckpt, rewritten every --checkpoint_every_n_steps optimizer steps (default
+{CHECKPOINT_EVERY_N_STEPS}), at every epoch end and at the end; resuming from it continues exactly, mid-epoch too.
+"""
+    + _COMMON_HELP,
+    "validate": f"""Evaluate a checkpoint on the validation episodes (val/miou, val/fbiou).
+
+Writes {SAVE_DIR}/<name>/validate_<benchmark>_fold<F>_<K>shot/ (config.yaml, logs).
+"""
+    + _COMMON_HELP,
+    "test": f"""Evaluate a checkpoint on the published test episodes.
+
+  fsseg test --ckpt {SAVE_DIR}/diffews_fold0/version_0/checkpoints/last.ckpt --fold 0 --data.shot 5
+  fsseg test --config diffews --config ablations/diffews/threshold_absolute_0.2 --ckpt X.ckpt
+
+Writes {SAVE_DIR}/<name>/test_<benchmark>_fold<F>_<K>shot[_<support control>][_seed<S>]/: metrics.json (mIoU,
+FB-IoU, per-class IoU, the setting, the model settings used), episodes.jsonl (one line per episode), config.yaml.
+A checkpoint is required; --no_ckpt evaluates the model as its config builds it instead (e.g. a released
+DiffewS UNet given as model.init_args.unet_path), and is recorded.
+"""
+    + _COMMON_HELP,
+}
+
+
+class RunRefused(ValueError):
+    """The command cannot run as given (a usage error): nothing was done."""
+
+
+class NothingDone(RuntimeError):
+    """The command ran but had nothing to do (no training step, no episode): an error, not a success."""
+
+    exit_code = 1  # an expected outcome, reported in one line without a traceback hint
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description printed as written."""
+
+
+def _say(line: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(line, flush=True)
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------------
+def _is_inline_config(value: str) -> bool:
+    return "\n" in value or value.lstrip().startswith(("{", "["))
+
+
+def expand_shorthands(argv: list[str]) -> tuple[list[str], bool]:
+    """Rewrite fsseg's shorthands into LightningCLI arguments; returns (arguments, ``--overwrite`` given).
+
+    ``--fold N`` -> ``--data.fold N``; ``--ckpt PATH`` -> ``--ckpt_path PATH``; ``--config NAME`` -> the config
+    file it names (`resolve_config`); a checkpoint without ``--config`` adds the run's ``config.yaml``;
+    ``--no_ckpt`` / ``--no-ckpt`` alone -> ``--no_ckpt true``. ``--overwrite`` is taken out (it is an instruction
+    for this invocation, not a setting a saved config should carry).
+    """
+    out: list[str] = []
+    ckpt, overwrite, i = None, False, 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--fold", "--ckpt", "--ckpt_path", "--config", "-c"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise RunRefused(f"{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            if name == "--fold":
+                out += ["--data.fold", value]
+            elif name in ("--ckpt", "--ckpt_path"):
+                ckpt = value
+                out += ["--ckpt_path", value]
+            else:
+                out += ["--config", value if _is_inline_config(value) else str(resolve_config(value))]
+        elif name == "--overwrite" and not eq:
+            overwrite = True
+        elif name in ("--no_ckpt", "--no-ckpt"):
+            nxt = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if eq:
+                out += ["--no_ckpt", value]
+            elif nxt in ("true", "false"):
+                out += ["--no_ckpt", nxt]
+                i += 1
+            else:
+                out += ["--no_ckpt", "true"]
+        else:
+            out.append(arg)
+        i += 1
+    has_config = any(a == "--config" for a in out)
+    if ckpt not in (None, "", "null") and not has_config and out and out[0] in SUBCOMMANDS:
+        out[1:1] = ["--config", str(find_run_config(Path(ckpt)))]
+    return out, overwrite
+
+
+def _import(class_path: str) -> type:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---- run folders -------------------------------------------------------------------------------------------------
+def default_run_name(cfg: Namespace) -> str:
+    """``<config stems joined by +>_fold<F>`` (``diffews+fusion_qkv_fold0``); ``fsseg_fold<F>`` without a config."""
+    stems = [Path(str(c)).stem for c in (cfg.get("config") or [])]
+    return "+".join(dict.fromkeys(stems) or ["fsseg"]) + f"_fold{cfg.data.fold}"
+
+
+def evaluation_version(stage: str, data: Namespace) -> str:
+    """The folder of an evaluation run: what was evaluated, so repeated runs of one setting meet (and refuse)."""
+    name = f"{stage}_{data.benchmark}_fold{data.fold}_{data.shot}shot"
+    if data.get("support_control", "none") != "none":
+        name += f"_{data.support_control}"
+    return name + (f"_seed{data.seed}" if data.seed else "")
+
+
+class FssegCLI(LightningCLI):
+    """LightningCLI with fsseg's rules (see the module docstring); ``overwrite`` is ``--overwrite``."""
+
+    def __init__(self, *args, overwrite: bool = False, **kwargs) -> None:
+        self.overwrite = overwrite
+        self.checkpoint: dict | None = None  # read from --ckpt_path until it has been checked
+        self.start_step = 0  # the global step the checkpoint was saved at
+        self.setting_notes: list[str] = []
+        self.run_dir: Path | None = None
+        self._created: list[Path] = []
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no `predict`: `fsseg predict-images` segments your own images, `fsseg test` records every episode
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--no_ckpt",
+            type=bool,
+            default=False,
+            help="test/validate without a checkpoint: the model as its config builds it (recorded)",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=CHECKPOINT_EVERY_N_STEPS,
+            help="fit: optimizer steps between two writes of the resumable checkpoints/last.ckpt (0: epoch ends only)",
+        )
+
+    # ---- the checkpoint gives weights, the config gives settings -------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which overwrites the parsed model settings with the checkpoint's."""
+        sub = self.config.get("subcommand")
+        if sub is None:
+            return
+        cfg = self.config[sub]
+        path = cfg.get("ckpt_path")
+        if sub != "fit" and not path and not cfg.no_ckpt:
+            raise RunRefused(
+                f"no checkpoint given: {sub} would evaluate freshly initialised weights. Give --ckpt PATH, or "
+                f"--no_ckpt to evaluate the model as the config builds it (e.g. with released weights it names)"
+            )
+        if path and cfg.no_ckpt:
+            raise RunRefused(f"--no_ckpt contradicts --ckpt_path {path}")
+        if not path:
+            return
+        if path in ("last", "best", "hpc", "registry"):
+            raise RunRefused(
+                f"--ckpt_path {path}: give the checkpoint file (e.g. runs/x/version_0/checkpoints/last.ckpt)"
+            )
+        self.checkpoint = read_checkpoint(path)
+        model = cfg.model
+        init_args = model.init_args.as_dict() if isinstance(model.get("init_args"), Namespace) else {}
+        cls = _import(model.class_path)
+        self.setting_notes = compare_model_config(
+            self.checkpoint, path, model.class_path, init_args, getattr(cls, "architecture_args", ())
+        )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # a class failed to build; jsonargparse wraps its error in a long report
+            if not str(err).startswith("Does not validate against any of the Union subtypes"):
+                raise
+            raise RunRefused(condense_parse_error(str(err))) from err
+
+    # ---- naming, output policy, callbacks ------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        cfg = self.config[sub]
+        for note in self.setting_notes:
+            _say(f"fsseg {sub}: setting differs from the checkpoint's run, used as given: {note}")
+        logger = cfg.trainer.get("logger")
+        if isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(_LOGGERS_WITH_VERSION):
+            args = logger.init_args
+            if args.get("name") in (None, "lightning_logs"):
+                args.name = default_run_name(cfg)
+            if sub != "fit" and args.get("version") is None:
+                args.version = evaluation_version(sub, cfg.data)
+            version = args.get("version")
+            if version is not None:
+                folder = version if isinstance(version, str) else f"version_{version}"
+                self.run_dir = Path(args.save_dir) / (args.name or "") / folder
+        if self.run_dir is not None:
+            self._claim()  # before the (slow) model build
+        extra = {"no_ckpt": True} if cfg.no_ckpt else {}
+        callbacks = [TestReport(extra)]
+        if sub == "fit":
+            callbacks.append(RunCheckpoint(cfg.checkpoint_every_n_steps))
+        self.trainer_defaults["callbacks"] = callbacks
+
+    def after_instantiate_classes(self) -> None:
+        if self.checkpoint is not None:
+            skip = getattr(self.model, "_is_frozen_key", lambda key: False)
+            compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)
+            self.start_step = int(self.checkpoint.get("global_step", 0))
+            self.checkpoint = None  # Lightning loads it again to restore; do not hold the mapped file
+        loggers = self.trainer.loggers
+        if self.run_dir is None:  # rank-local (no collective): the folder the logger will write
+            self.run_dir = Path(
+                loggers[0].log_dir if loggers and loggers[0].log_dir else self.trainer.default_root_dir
+            )
+            self._claim()
+        absolute = self.run_dir.absolute()
+        self._created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # this run makes them
+        _say(f"fsseg {self.subcommand}: writing to {self.run_dir}")
+
+    def _claim(self) -> None:
+        """Refuse (or, with ``--overwrite``, remove) results of an earlier run in this run's folder."""
+        if rank_zero_only.rank == 0:  # other ranks start after rank 0 has checked, and never write these
+            d = self.run_dir
+            claim_outputs(
+                [d / f for f in RUN_FILES] + sorted(d.glob("events.out.tfevents.*")), self.overwrite
+            )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_if_empty()
+            raise
+
+    def _remove_if_empty(self) -> None:
+        """Remove the run folder this command created if it holds no result: no checkpoint, no report, no step."""
+        if rank_zero_only.rank != 0 or not self._created or self._created[0] != self.run_dir.absolute():
+            return
+        d = self._created[0]
+        trained = self.subcommand == "fit" and self.trainer.global_step > self.start_step
+        if not d.is_dir() or trained or any(d.glob("checkpoints/*.ckpt")) or (d / "metrics.json").exists():
+            return
+        import shutil
+
+        shutil.rmtree(d)
+        for parent in self._created[1:]:  # the folders above it that this run created, while empty
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    # ---- results -----------------------------------------------------------------------------------------------
+    @property
+    def last_checkpoint(self) -> str | None:
+        """After ``fit``: the run's newest resumable checkpoint (``checkpoints/last.ckpt``)."""
+        found = [c.last_model_path for c in self.trainer.callbacks if isinstance(c, RunCheckpoint)]
+        return (found[0] or None) if found else None
+
+    def after_fit(self) -> None:
+        steps = self.trainer.global_step - self.start_step
+        if steps <= 0:
+            raise NothingDone(
+                "nothing was trained: 0 optimizer steps (the checkpoint's run already reached trainer.max_steps "
+                "/ max_epochs, or the training set or trainer.limit_train_batches is empty)"
+            )
+        _say(
+            f"fsseg fit: {steps} optimizer steps; weights in {self.last_checkpoint}; config.yaml and "
+            f"TensorBoard logs in {self.run_dir}"
+        )
+
+    def after_validate(self) -> None:
+        if not sum(self.trainer.num_val_batches):
+            raise NothingDone(
+                "nothing was validated: 0 validation batches (trainer.limit_val_batches 0, as the demo configs "
+                "set, or data.val_episodes 0); give --trainer.limit_val_batches 1.0"
+            )
+        m = self.trainer.callback_metrics
+        values = ", ".join(f"{k} {float(m[k]):.2f}" for k in ("val/miou", "val/fbiou") if k in m)
+        _say(f"fsseg validate: {values}; config.yaml and logs in {self.run_dir}")
+
+    def after_test(self) -> None:
+        if not sum(self.trainer.num_test_batches):
+            raise NothingDone(
+                "nothing was tested: 0 test episodes (data.test_episodes 0 or trainer.limit_test_batches 0); "
+                "no metrics.json written"
+            )
+        report = next((c for c in self.trainer.callbacks if isinstance(c, TestReport)), None)
+        if rank_zero_only.rank == 0 and report is not None and report.written is not None:
+            m = json.loads((report.written / "metrics.json").read_text())
+            _say(
+                f"fsseg test: mIoU {m['miou']:.2f}, FB-IoU {m['fbiou']:.2f} over {m['episodes']} episodes -> "
+                f"{report.written / 'metrics.json'}, episodes.jsonl"
+            )
+
+
+def run_cli(argv: list[str]) -> FssegCLI:
+    """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`.
+
+    A command line that does not parse raises `RunRefused` with jsonargparse's report condensed to one line.
+    """
+    try:
+        return _run_cli(argv)
+    except ArgumentError as err:
+        sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+        raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
+
+
+def _run_cli(argv: list[str]) -> FssegCLI:
+    argv, overwrite = expand_shorthands(list(argv))
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
+    parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False} for sub in SUBCOMMANDS}
+    return FssegCLI(
+        FewShotModule,
+        FewShotDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        overwrite=overwrite,
+        seed_everything_default=0,
+        trainer_defaults={
+            "default_root_dir": SAVE_DIR,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": SAVE_DIR, "name": None},
+            },
+        },
+        # subcommand parsers take the main parser's formatter
+        parser_kwargs={"exit_on_error": False, "formatter_class": _HelpFormatter, **parser_kwargs},
+        save_config_kwargs={"overwrite": True},  # the folder was checked (and claimed) above
+        auto_configure_optimizers=False,
+    )
+
+
+def condense_parse_error(message: str) -> str:
+    """jsonargparse's multi-line report of a bad value as one line: the key, what is wrong, the value given.
+
+    Also for a class that failed to build (its own error, e.g. missing weights, wrapped by jsonargparse).
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Does not validate against any of the Union subtypes"):
+        subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+        name = "model" if "FewShotModule" in subtypes else "data" if "DataModule" in subtypes else "a setting"
+        lines = [f'Parser key "{name}":', *lines]
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    if key is None:
+        return " ".join(lines)
+    given = next(
+        (ln.removeprefix("Given value:").strip() for ln in lines if ln.startswith("Given value:")), None
+    )
+    if given is not None and (len(given) > 60 or given.startswith(("Namespace(", "NestedArg("))):
+        given = None  # a whole section: the problems name what is wrong
+    problems, current = [], None
+    for line in lines[1:]:
+        if line.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value")):
+            current = None
+        elif line.startswith("- "):
+            current = None if "NoneType" in line else [line[2:]]
+            if current is not None:
+                problems.append(current)
+        elif current is not None:
+            current.append(line)
+    what = "; ".join(" ".join(p) for p in problems) or " ".join(lines[1:])
+    return f"{key.group(1)}: {what}" + (f" (given: {given})" if given else "")
+
+
+def main(argv: list[str]) -> int:
+    """``fsseg fit|validate|test ...`` (``argv`` starts with the subcommand)."""
+    run_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
