@@ -1,11 +1,13 @@
 """The shipped tiny DiffSeg model set loads through the Kandinsky from_pretrained path and its MoVQ reconstructs."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fsseg.data.embedded import fold_classes
 from fsseg.models.diffseg.loading import load_frozen_parts
 
 ASSETS = Path(__file__).resolve().parents[1] / "fsseg" / "assets" / "tiny-diffseg"
@@ -39,3 +41,8 @@ def test_tiny_assets_load_and_reconstruct(small_embedded):
         fresh = tiny_movq(seed=0).eval()
         rec = fresh.decode(fresh.encode(mask * 2 - 1).latents, force_not_quantize=True).sample
         assert ((rec.clamp(-1, 1) + 1) / 2 - mask).abs().mean() > 0.2
+    card = json.loads((ASSETS / "training.json").read_text())
+    assert card["held_out_fold"] == 0
+    assert not set(card["classes_seen"]) & set(fold_classes(0)), "the stand-in saw a held-out class"
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert size < 20 * 2**20, f"asset is {size / 2**20:.1f} MiB"

@@ -21,6 +21,7 @@ from fsseg.data.embedded import (
     ensure_embedded_benchmark,
     fold_classes,
     generate_embedded_benchmark,
+    render_corpus,
 )
 
 SMALL = {"image_size": 64, "n_train": 40, "n_val": 40}
@@ -241,3 +242,43 @@ def test_concurrent_ensure_calls_agree(tmp_path):
     assert [p.returncode for p in procs] == [0, 0] and outs == [str(root)] * 2
     assert [p.name for p in tmp_path.iterdir()] == ["shared"]
     assert json.loads((root / MARKER_NAME).read_text())["n_train"] == 60
+
+
+def test_render_corpus_holds_only_the_given_classes_and_is_seeded():
+    classes = list(range(6, 21))  # the training classes of fold 0
+    images, labels = render_corpus(classes, 12, image_size=64, seed=3)
+    assert images.shape == (12, 64, 64, 3) and labels.shape == (12, 64, 64)
+    present = set(np.unique(labels).tolist()) - {0, 255}
+    assert present and present <= set(classes), present
+    again, _ = render_corpus(classes, 12, image_size=64, seed=3)
+    other, _ = render_corpus(classes, 12, image_size=64, seed=4)
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+    with pytest.raises(ValueError, match="classes"):
+        render_corpus([0, 5], 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["train_tiny_diffews", "train_tiny_diffseg"])
+def test_tiny_model_tools_write_loadable_folders(tool, tmp_path):
+    """The asset recipes run end to end (a few steps on a small corpus) and write folders the modules load."""
+    out = tmp_path / tool
+    steps = (
+        ["--vae-steps", "2", "--unet-steps", "2"]
+        if tool.endswith("diffews")
+        else ["--movq-steps", "2", "--unet-steps", "2"]
+    )
+    cmd = [sys.executable, f"tools/{tool}.py", "--out", str(out), "--corpus-size", "24", *steps]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=300)
+    card = json.loads((out / "training.json").read_text())
+    assert not set(card["classes_seen"]) & set(fold_classes(0))
+    if tool.endswith("diffews"):
+        from fsseg.models.diffews import DiffewsModule
+
+        DiffewsModule(pretrained=str(out))
+    else:
+        from fsseg.models.diffseg import DiffSegModule
+
+        DiffSegModule(decoder=str(out / "decoder"), prior=str(out / "prior"), edge_source="sobel")
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr

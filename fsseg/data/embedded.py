@@ -380,3 +380,26 @@ def ensure_embedded_benchmark(
         if (root / MARKER_NAME).is_file():  # another process finished first
             return check()
         raise
+
+
+def render_corpus(
+    classes: list[int], n: int, image_size: int = 128, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` extra images drawn like the benchmark's, with objects of ``classes`` (1-based) only.
+
+    The pretraining corpus of the tiny shipped models: they learn what images of the *training* classes look like
+    (as Stable Diffusion / Kandinsky learned from web images) without ever seeing a held-out class. Image ``i``
+    draws from ``np.random.default_rng([seed, 2, i])`` (streams 0 and 1 are the benchmark's train/val splits).
+    Returns RGB uint8 ``[n, S, S, 3]`` and label maps uint8 ``[n, S, S]`` (0 background, class, 255 boundary).
+    """
+    classes = sorted({int(c) for c in classes})
+    if len(classes) < 2 or not set(classes) <= set(range(1, N_CLASSES + 1)):
+        raise ValueError(f"classes must hold at least two of 1..{N_CLASSES}, got {classes}")
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    labels = np.empty((n, image_size, image_size), np.uint8)
+    for i in range(n):
+        rng = np.random.default_rng([seed, 2, i])
+        k = int(rng.integers(2, min(4, len(classes)) + 1))
+        chosen = [classes[j] for j in rng.choice(len(classes), size=k, replace=False)]
+        images[i], labels[i] = render_image(rng, chosen, image_size)
+    return images, labels
