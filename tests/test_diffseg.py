@@ -160,6 +160,34 @@ def test_k_shot_averages_embeddings_and_latents(tiny_dir):
     torch.testing.assert_close(emb, torch.stack([s[1] for s in singles]).mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_dir):
+    torch.manual_seed(0)
+    mean = make_module(tiny_dir).eval()
+    tokens = make_module(tiny_dir, shot_fusion="tokens").eval()
+    tokens.load_state_dict(mean.state_dict())
+    with torch.no_grad():  # away from the (near-zero) init, so the support matters
+        for p, q in zip(mean.trainable_parameters(), tokens.trainable_parameters()):
+            p.add_(0.2 * torch.randn_like(p))
+            q.copy_(p)
+        one, three = batch_of(2, k=1), batch_of(2, k=3)
+        torch.testing.assert_close(tokens(one)[0], mean(one)[0], rtol=0, atol=1e-6)  # K=1: the same model
+        ls, _ = tokens.support_inputs(three)
+        assert ls.shape[:2] == (2, 3)  # [B, K, C, h, w]: no shot averaged away
+        swapped = {
+            **three,
+            "support_imgs": three["support_imgs"].flip(1),
+            "support_masks": three["support_masks"],
+        }
+        # a set of shots, not a sequence (float noise only: E_m's mean sums in another order, and M_a's min-max
+        # normalisation amplifies it)
+        torch.testing.assert_close(tokens(swapped)[0], tokens(three)[0], rtol=0, atol=1e-2)
+        assert (tokens(three)[0] - mean(three)[0]).abs().max() > 0.05
+    with pytest.raises(ValueError, match="shot_fusion"):
+        make_module(tiny_dir, shot_fusion="sum")
+    with pytest.raises(ValueError, match="pam_att1='attn'"):
+        make_module(tiny_dir, shot_fusion="tokens", pam_att1="conv")
+
+
 def test_prediction_shape_and_threshold(tiny_dir):
     m = make_module(tiny_dir, threshold=2.0)
     with torch.no_grad():

@@ -99,15 +99,21 @@ class PerceptualAttention(nn.Module):
         )
 
     def forward(self, lq: torch.Tensor, ls: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """lq, ls: [B, C, h, w]; prior (M_a or UNet features, at the latent size): [B, Cm, h, w] -> L_pre [B, C, h, w]"""
+        """lq: [B, C, h, w]; ls: [B, C, h, w] (one support latent, or the K-shot mean) or [B, K, C, h, w] (K support
+        latents: att1 attends over all K*hw support tokens); prior (M_a or UNet features, at the latent size):
+        [B, Cm, h, w] -> L_pre [B, C, h, w]"""
         b, _, h, w = lq.shape
+        if ls.dim() == 5 and self.att1 != "attn":
+            raise ValueError(f"K separate support latents need PAM att1='attn', got {self.att1!r}")
         tokens = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731  [B, hw, C]
         grid = lambda t: t.transpose(1, 2).reshape(b, -1, h, w)  # noqa: E731
         pos = sine_positions(h, w, self.embed_q.out_features, lq.device, lq.dtype)[None]  # [1, hw, dim]
         q = self.embed_q(tokens(lq))  # [B, hw, dim]
         parts = [q]
         if self.att1 == "attn":
-            parts.append(self.cross_support(q, tokens(ls), pos, pos))
+            k = ls.shape[1] if ls.dim() == 5 else 1
+            support = ls.permute(0, 1, 3, 4, 2).reshape(b, -1, ls.shape[2]) if ls.dim() == 5 else tokens(ls)
+            parts.append(self.cross_support(q, support, pos, pos.repeat(1, k, 1)))  # support: [B, K*hw, C]
         elif self.att1 == "conv":
             parts.append(tokens(self.conv_support(torch.cat([lq, ls], dim=1))))
         if self.uses_map:
@@ -135,5 +141,9 @@ class ConvHead(nn.Module):
         self.conv = nn.Conv2d(2 * latent_channels + map_channels, latent_channels, 3, padding=1)
 
     def forward(self, lq: torch.Tensor, ls: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        if ls.dim() == 5:
+            raise ValueError(
+                "the conv head (use_pam=False) needs one support latent per query (shot_fusion='mean')"
+            )
         inputs = [lq, ls] + ([prior] if self.uses_map else [])
         return self.conv(torch.cat(inputs, dim=1))
