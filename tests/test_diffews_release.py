@@ -45,8 +45,8 @@ def released_postprocess(
     return (pred.mean(axis=0) > pred.max() * r_threshold).astype(np.int64)
 
 
-def test_default_postprocessing_is_the_released_one():
-    m = DiffewsModule(pretrained="fsseg/assets/tiny-diffews").eval()  # trained: it draws white-on-black masks
+def test_default_postprocessing_is_the_released_one(sd_dir):
+    m = DiffewsModule(pretrained=sd_dir).eval()
     hp = m.hparams
     assert (hp.threshold_mode, hp.threshold, hp.threshold_reference, hp.quantize) == (
         "relative",
@@ -54,14 +54,23 @@ def test_default_postprocessing_is_the_released_one():
         "rgb_max",
         "floor",
     )
-    batch = random_episodes(b=2, k=2, size=128, seed=4)
-    raw = []
-    hook = m.vae.decoder.register_forward_hook(lambda mod, args, out: raw.append(out.detach().clone()))
+    batch = random_episodes(b=2, k=2, size=32, seed=4)
+    g = torch.Generator().manual_seed(0)
+    designed = []  # the decoder's output replaced by a fixed pattern: a real threshold decision on every run
+
+    def replace(mod, args, out):
+        if not designed:
+            ramp = torch.linspace(-1.2, 1.2, out.shape[-1]).expand_as(out)  # beyond [-1, 1]: clipping matters
+            designed.append(ramp + 0.3 * torch.randn(out.shape, generator=g))
+        return designed[0]
+
+    hook = m.vae.decoder.register_forward_hook(replace)
     with torch.no_grad():
         pred = m.predict_masks(batch, (48, 40))
         image = m.predict_image(batch)
     hook.remove()
-    decoded = raw[0].numpy()  # [2, 3, 128, 128], the decoder's output before any post-processing
+    raw = designed
+    decoded = raw[0].numpy()  # [2, 3, 32, 32], the decoder's output before any post-processing
     expected = np.stack([released_postprocess(decoded[b], (48, 40)) for b in range(2)])
     np.testing.assert_array_equal(pred.numpy(), expected)
     assert 0.005 < expected.mean() < 0.95  # a real threshold decision, not all one class
