@@ -223,17 +223,18 @@ class _Images(Dataset):
 def build(
     folder: str | os.PathLike,
     posterior,
-    datasets: list[FewShotDataset],
+    images: dict[str, FewShotDataset],
+    masks: dict[tuple[str, int], FewShotDataset],
     expected: dict,
     batch_size: int = 8,
     num_workers: int = 0,
 ) -> Path:
-    """Encode every entry with ``posterior`` (``[n, 3, S, S]`` in [0, 1] -> ``DiagonalGaussianDistribution``) into
-    ``folder`` (written under a temporary name, then renamed; an existing folder is never replaced)."""
+    """Encode the ``images`` and ``masks`` entries (`entries`) with ``posterior`` (``[n, 3, S, S]`` in [0, 1] ->
+    ``DiagonalGaussianDistribution``) into ``folder`` with the fingerprint ``expected`` (written under a temporary
+    name, then renamed; an existing folder is never replaced)."""
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"latent cache {folder} already exists")
-    images, masks = entries(datasets)
     jobs = [(ds, key, None) for key, ds in images.items()] + [(ds, k, c) for (k, c), ds in masks.items()]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -290,7 +291,7 @@ def ensure(
                 f"latent cache: encoding {expected['images']} images and {expected['mask_images']} mask images "
                 f"into {folder}"
             )
-            build(folder, module.posterior, datasets, expected, num_workers=num_workers)
+            build(folder, module.posterior, *entries(datasets), expected, num_workers=num_workers)
         except OSError:
             if not (folder / FINGERPRINT).is_file():  # not another process that finished first
                 raise
