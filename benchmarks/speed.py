@@ -20,7 +20,8 @@ DiffewS evaluation, 1-shot episodes, the same random episodes for every path:
 
 C's UNet FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``; its achieved GFLOP/s (UNet calls timed
 alone inside C) is reported as a fraction of a bf16 matmul measured in the same run. Timing: one warm-up call per
-variant, then ``--repeats`` rounds that call the variants in turn (so a change of machine load hits all of them);
+variant (quick mode: not for B and the cached training step, which follow a warmed-up variant running the same
+model on the same shapes), then ``--repeats`` rounds that call the variants in turn (so a change of machine load hits all of them);
 the minimum is reported (and every time, and the load average before and after each section).
 
 Latent cache: a training step (bf16 autocast ``training_loss`` + backward + an SGD update; batch 1, 1-shot, SD 2.1
@@ -133,11 +134,16 @@ def interleaved(
     device: torch.device,
     meter: UnetMeter | None = None,
     count_flops: tuple[str, ...] = (),
+    cold: tuple[str, ...] = (),
 ) -> dict[str, list[float]]:
     """``variants``: name -> (prepare, run). Each runs once untimed (warm-up; FLOPs counted for ``count_flops``),
-    then ``repeats`` rounds call them in turn; ``prepare`` (a layout change, say) is never timed."""
+    except those in ``cold`` (quick mode: a variant that runs the same model on the same shapes as the one before it;
+    no warm-up can only make it look slower), then ``repeats`` rounds call them in turn; ``prepare`` (a layout
+    change, say) is never timed."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for name, (prepare, run) in variants.items():
+        if name in cold and name not in count_flops:
+            continue
         prepare()
         if meter is not None:
             meter.current, meter.count = name, name in count_flops
@@ -244,7 +250,7 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
 
 # ---- sections ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, peak) -> dict:
+def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, peak, lean=False) -> dict:
     """A, B and C at ``size`` px (see the module docstring)."""
     m.eval()
     batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
@@ -272,7 +278,9 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
     meter = UnetMeter(m.unet, device)
     before = load()
     try:
-        times = interleaved(variants, repeats, device, meter, count_flops=(names[2],))
+        times = interleaved(
+            variants, repeats, device, meter, count_flops=(names[2],), cold=(names[1],) if lean else ()
+        )
     finally:
         meter.remove()
     res = {
@@ -303,7 +311,7 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
     return res
 
 
-def latent_cache_step(m, size, repeats, device, workdir: Path) -> dict:
+def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> dict:
     """A training step (bf16 autocast) with live VAE encoding and with the latent cache."""
     root = generate_embedded_benchmark(
         workdir / f"embedded{size}", seed=0, image_size=128, n_train=40, n_val=40
@@ -335,7 +343,10 @@ def latent_cache_step(m, size, repeats, device, workdir: Path) -> dict:
     before = load()
     nothing = lambda: None  # noqa: E731
     times = interleaved(
-        {"live": (nothing, lambda: step(False)), "cached": (nothing, lambda: step(True))}, repeats, device
+        {"live": (nothing, lambda: step(False)), "cached": (nothing, lambda: step(True))},
+        repeats,
+        device,
+        cold=("cached",) if lean else (),
     )
     m.latent_store = None
     m.eval()
@@ -464,11 +475,7 @@ def environment(device: torch.device) -> dict:
     import lightning
     import transformers
 
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})"
     return {
         "device": name,
         "threads": torch.get_num_threads(),
@@ -482,6 +489,22 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name, core count and bf16 instruction sets (Linux: /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"}) or ["no bf16 instructions"]
+    return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="256 px DiffewS A/B/C and the latent cache only")
@@ -489,8 +512,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes", type=int, nargs="+", default=None, help="DiffewS sizes (default 256; full: 256 512)"
     )
-    p.add_argument("--c-batch", type=int, default=None, help="C's episodes per batch (default 4 CPU, 16 GPU)")
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds per variant (after one warm-up)")
+    p.add_argument(
+        "--c-batch",
+        type=int,
+        default=None,
+        help="C's episodes per batch (default: 16 on a GPU; 2 on a CPU, which "
+        "is compute-bound at batch 1 already: more episodes per batch only lengthen the run)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per variant after one warm-up (quick 1, full 2)",
+    )
     p.add_argument(
         "--only", nargs="+", choices=("diffews", "cache", "predict", "compile", "diffseg"), default=None
     )
@@ -506,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     sizes = args.sizes or ([256] if args.quick else [256, 512])
-    c_batch = args.c_batch or (16 if gpu else 4)
+    c_batch = args.c_batch or (16 if gpu else 2)
+    args.repeats = args.repeats or (1 if args.quick else 2)
     sections = set(
         args.only
         or (("diffews", "cache") if args.quick else ("diffews", "cache", "predict", "compile", "diffseg"))
@@ -521,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             "c_batch": c_batch,
             "repeats": args.repeats,
             "sections": sorted(sections),
+            "warm_up": "every variant but B and the cached step" if args.quick else "every variant",
+            "torch_threads": torch.get_num_threads(),
         },
         "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "load_start": load(),
@@ -547,12 +584,14 @@ def main(argv: list[str] | None = None) -> int:
                 for size in sizes:
                     print(f"DiffewS evaluation at {size} px", flush=True)
                     report[f"diffews_eval_{size}"] = diffews_eval(
-                        m, text_encoder, tokenizer, size, c_batch, args.repeats, device, peak
+                        m, text_encoder, tokenizer, size, c_batch, args.repeats, device, peak, args.quick
                     )
             if "cache" in sections:
                 size = sizes[0] if args.quick else max(sizes)
                 print(f"training step, live encoding vs latent cache, {size} px", flush=True)
-                report[f"latent_cache_{size}"] = latent_cache_step(m, size, args.repeats, device, work)
+                report[f"latent_cache_{size}"] = latent_cache_step(
+                    m, size, args.repeats, device, work, args.quick
+                )
             if "predict" in sections:
                 size = max(sizes) if args.tiny else 512
                 print(f"predict-images, a {size} px query against a cached support", flush=True)

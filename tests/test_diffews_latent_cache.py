@@ -174,10 +174,17 @@ def test_fit_builds_then_uses_the_cache(sd_dir, small_embedded, tmp_path):
     stamp = (cache / lc.MOMENTS).stat().st_mtime_ns
     fingerprint = json.loads((cache / lc.FINGERPRINT).read_text())
     assert fingerprint["img_size"] == 64 and fingerprint["benchmarks"] == ["embedded"]
-    run_cli(
-        ["fit", *fit_args(sd_dir, small_embedded, tmp_path / "second", cache)]
-    )  # reads it, writes nothing
+    # a second run, in bf16 from the command line, reads the cache and writes nothing to it
+    bf16 = ["--trainer.precision=bf16-mixed"]
+    second = run_cli(["fit", *fit_args(sd_dir, small_embedded, tmp_path / "second", cache), *bf16])
     assert (cache / lc.MOMENTS).stat().st_mtime_ns == stamp
+    assert second.trainer.precision == "bf16-mixed" and second.trainer.global_step == 2
+    # `fsseg test` in bf16 from the same command line: the result records its precision
+    args = [a for a in fit_args(sd_dir, small_embedded, tmp_path / "test", cache) if "max_steps" not in a]
+    ckpt = second.last_checkpoint
+    tested = run_cli(["test", *args, *bf16, "--data.test_episodes=4", f"--ckpt_path={ckpt}"])
+    metrics = json.loads((Path(tested.trainer.default_root_dir) / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16-mixed" and metrics["episodes"] == 4
 
 
 def test_cache_latents_command(sd_dir, small_embedded, tmp_path, capsys):

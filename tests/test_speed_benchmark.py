@@ -20,7 +20,16 @@ def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
     out = tmp_path / "speed.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--tiny", "--repeats", "1", "--out", str(out), *args],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--tiny",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            *args,
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -32,14 +41,21 @@ def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 
 def test_quick_mode_on_the_tiny_architecture(tmp_path):
-    last, report = run_benchmark(tmp_path, "--quick", "--sizes", "32")
+    last, report = run_benchmark(tmp_path, "--quick", "--sizes", "32", "--c-batch", "3")
     assert SUMMARY.fullmatch(last), last
     for key in ("device", "threads", "versions", "settings", "load_start", "load_end", "matmul_gflops"):
         assert key in report, key
     assert report["mode"] == "quick" and report["matmul_gflops"]["bf16"] > 0
     ev = report["diffews_eval_32"]
-    assert set(ev) >= {"A_released_fp32_b1", "B_fsseg_fp32_b1", "C_fsseg_bf16_b4", "C_unet", "speedup_C_over_A"}
-    assert ev["C_fsseg_bf16_b4"]["per_call"] == 4 and ev["C_unet"]["gflop_per_batch"] > 0
+    assert set(ev) >= {
+        "A_released_fp32_b1",
+        "B_fsseg_fp32_b1",
+        "C_fsseg_bf16_b3",
+        "C_unet",
+        "speedup_C_over_A",
+    }
+    assert report["settings"]["c_batch"] == 3 and report["settings"]["repeats"] == 1
+    assert ev["C_fsseg_bf16_b3"]["per_call"] == 3 and ev["C_unet"]["gflop_per_batch"] > 0
     # A (three VAE calls, the two-pass bank, uint8 through numpy) computes what B computes
     assert ev["agreement_episode0"]["A_vs_B_pixels_differ"] <= 0.01
     cache = report["latent_cache_32"]

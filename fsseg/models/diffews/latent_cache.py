@@ -6,7 +6,8 @@ query, the query-mask image, the support and the support-mask image (docs/PROTOC
 (no augmentation), so neither do their posteriors; only the sample's noise does. The cache keeps each posterior's
 parameters (the VAE's mean and log-variance, ``[8, h, w]`` float32, encoded in fp32) and training samples from them
 with diffusers' own ``DiagonalGaussianDistribution``: the same ``mean + std * eps`` with the same draws from the
-global generator as live encoding (`DiffewsModule.encode_episode`).
+global generator as live encoding (`DiffewsModule.encode_episode`). Exactly so in fp32; under bf16 autocast live
+encoding computes the moments (and draws the noise) in bf16, while the cache holds fp32 moments.
 
 Entries: one per training image (by its key) and one per (image, class) pair of the training lists: the white-
 foreground mask image of that class (ignore pixels count as background, as in training). It serves

@@ -268,8 +268,9 @@ class DiffewsModule(FewShotModule):
     # ---- latents ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def posterior(self, images: torch.Tensor) -> DiagonalGaussianDistribution:
-        """[N, 3, S, S] in [0, 1] -> the VAE posterior (its ``parameters``: mean and log-variance, [N, 8, h, w])."""
-        return self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist
+        """[N, 3, S, S] in [0, 1] -> the VAE posterior (its ``parameters``: mean and log-variance, [N, 8, h, w]),
+        computed where the VAE is (the latent cache's loader gives CPU images)."""
+        return self.vae.encode(images.to(self.vae.device, self.vae.dtype) * 2 - 1).latent_dist
 
     def latents(self, dist: DiagonalGaussianDistribution, sample: bool) -> torch.Tensor:
         """A posterior sample (training) or its mean (inference), scaled: [N, 4, h, w]."""
