@@ -20,13 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("fsseg.cli.trainer", "evaluate a checkpoint on the published test episodes -> metrics.json"),
     "predict-images": ("fsseg.predict", "segment your own images from one (or K) annotated example(s)"),
     "evaluate-seeds": ("fsseg.seeds", "one test per protocol seed (data.seed 0..N-1), then mean and std"),
+    "compare": ("fsseg.compare", "two test runs on identical episodes: paired mIoU difference and interval"),
+    "demo": ("fsseg.demo", "train and test every method on the embedded benchmark (CPU, minutes)"),
+    "data": ("fsseg.data.tools", "prepare and check datasets (build-coco-masks, build-lvis, check)"),
     "cache-latents": (
         "fsseg.cli.cache_latents",
         "DiffewS: encode the training images once (model.init_args.latent_cache)",
     ),
-    "compare": ("fsseg.compare", "two test runs on identical episodes: paired mIoU difference and interval"),
-    "demo": ("fsseg.demo", "train and test every method on the embedded benchmark (CPU, minutes)"),
-    "data": ("fsseg.data.tools", "prepare and check datasets (build-coco-masks, build-lvis, check)"),
 }
 PASS_NAME = ("fit", "validate", "test")
 REMOVED = {
