@@ -40,6 +40,7 @@ def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
     return proc.stdout.strip().splitlines()[-1], json.loads(out.read_text())
 
 
+@pytest.mark.slow  # ~25 s: a subprocess that imports and builds everything
 def test_quick_mode_on_the_tiny_architecture(tmp_path):
     last, report = run_benchmark(tmp_path, "--quick", "--sizes", "32", "--c-batch", "3")
     assert SUMMARY.fullmatch(last), last
