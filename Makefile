@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all demo lint reproduce-table1 reproduce-table2 clean
+.PHONY: install test test-all demo lint bench-quick bench reproduce-table1 reproduce-table2 clean
 
 install: $(STAMP)
 
@@ -27,6 +27,15 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check fsseg tests tools benchmarks
 	$(VENV)/bin/ruff format --check fsseg tests tools benchmarks
+
+# speed (benchmarks/speed.py, JSON in benchmarks/results/): the released DiffewS evaluation against fsseg's fp32 and
+# bf16 paths and the training latent cache, at 256 px (a few minutes on a 2-core CPU); `bench` adds 512 px,
+# predict-images, torch.compile and DiffSeg (long on a CPU). The last line printed is the summary.
+bench-quick: install
+	$(PY) benchmarks/speed.py --quick
+
+bench: install
+	$(PY) benchmarks/speed.py
 
 # make reproduce-table1 DATA=<data root> CKPTS=<weights folder>   (SMOKE=1: embedded benchmark, tiny models, CPU)
 reproduce-table1 reproduce-table2: reproduce-%: install

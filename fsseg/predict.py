@@ -29,6 +29,18 @@ from fsseg.models.base import FewShotModule
 from fsseg.visual import overlay
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_context(precision: str, device: str | torch.device):
+    """``bf16``: bfloat16 autocast on ``device`` (convolutions, matmuls and attention in bf16, weights kept in fp32;
+    what ``--trainer.precision bf16-mixed`` does for fit/test); ``fp32``: full precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
@@ -193,22 +205,26 @@ def predict_images(
     img_size: int,
     mask_value: int | None = None,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> list[dict]:
-    """Segment every query against one support set (encoded once); returns one record per query."""
+    """Segment every query against one support set (encoded once) in ``precision`` (`precision_context`); returns
+    one record per query."""
     if not supports:
         raise ValueError("give at least one --support IMG --support-mask MASK pair")
     pairs = [load_support(i, m, img_size, mask_value) for i, m in supports]
     s_imgs = torch.stack([p[0] for p in pairs]).to(device)  # [K, 3, S, S]
     s_masks = torch.stack([p[1] for p in pairs]).to(device)  # [K, S, S]
     model = model.to(device).eval()
-    state = model.encode_support(s_imgs, s_masks)
+    with precision_context(precision, device):
+        state = model.encode_support(s_imgs, s_masks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for q in queries:
         img = load_rgb(Path(q))
         x = image_to_tensor(img, img_size)[None].to(device)  # [1, 3, S, S]
-        pred = model.predict_with_support(state, x, (img.height, img.width))
+        with precision_context(precision, device):
+            pred = model.predict_with_support(state, x, (img.height, img.width))
         if tuple(pred.shape) != (1, img.height, img.width):
             raise RuntimeError(
                 f"{type(model).__name__}.predict_with_support returned {tuple(pred.shape)}, expected (1, {img.height}, {img.width})"
@@ -260,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="foreground threshold, for methods that threshold a score")
     p.add_argument("--mask-value", type=int, help="the object's value in a multi-valued support mask")
     p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default) or bf16: bfloat16 autocast, about 2x faster on CPUs with bf16 instructions and on "
+        "recent GPUs (README: Speed)",
+    )
+    p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda if available)",
@@ -289,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
             img_size,
             args.mask_value,
             args.device,
+            args.precision,
         )
     except (ValueError, OSError) as e:  # bad input, missing or unreadable files and weights
         print(f"fsseg predict-images: error: {e}", file=sys.stderr)
         return 2
+    print(f"fsseg predict-images: {len(records)} queries, precision {args.precision}, device {args.device}")
     for r in records:
         print(f"{r['query']}: foreground {100 * r['foreground']:.1f}% -> {r['mask']}")
     print(f"fsseg predict-images: {len(records)} masks and overlays -> {args.out}")

@@ -61,6 +61,7 @@ def write_test_report(
         "model": type(trainer.lightning_module).__name__,
         "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
         "model_settings": model_settings(trainer.lightning_module),
+        "precision": str(trainer.precision),  # bf16-mixed changes the numbers a little (README: Speed)
         **(extra or {}),
     }
     atomic_write_text(log_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

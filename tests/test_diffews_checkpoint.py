@@ -99,9 +99,9 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
     batch = random_episodes(b=2, k=shots, size=32, seed=5)
     with torch.no_grad():  # the latents, as the module computes them (posterior means)
         z_q = m.encode(batch["query_img"], sample=False)
-        z_sup = m._support_inputs(batch["support_imgs"], binary_mask(batch["support_masks"]), sample=False)[
-            "x"
-        ]
+        z_sup = m.encode_episode(
+            [], batch["support_imgs"], binary_mask(batch["support_masks"]), sample=False
+        )[1]["x"]
         one_pass = -m.unet_call(
             z_q, {"x": z_sup, "k": shots}, torch.ones(2, dtype=torch.long), m.prompt_infer
         )

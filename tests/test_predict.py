@@ -398,3 +398,62 @@ def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
         fsseg_main(["predict-images", "--config", str(config), *cli_args(images)])
     err = capsys.readouterr().err
     assert done.value.code == 2 and "no_sd_here" in err and "Stable Diffusion" in err
+
+
+# ---- --precision bf16 ---------------------------------------------------------------------------------------------
+def _unet_dtypes(model) -> set:
+    dtypes: set = set()
+    model.unet.register_forward_hook(lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype))
+    return dtypes
+
+
+def _masks(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.array(Image.open(p)) for p in sorted(folder.glob("*_mask.png"))}
+
+
+def test_diffews_bf16_agrees_with_fp32(images, tmp_path):
+    """The shipped tiny DiffewS: bf16 autocast runs the UNet in bf16 and gives (almost) the fp32 masks."""
+    model = DiffewsModule(pretrained="fsseg/assets/tiny-diffews").eval()
+    dtypes = _unet_dtypes(model)
+    queries = sorted(images["queries"].glob("*.*g"))
+    out = {}
+    for precision in ("fp32", "bf16"):
+        dtypes.clear()
+        predict_images(model, images["supports"], queries, tmp_path / precision, 128, precision=precision)
+        assert dtypes == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        out[precision] = _masks(tmp_path / precision)
+    assert len(out["fp32"]) == 3 and out["fp32"].keys() == out["bf16"].keys()
+    differ = np.mean([(out["fp32"][k] != out["bf16"][k]).mean() for k in out["fp32"]])
+    assert differ <= 0.01, differ
+    assert any((m == 255).any() for m in out["fp32"].values())
+
+
+def test_precision_flag(kandinsky_dir, images, tmp_path, capsys):
+    init = {
+        "decoder": str(kandinsky_dir / "decoder"),
+        "prior": str(kandinsky_dir / "prior"),
+        "edge_source": "sobel",
+    }
+    config = _write(
+        tmp_path / "c.yaml",
+        {
+            "model": {"class_path": "fsseg.models.diffseg.DiffSegModule", "init_args": init},
+            "data": {"img_size": 64},
+        },
+    )
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--config", str(config), "--precision", "bf16", *cli_args(images, 1)])
+    assert done.value.code == 0
+    assert "precision bf16" in capsys.readouterr().out and len(_masks(images["out"])) == 3
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--config", str(config), "--precision", "fp16", *cli_args(images, 1)])
+    assert done.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_diffews_bf16_on_gpu(images, tmp_path):
+    model = DiffewsModule(pretrained="fsseg/assets/tiny-diffews").eval()
+    dtypes = _unet_dtypes(model)
+    queries = sorted(images["queries"].glob("*.*g"))
+    predict_images(model, images["supports"], queries, tmp_path, 128, device="cuda", precision="bf16")
+    assert dtypes == {torch.bfloat16} and len(_masks(tmp_path)) == 3

@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fsseg.compare", "two test runs on identical episodes: paired mIoU difference and interval"),
     "demo": ("fsseg.demo", "train and test every method on the embedded benchmark (CPU, minutes)"),
     "data": ("fsseg.data.tools", "prepare and check datasets (build-coco-masks, build-lvis, check)"),
+    "cache-latents": (
+        "fsseg.cli.cache_latents",
+        "DiffewS: encode the training images once (model.init_args.latent_cache)",
+    ),
 }
 PASS_NAME = ("fit", "validate", "test")
 REMOVED = {

@@ -132,6 +132,13 @@ class FewShotDataModule(L.LightningDataModule):
             support_control="none" if split == "trn" else hp.support_control,
         )
 
+    def train_datasets(self) -> list[FewShotDataset]:
+        """The training datasets: the benchmark's, or each member of the in-context mix (``train_benchmarks``)."""
+        hp = self.hparams
+        if hp.train_benchmarks:
+            return [self.build("trn", b, fold=-1) for b in hp.train_benchmarks]
+        return [self.build("trn")]
+
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """One-time work of the benchmarks the current stage reads (ADE20K's class index, the embedded benchmark's
@@ -145,12 +152,8 @@ class FewShotDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in (None, "fit"):
-            if hp.train_benchmarks:
-                self.datasets["trn"] = EpisodeConcat(
-                    [self.build("trn", b, fold=-1) for b in hp.train_benchmarks]
-                )
-            else:
-                self.datasets["trn"] = self.build("trn")
+            members = self.train_datasets()
+            self.datasets["trn"] = EpisodeConcat(members) if hp.train_benchmarks else members[0]
             if stage == "fit" and hp.effective_batch_size is not None and self.trainer is not None:
                 self._set_accumulation()
         if stage in (None, "fit", "validate"):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
 from fsseg.models.diffews import generation as gen
-from fsseg.models.diffews import support_cache, tca
+from fsseg.models.diffews import latent_cache, support_cache, tca
 from fsseg.models.diffews.inputs import (
     INJECTIONS,
     QUANTIZE,
@@ -60,6 +61,11 @@ class DiffewsModule(FewShotModule):
             form: a support call records every ``attn1`` K/V, then a query call attends to them; ``fsa`` only).
             Both compute the same function; ``joint`` is one call instead of two.
         gradient_checkpointing: UNet gradient checkpointing.
+        latent_cache: a folder for the VAE posteriors of every training image and mask image, computed once at the
+            first ``fit`` and memory-mapped; training then samples latents from them instead of encoding (the same
+            draws; `fsseg.models.diffews.latent_cache`). None: encode every step.
+        channels_last: keep the UNet and VAE weights in channels-last memory format (a layout, not a change of
+            what is computed; faster convolutions on CPU and GPU, above all under bf16).
         seed: seeds the support-token sampling and the mn2m inference noise.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
     """
@@ -94,6 +100,8 @@ class DiffewsModule(FewShotModule):
         image_encoder: str | None = None,
         support_pass: str = "joint",
         gradient_checkpointing: bool = False,
+        latent_cache: str | None = None,
+        channels_last: bool = True,
         seed: int = 0,
         allow_download: bool = False,
         optimizer: OptimizerCallable | None = None,
@@ -136,6 +144,12 @@ class DiffewsModule(FewShotModule):
             )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self.latent_store: latent_cache.LatentCache | None = (
+            None  # opened by `setup("fit")` with latent_cache
+        )
         self.unet.train()  # from_pretrained returns eval mode; Lightning keeps submodules' modes
 
     # ---- construction ---------------------------------------------------------------------------------------
@@ -173,6 +187,8 @@ class DiffewsModule(FewShotModule):
                 "DiffewsModule: support_pass='separate' (a K/V bank) needs interaction='fsa': with qkv the supports "
                 "see the query, with tca they never pass through the UNet"
             )
+        if hp.latent_cache is not None:
+            latent_cache.check_supported(hp.interaction, hp.injection, hp.supervision)
         if hp.train_shots is not None and hp.train_shots < 1:
             raise ValueError(f"DiffewsModule: train_shots must be None or >= 1, got {hp.train_shots}")
 
@@ -215,12 +231,54 @@ class DiffewsModule(FewShotModule):
             )
         self.image_encoder = enc
 
+    # ---- the training latent cache (``latent_cache``) ------------------------------------------------------------
+    def _train_datasets(self) -> list:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "train_datasets"):
+            raise RuntimeError("latent_cache needs a FewShotDataModule (it lists the training images)")
+        built = dm.datasets.get("trn")
+        if built is None:
+            return dm.train_datasets()
+        return list(getattr(built, "datasets", [built]))  # the in-context mix: its members
+
+    def prepare_data(self) -> None:
+        """Lightning calls this once per node before ``setup``: with ``latent_cache`` at ``fit``, build the cache
+        when it is missing (on the training device) or check the one there."""
+        if self.hparams.latent_cache is None or self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        dm = self.trainer.datamodule
+        latent_cache.ensure(
+            self.hparams.latent_cache,
+            self,
+            self._train_datasets(),
+            device=self.trainer.strategy.root_device,
+            num_workers=dm.hparams.num_workers,
+        )
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.latent_cache is not None:
+            self.use_latent_cache(self.hparams.latent_cache, self._train_datasets(), build_missing=False)
+
+    def use_latent_cache(self, folder, datasets: list, build_missing: bool = True) -> None:
+        """Train from the cached posteriors of ``datasets``' images in ``folder`` (built first when missing and
+        ``build_missing``; refused when it was built from other inputs)."""
+        self.latent_store = latent_cache.ensure(folder, self, datasets, build_missing=build_missing)
+
     # ---- latents ----------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> DiagonalGaussianDistribution:
+        """[N, 3, S, S] in [0, 1] -> the VAE posterior (its ``parameters``: mean and log-variance, [N, 8, h, w]),
+        computed where the VAE is (the latent cache's loader gives CPU images)."""
+        return self.vae.encode(images.to(self.vae.device, self.vae.dtype) * 2 - 1).latent_dist
+
+    def latents(self, dist: DiagonalGaussianDistribution, sample: bool) -> torch.Tensor:
+        """A posterior sample (training) or its mean (inference), scaled: [N, 4, h, w]."""
+        return (dist.sample() if sample else dist.mean) * self.scaling_factor
+
     def encode(self, images: torch.Tensor, sample: bool) -> torch.Tensor:
         """[N, 3, S, S] in [0, 1] -> [N, 4, S/f, S/f]: a posterior sample (training) or its mean (inference), scaled."""
-        dist = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist
-        return (dist.sample() if sample else dist.mean) * self.scaling_factor
+        return self.latents(self.posterior(images), sample)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -228,27 +286,54 @@ class DiffewsModule(FewShotModule):
         img = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
         return img.float().clamp(-1, 1) * 0.5 + 0.5
 
-    # ---- the support side of a UNet call ----------------------------------------------------------------------
-    def _support_inputs(self, s_img, s_mask, sample: bool) -> dict:
-        """Support side of the UNet call: [B, K, 3, S, S] images and [B, K, S, S] {0,1} masks."""
+    # ---- one VAE call per episode batch: the query side and the support side -----------------------------------
+    def support_images(self, flat_img: torch.Tensor, flat_mask: torch.Tensor) -> list[torch.Tensor]:
+        """What the VAE encodes for the support ([B*K, 3, S, S] images, [B*K, S, S] {0, 1} masks): the image and
+        the mask image (``concat``), the image with the mask injected (``multiply_rgb``, ``add``) or the image."""
+        if self.hparams.injection == "concat":
+            return [flat_img, mask_image(flat_mask)]
+        return [inject_rgb(flat_img, flat_mask, self.hparams.injection)]
+
+    def encode_episode(
+        self,
+        query_images: list[torch.Tensor],
+        s_img: torch.Tensor,
+        s_mask: torch.Tensor,
+        sample: bool,
+        moments: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], dict]:
+        """The latents of ``query_images`` (each [B, 3, S, S]) and the support side of the UNet call, from
+        ``[B, K, 3, S, S]`` support images and ``[B, K, S, S]`` {0, 1} masks, with one VAE call for all of them
+        (query images first, then `support_images`). ``moments``: those images' posterior parameters
+        ``[N, 8, h, w]`` from a latent cache instead of the VAE (the same ``sample()``, the same random draws).
+        -> (the query images' latents, the support inputs)."""
         b, k = s_mask.shape[:2]
         flat_img, flat_mask = s_img.flatten(0, 1), s_mask.flatten(0, 1)  # [B*K, 3, S, S], [B*K, S, S]
         hp = self.hparams
-        if hp.interaction == "tca":
-            return tca.support_tokens(
+        tokens = hp.interaction == "tca"
+        images = [*query_images, *([] if tokens else self.support_images(flat_img, flat_mask))]
+        latents: list[torch.Tensor] = []
+        if images:
+            dist = (
+                self.posterior(torch.cat(images))
+                if moments is None
+                else DiagonalGaussianDistribution(moments)
+            )
+            latents = list(self.latents(dist, sample).split([x.shape[0] for x in images]))
+        z_query, z_support = latents[: len(query_images)], latents[len(query_images) :]
+        if tokens:
+            return z_query, tca.support_tokens(
                 self.image_encoder, flat_img, flat_mask, b, hp.injection, hp.mask_resize
             )
         if hp.injection == "concat":
-            z = self.encode(torch.cat([flat_img, mask_image(flat_mask)]), sample)
-            z_s, z_ms = z.chunk(2)
-            return {"x": torch.cat([z_s, z_ms], 1), "k": k}  # [B*K, 8, h, w]
-        z_s = self.encode(inject_rgb(flat_img, flat_mask, hp.injection), sample)  # [B*K, 4, h, w]
+            return z_query, {"x": torch.cat(z_support, 1), "k": k}  # [B*K, 8, h, w]
+        z_s = z_support[0]  # [B*K, 4, h, w]
         if hp.injection == "multiply_latent":
             z_s = z_s * F.interpolate(flat_mask[:, None], size=z_s.shape[-2:], mode="nearest")
-        out = {"x": z_s, "k": k}
+        support = {"x": z_s, "k": k}
         if hp.injection == "attention_mask":
-            out["mask"] = s_mask  # [B, K, S, S]
-        return out
+            support["mask"] = s_mask  # [B, K, S, S]
+        return z_query, support
 
     # ---- UNet calls: joint (one batched call) or separate (support K/V bank, then the queries) ----------------
     def _fusion(self, n_query: int, support: dict, generator=None, **layout) -> FusionInputs:
@@ -336,15 +421,18 @@ class DiffewsModule(FewShotModule):
 
     # ---- FewShotModule hooks ----------------------------------------------------------------------------------
     def _episode_tensors(self, batch: dict, shots: int | None = None):
+        """(query images [B, 3, S, S], support images [B, K', 3, S, S], {0, 1} support masks [B, K', S, S], the
+        indices of the K' supports used: a random ``shots`` of the K given, or all)."""
         q_img = batch["query_img"].float()  # [B, 3, S, S]
         s_img, s_mask = (
             batch["support_imgs"].float(),
             binary_mask(batch["support_masks"]),
         )  # [B, K, 3|-, S, S]
+        idx = torch.arange(s_mask.shape[1])
         if shots is not None and shots < s_mask.shape[1]:
-            idx = torch.randperm(s_mask.shape[1])[:shots].to(s_mask.device)
-            s_img, s_mask = s_img[:, idx], s_mask[:, idx]
-        return q_img, s_img, s_mask
+            idx = torch.randperm(s_mask.shape[1])[:shots]
+            s_img, s_mask = s_img[:, idx.to(s_img.device)], s_mask[:, idx.to(s_mask.device)]
+        return q_img, s_img, s_mask, idx
 
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
@@ -352,12 +440,14 @@ class DiffewsModule(FewShotModule):
         shots = None
         if hp.train_shots is not None:
             shots = int(torch.randint(1, min(hp.train_shots, n_given) + 1, (1,)))
-        q_img, s_img, s_mask = self._episode_tensors(batch, shots)
+        q_img, s_img, s_mask, idx = self._episode_tensors(batch, shots)
         q_mask = binary_mask(batch["query_mask"])
-        z_q, z_mq = self.encode(
-            torch.cat([q_img, supervision_image(q_img, q_mask, hp.supervision)]), sample=True
-        ).chunk(2)
-        support = self._support_inputs(s_img, s_mask, sample=True)
+        moments = None
+        if self.latent_store is not None:  # the posteriors of the same images, in the same order
+            moments = self.latent_store.episode_moments(batch, idx, hp.injection).to(q_img.device)
+        (z_q, z_mq), support = self.encode_episode(
+            [q_img, supervision_image(q_img, q_mask, hp.supervision)], s_img, s_mask, True, moments
+        )
         query_in, t, target = gen.training_inputs(
             hp.generation, z_q, z_mq, self.noise_scheduler, hp.multires_noise, hp.multires_noise_form
         )
@@ -370,12 +460,13 @@ class DiffewsModule(FewShotModule):
             return None
         return self.prompt_train if train else self.prompt_infer
 
-    def joint_denoiser(self, batch: dict) -> gen.Denoiser:
-        """The UNet call on the batch's own supports: ``(query input, t, generator) -> output``."""
-        _, s_img, s_mask = self._episode_tensors(batch)
-        support = self._support_inputs(s_img, s_mask, sample=False)
+    def joint_denoiser(self, batch: dict) -> tuple[torch.Tensor, gen.Denoiser]:
+        """The query latents ``[B, 4, h, w]`` and the UNet call on the batch's own supports, ``(query input, t,
+        generator) -> output``; one VAE call encodes the queries and the supports."""
+        q_img, s_img, s_mask, _ = self._episode_tensors(batch)
+        (z_q,), support = self.encode_episode([q_img], s_img, s_mask, sample=False)
         prompt = self._prompt(train=False)
-        return lambda x, t, g: self.unet_call(x, support, t, prompt, g)
+        return z_q, lambda x, t, g: self.unet_call(x, support, t, prompt, g)
 
     @torch.no_grad()
     def predict_image(self, batch: dict, denoiser: gen.Denoiser | None = None) -> torch.Tensor:
@@ -385,9 +476,10 @@ class DiffewsModule(FewShotModule):
         gives the stored support's); the generation loop, its seed and the ensemble are the same for both.
         """
         hp = self.hparams
-        z_q = self.encode(batch["query_img"].float(), sample=False)
         if denoiser is None:
-            denoiser = self.joint_denoiser(batch)
+            z_q, denoiser = self.joint_denoiser(batch)
+        else:
+            z_q = self.encode(batch["query_img"].float(), sample=False)
         first = int(batch["episode_idx"].reshape(-1)[0]) if "episode_idx" in batch else 0
         generator = torch.Generator().manual_seed(hp.seed * 1_000_003 + first)
         runs = hp.ensemble_size if hp.generation == "mn2m" else 1

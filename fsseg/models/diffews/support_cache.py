@@ -21,7 +21,7 @@ from fsseg.models.diffews.inputs import binary_mask
 
 @dataclass
 class SupportState:
-    support: dict  # `DiffewsModule._support_inputs` of the one support set (B = 1)
+    support: dict  # `DiffewsModule.encode_episode`'s support inputs of the one support set (B = 1)
     banks: dict[int, dict] | None = None  # fsa: timestep -> {attn1 layer: (K, V) [K, H, L, d]}
 
 
@@ -31,7 +31,7 @@ def encode_support(module, support_imgs: torch.Tensor, support_masks: torch.Tens
         support_imgs.float()[None],
         binary_mask(support_masks)[None],
     )  # [1, K, 3, S, S], [1, K, S, S]
-    state = SupportState(module._support_inputs(s_img, s_mask, sample=False))
+    state = SupportState(module.encode_episode([], s_img, s_mask, sample=False)[1])
     if module.hparams.interaction != "fsa":
         return state
     hp, prompt = module.hparams, module._prompt(train=False)

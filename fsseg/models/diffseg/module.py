@@ -229,7 +229,8 @@ class DiffSegModule(FewShotModule):
             if self._features is not None:
                 m_a, prior = None, self._features.fused(latent_size)  # [B, sum C, h, w]
             else:
-                m_a = fuse_attention_maps(self._store, maps=hp.attn_maps)  # [B, 1, s, s]
+                with torch.autocast(lq.device.type, enabled=False):  # maps in fp32 (see capture.py)
+                    m_a = fuse_attention_maps(self._store, maps=hp.attn_maps)  # [B, 1, s, s]
                 prior = F.interpolate(m_a, size=latent_size, mode="bilinear", align_corners=False)
         finally:
             capture.recording = False

@@ -1,0 +1,72 @@
+"""The speed benchmark's machinery on the tiny architecture (no timing is asserted): it runs A, B and C, the latent
+cache step and predict-images, writes its JSON with device, load and versions, and ends with the summary line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY = re.compile(r"speedup_vs_released=[\d.]+ latent_cache=[\d.]+ bf16_fraction_of_peak=[\d.]+")
+
+
+def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--tiny",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1], json.loads(out.read_text())
+
+
+@pytest.mark.slow  # ~25 s: a subprocess that imports and builds everything
+def test_quick_mode_on_the_tiny_architecture(tmp_path):
+    last, report = run_benchmark(tmp_path, "--quick", "--sizes", "32", "--c-batch", "3")
+    assert SUMMARY.fullmatch(last), last
+    for key in ("device", "threads", "versions", "settings", "load_start", "load_end", "matmul_gflops"):
+        assert key in report, key
+    assert report["mode"] == "quick" and report["matmul_gflops"]["bf16"] > 0
+    ev = report["diffews_eval_32"]
+    assert set(ev) >= {
+        "A_released_fp32_b1",
+        "B_fsseg_fp32_b1",
+        "C_fsseg_bf16_b3",
+        "C_unet",
+        "speedup_C_over_A",
+    }
+    assert report["settings"]["c_batch"] == 3 and report["settings"]["repeats"] == 1
+    assert ev["C_fsseg_bf16_b3"]["per_call"] == 3 and ev["C_unet"]["gflop_per_batch"] > 0
+    # A (three VAE calls, the two-pass bank, uint8 through numpy) computes what B computes
+    assert ev["agreement_episode0"]["A_vs_B_pixels_differ"] <= 0.01
+    cache = report["latent_cache_32"]
+    assert cache["live"]["seconds_min"] > 0 and cache["cached"]["seconds_min"] > 0
+    assert f"speedup_vs_released={ev['speedup_C_over_A']}" in last
+    assert "diffseg_eval_32" not in report and "predict_images_32" not in report  # quick: not run
+
+
+@pytest.mark.slow
+def test_full_mode_sections_on_the_tiny_architecture(tmp_path):
+    _, report = run_benchmark(tmp_path, "--sizes", "32", "--only", "predict", "compile")
+    assert report["predict_images_32"]["speedup_bf16"] > 0
+    assert report["compile_32"]["first_compiled_call_s"] > 0
