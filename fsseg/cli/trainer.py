@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningCLI
 from fsseg.callbacks import RunCheckpoint
 from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read_checkpoint
 from fsseg.cli.configs import find_run_config, resolve_config
-from fsseg.data.datamodule import FewShotDataModule
+from fsseg.data.datamodule import FewShotDataModule, accumulation_steps
 from fsseg.files import claim_outputs
 from fsseg.models.base import FewShotModule
 from fsseg.report import TestReport
@@ -192,6 +192,9 @@ class FssegCLI(LightningCLI):
         self.setting_notes: list[str] = []
         self.run_dir: Path | None = None
         self._created: list[Path] = []
+        self.given_accumulation: int | None = (
+            None  # trainer.accumulate_grad_batches as given, None when unset
+        )
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -212,6 +215,32 @@ class FssegCLI(LightningCLI):
             default=CHECKPOINT_EVERY_N_STEPS,
             help="fit: optimizer steps between two writes of the resumable checkpoints/last.ckpt (0: epoch ends only)",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub == "fit" and isinstance(args, list):
+            # what the configs and the command line set, without defaults: an explicit accumulate_grad_batches 1
+            # is not the Trainer's default 1 (see `_check_accumulation`)
+            given = parser.parse_args(args, defaults=False)[sub]
+            self.given_accumulation = given.get("trainer.accumulate_grad_batches")
+
+    def _check_accumulation(self) -> None:
+        """``data.effective_batch_size`` derives the accumulation at fit: an explicit, different
+        ``trainer.accumulate_grad_batches`` is refused by name instead of being replaced (1 included, which the
+        data module alone cannot tell from the Trainer's default)."""
+        cfg = self.config[self.subcommand]
+        effective = cfg.data.get("effective_batch_size")
+        if self.subcommand != "fit" or effective is None or self.given_accumulation is None:
+            return
+        needed = accumulation_steps(effective, self.trainer.world_size, cfg.data.batch_size)
+        if self.given_accumulation != needed:
+            raise RunRefused(
+                f"trainer.accumulate_grad_batches {self.given_accumulation} was given, but data.effective_batch_size "
+                f"{effective} with {self.trainer.world_size} process(es) x data.batch_size {cfg.data.batch_size} "
+                f"needs {needed}: drop trainer.accumulate_grad_batches (it is derived), or set "
+                f"data.effective_batch_size null to use it"
+            )
 
     # ---- the checkpoint gives weights, the config gives settings -------------------------------------------------
     def _parse_ckpt_path(self) -> None:
@@ -276,6 +305,7 @@ class FssegCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = callbacks
 
     def after_instantiate_classes(self) -> None:
+        self._check_accumulation()
         if self.checkpoint is not None:
             skip = getattr(self.model, "_is_frozen_key", lambda key: False)
             compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)
