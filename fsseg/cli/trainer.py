@@ -7,7 +7,8 @@
   saved ones, is switched off;
 - ``test`` / ``validate`` need a checkpoint, or ``--no_ckpt`` (recorded) to evaluate the model as its config builds
   it (e.g. a released DiffewS UNet given as ``model.init_args.unet_path``);
-- runs are named after the config files and fold when the config names no logger; evaluation runs go to
+- runs are named after the config files and fold, or after the logger name a config gives plus the configs given
+  after it (`run_name`); evaluation runs go to
   ``<save_dir>/<name>/<stage>_<benchmark>_fold<F>_<K>shot[_<control>][_seed<S>]``, never a training version folder;
   an existing result is refused unless ``--overwrite``; a run that failed before doing anything leaves no folder;
 - ``fit`` writes a resumable ``last.ckpt`` every ``--checkpoint_every_n_steps`` optimizer steps (`RunCheckpoint`);
@@ -23,6 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
@@ -65,11 +67,12 @@ HELP = {
 
   fsseg fit --config diffews --fold 1
   fsseg fit --config diffews --config ablations/diffews/fusion_qkv
-  fsseg fit --config diffews --ckpt_path {SAVE_DIR}/diffews_fold1/version_0/checkpoints/last.ckpt   # resume
+  fsseg fit --config diffews --fold 1 --ckpt_path {SAVE_DIR}/diffews_fold1/version_0/checkpoints/last.ckpt  # resume
 
-Writes {SAVE_DIR}/<name>/version_N/ (name: the config's logger name, else <config names>_fold<F>): config.yaml,
-TensorBoard logs, and checkpoints/last.ckpt, rewritten every --checkpoint_every_n_steps optimizer steps (default
-{CHECKPOINT_EVERY_N_STEPS}), at every epoch end and at the end; resuming from it continues exactly, mid-epoch too.
+Writes {SAVE_DIR}/<name>/version_N/ (name: <config names>_fold<F>, or a config's logger name + <later configs>):
+config.yaml, TensorBoard logs, and checkpoints/last.ckpt, rewritten every --checkpoint_every_n_steps optimizer
+steps (default {CHECKPOINT_EVERY_N_STEPS}), at every epoch end and at the end; resuming from it continues exactly,
+mid-epoch too.
 """
     + _COMMON_HELP,
     "validate": f"""Evaluate a checkpoint on the validation episodes (val/miou, val/fbiou).
@@ -172,6 +175,30 @@ def default_run_name(cfg: Namespace) -> str:
     """``<config stems joined by +>_fold<F>`` (``diffews+fusion_qkv_fold0``); ``fsseg_fold<F>`` without a config."""
     stems = [Path(str(c)).stem for c in (cfg.get("config") or [])]
     return "+".join(dict.fromkeys(stems) or ["fsseg"]) + f"_fold{cfg.data.fold}"
+
+
+def _names_the_run(config, name: str) -> bool:
+    """Whether the config file ``config`` sets ``trainer.logger.init_args.name`` to ``name``."""
+    try:
+        text = config.read_text() if hasattr(config, "read_text") else Path(str(config)).read_text()
+        logger = ((yaml.safe_load(text) or {}).get("trainer") or {}).get("logger")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return isinstance(logger, dict) and (logger.get("init_args") or {}).get("name") == name
+
+
+def run_name(cfg: Namespace, name: str | None) -> str:
+    """The run's name: without a logger name `default_run_name`; a name set by a config file gets ``+<stem>`` for
+    each config given after that file (``demo_diffews+threshold_absolute_0.2``), so an overlay's runs never land in
+    (and are refused by, or overwrite) the base config's folders; a name from the command line is used as given."""
+    if name in (None, "lightning_logs"):
+        return default_run_name(cfg)
+    configs = list(cfg.get("config") or [])
+    named = [i for i, c in enumerate(configs) if _names_the_run(c, name)]
+    if not named:
+        return name
+    later = [Path(str(c)).stem for c in configs[named[-1] + 1 :]]
+    return "+".join([name, *dict.fromkeys(s for s in later if s != name)])
 
 
 def evaluation_version(stage: str, data: Namespace) -> str:
@@ -288,8 +315,7 @@ class FssegCLI(LightningCLI):
         logger = cfg.trainer.get("logger")
         if isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(_LOGGERS_WITH_VERSION):
             args = logger.init_args
-            if args.get("name") in (None, "lightning_logs"):
-                args.name = default_run_name(cfg)
+            args.name = run_name(cfg, args.get("name"))
             if sub != "fit" and args.get("version") is None:
                 args.version = evaluation_version(sub, cfg.data)
             version = args.get("version")
