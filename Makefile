@@ -37,9 +37,10 @@ bench-quick: install
 bench: install
 	$(PY) benchmarks/speed.py
 
-# make reproduce-table1 DATA=<data root> CKPTS=<weights folder>   (SMOKE=1: embedded benchmark, tiny models, CPU)
+# make reproduce-table1 DATA=<data root> CKPTS=<weights folder>   (SMOKE=1: embedded benchmark, tiny models, CPU;
+# OVERWRITE=1: replace the table's earlier results, which are otherwise refused)
 reproduce-table1 reproduce-table2: reproduce-%: install
-	$(PY) -m fsseg.reproduce $* $(if $(SMOKE),--smoke) --data "$(DATA)" --ckpts "$(CKPTS)"
+	$(PY) -m fsseg.reproduce $* $(if $(SMOKE),--smoke) $(if $(OVERWRITE),--overwrite) --data "$(DATA)" --ckpts "$(CKPTS)"
 
 clean:
 	rm -rf $(VENV) runs reports .pytest_cache

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIGS = ("demo_baseline", "demo_diffews", "demo_diffseg")
-REFERENCES = ("all_foreground", "paste_support_mask")
+TRIVIAL_REFS = ("all_foreground", "paste_support_mask")
 CONTROL = "other_class"
 
 
@@ -52,6 +52,7 @@ def fit_and_test(config: Path, out: Path, extra: list[str]) -> dict:
     return {
         "config": str(config),
         "model": own["model"],
+        "edge_source": own.get("model_settings", {}).get("init_args", {}).get("edge_source"),
         "miou": own["miou"],
         "fbiou": own["fbiou"],
         "miou_other_class": other["miou"],
@@ -77,7 +78,7 @@ def references(config: Path, out: Path, test_episodes: int | None) -> list[dict]
     if test_episodes is not None:
         data_args["test_episodes"] = test_episodes
     rows = []
-    for name, model in zip(REFERENCES, (AllForeground(), PasteSupportMask())):
+    for name, model in zip(TRIVIAL_REFS, (AllForeground(), PasteSupportMask())):
         report = TestReport()
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=str(out / name), callbacks=[report])  # fmt: skip
@@ -88,9 +89,15 @@ def references(config: Path, out: Path, test_episodes: int | None) -> list[dict]
     return rows
 
 
+def _edges(row: dict) -> str:
+    """``, Sobel edges`` for a DiffSeg row whose SCM reads a stand-in for HED: its numbers are that stand-in's."""
+    source = row.get("edge_source")
+    return f", {source.capitalize()} edges in place of HED" if source not in (None, "hed") else ""
+
+
 def format_table(rows: list[dict], refs: list[dict]) -> str:
     s = rows[0]["setting"]
-    names = [f"{Path(r['config']).stem} ({r['model']})" for r in rows] + [
+    names = [f"{Path(r['config']).stem} ({r['model']}{_edges(r)})" for r in rows] + [
         f"reference: {r['reference']}" for r in refs
     ]
     w = max(len(n) for n in names) + 2

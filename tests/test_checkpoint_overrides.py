@@ -83,6 +83,28 @@ def test_diffews_threshold_overlay_with_a_checkpoint_is_used(diffews_run):
     assert out == tmp / "runs/method+threshold_absolute_fold0/test_embedded_fold0_1shot"
 
 
+def test_readme_ablation_route_with_a_named_base_gives_each_overlay_its_own_result(diffews_run):
+    """`fsseg test --config <base naming its run> --config ablations/diffews/threshold_* --ckpt X` (the README's
+    route; the demo configs name their runs): the shipped overlay's setting is used and each evaluation gets a folder
+    of its own, so the base's result and every threshold row sit side by side (before: the same folder, refused)."""
+    tmp, cfg, ckpt = diffews_run
+    named = tmp / "named_base.yaml"
+    base = yaml.safe_load(cfg.read_text())
+    base["trainer"]["logger"]["init_args"]["name"] = "base"
+    named.write_text(yaml.safe_dump(base))
+    results = {}
+    for row in (None, "threshold_absolute_0.1", "threshold_absolute_0.3"):
+        overlay_args = ["--config", str(REPO / f"configs/ablations/diffews/{row}.yaml")] if row else []
+        m, _, out = evaluate(["--config", str(named), *overlay_args, "--ckpt_path", ckpt])
+        assert out == tmp / "runs" / ("base" + (f"+{row}" if row else "")) / "test_embedded_fold0_1shot"
+        results[row] = m
+    for row in ("threshold_absolute_0.1", "threshold_absolute_0.3"):
+        init = results[row]["model_settings"]["init_args"]
+        assert (init["threshold_mode"], init["threshold"]) == ("absolute", float(row.split("_")[-1]))
+    assert results[None]["model_settings"]["init_args"]["threshold_mode"] == "relative"
+    assert len({m["fbiou"] for m in results.values()}) == 3  # three thresholds, three results
+
+
 def test_diffews_architecture_change_or_other_method_is_refused(diffews_run, capsys):
     tmp, cfg, ckpt = diffews_run
     code = run(["test", "--config", str(cfg), "--ckpt_path", ckpt, "--model.init_args.interaction", "qkv"])

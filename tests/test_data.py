@@ -167,10 +167,20 @@ def test_effective_batch_sets_the_accumulation_of_a_fit(tmp_path, small_embedded
     fit = run_cli([*common, "--data.effective_batch_size", "8"])
     assert fit.trainer.accumulate_grad_batches == 4 and fit.trainer.global_step == 2
     assert run_cli(common).trainer.global_step == 8  # null: the trainer's own accumulation (1)
-    with pytest.raises(
-        ValueError, match="trainer.accumulate_grad_batches is 2, but data.effective_batch_size 8"
-    ):
-        run_cli([*common, "--data.effective_batch_size", "8", "--trainer.accumulate_grad_batches", "2"])
+    # an explicit accumulation that differs from the derived one is refused by name, 1 (the Trainer's default)
+    # included, from the command line or a config file; an explicit one that agrees is used
+    for given in ("2", "1"):
+        with pytest.raises(
+            ValueError,
+            match=f"trainer.accumulate_grad_batches {given} was given, but data.effective_batch_size 8",
+        ):
+            run_cli([*common, "--data.effective_batch_size", "8", "--trainer.accumulate_grad_batches", given])
+    overlay = tmp_path / "acc1.yaml"
+    overlay.write_text("trainer:\n  accumulate_grad_batches: 1\ndata:\n  effective_batch_size: 8\n")
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches 1 was given"):
+        run_cli([*common, "--config", str(overlay)])
+    agreed = run_cli([*common, "--data.effective_batch_size", "8", "--trainer.accumulate_grad_batches", "4"])
+    assert agreed.trainer.accumulate_grad_batches == 4 and agreed.trainer.global_step == 2
     with pytest.raises(
         ValueError, match="effective_batch_size 6 is not a multiple of 1 process\\(es\\) x data.batch_size 4"
     ):

@@ -81,6 +81,42 @@ def test_refuses_before_any_work_listing_every_missing_input(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_second_reproduction_into_the_same_folder_is_refused_unless_overwrite(
+    tmp_path, small_embedded, capsys
+):
+    """Refused before any work, in one line naming the folder and the flag; --overwrite replaces every earlier run."""
+    cfg = write_config(tmp_path, small_embedded)
+    ckpt = run_cli(["fit", "--config", str(cfg)]).trainer.checkpoint_callback.last_model_path
+    spec = tmp_path / "mini.yaml"
+    row = {"name": "baseline", "config": str(cfg), "ckpt": ckpt, "benchmarks": {"embedded": [0]}, "shots": [1],
+           "args": {"data.test_episodes": 6}}  # fmt: skip
+    spec.write_text(yaml.safe_dump({"title": "mini", "rows": [row]}))
+    out = tmp_path / "reports"
+    argv = [str(spec), "--data", str(small_embedded), "--ckpts", str(tmp_path), "--out", str(out)]
+    assert reproduce_main(argv) == 0
+    first = out / "runs/mini/baseline/embedded/fold0-1shot/seed0/metrics.json"
+    stamp = first.stat().st_mtime_ns
+    (out / "runs/mini/stray.txt").write_text("from the first run")
+    assert reproduce_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} already holds results of mini" in err and "--overwrite" in err
+    assert first.stat().st_mtime_ns == stamp  # nothing ran
+    assert reproduce_main([*argv, "--overwrite"]) == 0
+    assert first.is_file() and not (out / "runs/mini/stray.txt").exists()  # replaced as a whole
+    assert (out / "mini.md").is_file() and (out / "mini.csv").is_file()
+
+
+def test_table_specs_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert reproduce_main(["table2", "--data", "", "--ckpts", "", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "DATA is not set" in err and "does not exist" not in err
+    )  # found, then refused for the missing inputs
+    assert reproduce_main(["tabel2", "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean: reproduce/table2" in capsys.readouterr().err
+
+
 def test_cells_of_the_full_and_the_smoke_table():
     from fsseg.reproduce.spec import build_cells, load_spec
 

@@ -241,3 +241,17 @@ def test_demo_tests_each_method_with_own_and_other_class_supports(
     assert refs["all foreground"]["miou"] != refs["paste support mask"]["miou"]
     assert run(["demo", str(cfg), "--out", str(out), "--test-episodes", "10"]) == 2  # no silent overwrite
     assert "already exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_demo_table_names_the_edge_stand_in_of_diffseg():
+    """Where the demo's DiffSeg numbers are printed, the Sobel stand-in for HED is named (HED: nothing added)."""
+    from fsseg.demo import format_table
+
+    setting = {"dataset": "embedded", "fold": 0, "shot": 1, "episodes": 10, "resolution": 64}
+    rows = [{"config": f"configs/{name}.yaml", "model": model, "edge_source": edges, "miou": 30.0,
+             "miou_other_class": 20.0, "support_gain": 10.0, "fbiou": 50.0, "seconds": 1.0, "setting": setting}
+            for name, model, edges in (("demo_diffseg", "DiffSegModule", "sobel"), ("full", "DiffSegModule", "hed"),
+                                       ("demo_baseline", "PrototypeModule", None))]  # fmt: skip
+    lines = format_table(rows, []).splitlines()
+    assert "demo_diffseg (DiffSegModule, Sobel edges in place of HED)" in lines[2]
+    assert "full (DiffSegModule)" in lines[3] and "demo_baseline (PrototypeModule)" in lines[4]

@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-seeds": ("fsseg.seeds", "one test per protocol seed (data.seed 0..N-1), then mean and std"),
     "compare": ("fsseg.compare", "two test runs on identical episodes: paired mIoU difference and interval"),
     "demo": ("fsseg.demo", "train and test every method on the embedded benchmark (CPU, minutes)"),
-    "data": ("fsseg.data.tools", "prepare and check datasets (build-coco-masks, build-lvis, check)"),
+    "data": (
+        "fsseg.data.tools",
+        "prepare and check datasets (build-coco-masks, build-lvis, build-ade-index, check)",
+    ),
     "cache-latents": (
         "fsseg.cli.cache_latents",
         "DiffewS: encode the training images once (model.init_args.latent_cache)",

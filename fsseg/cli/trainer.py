@@ -7,7 +7,8 @@
   saved ones, is switched off;
 - ``test`` / ``validate`` need a checkpoint, or ``--no_ckpt`` (recorded) to evaluate the model as its config builds
   it (e.g. a released DiffewS UNet given as ``model.init_args.unet_path``);
-- runs are named after the config files and fold when the config names no logger; evaluation runs go to
+- runs are named after the config files and fold, or after the logger name a config gives plus the configs given
+  after it (`run_name`); evaluation runs go to
   ``<save_dir>/<name>/<stage>_<benchmark>_fold<F>_<K>shot[_<control>][_seed<S>]``, never a training version folder;
   an existing result is refused unless ``--overwrite``; a run that failed before doing anything leaves no folder;
 - ``fit`` writes a resumable ``last.ckpt`` every ``--checkpoint_every_n_steps`` optimizer steps (`RunCheckpoint`);
@@ -23,6 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
@@ -30,7 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from fsseg.callbacks import RunCheckpoint
 from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read_checkpoint
 from fsseg.cli.configs import find_run_config, resolve_config
-from fsseg.data.datamodule import FewShotDataModule
+from fsseg.data.datamodule import FewShotDataModule, accumulation_steps
 from fsseg.files import claim_outputs
 from fsseg.models.base import FewShotModule
 from fsseg.report import TestReport
@@ -65,11 +67,12 @@ HELP = {
 
   fsseg fit --config diffews --fold 1
   fsseg fit --config diffews --config ablations/diffews/fusion_qkv
-  fsseg fit --config diffews --ckpt_path {SAVE_DIR}/diffews_fold1/version_0/checkpoints/last.ckpt   # resume
+  fsseg fit --config diffews --fold 1 --ckpt_path {SAVE_DIR}/diffews_fold1/version_0/checkpoints/last.ckpt  # resume
 
-Writes {SAVE_DIR}/<name>/version_N/ (name: the config's logger name, else <config names>_fold<F>): config.yaml,
-TensorBoard logs, and checkpoints/last.ckpt, rewritten every --checkpoint_every_n_steps optimizer steps (default
-{CHECKPOINT_EVERY_N_STEPS}), at every epoch end and at the end; resuming from it continues exactly, mid-epoch too.
+Writes {SAVE_DIR}/<name>/version_N/ (name: <config names>_fold<F>, or a config's logger name + <later configs>):
+config.yaml, TensorBoard logs, and checkpoints/last.ckpt, rewritten every --checkpoint_every_n_steps optimizer
+steps (default {CHECKPOINT_EVERY_N_STEPS}), at every epoch end and at the end; resuming from it continues exactly,
+mid-epoch too.
 """
     + _COMMON_HELP,
     "validate": f"""Evaluate a checkpoint on the validation episodes (val/miou, val/fbiou).
@@ -174,6 +177,30 @@ def default_run_name(cfg: Namespace) -> str:
     return "+".join(dict.fromkeys(stems) or ["fsseg"]) + f"_fold{cfg.data.fold}"
 
 
+def _names_the_run(config, name: str) -> bool:
+    """Whether the config file ``config`` sets ``trainer.logger.init_args.name`` to ``name``."""
+    try:
+        text = config.read_text() if hasattr(config, "read_text") else Path(str(config)).read_text()
+        logger = ((yaml.safe_load(text) or {}).get("trainer") or {}).get("logger")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return isinstance(logger, dict) and (logger.get("init_args") or {}).get("name") == name
+
+
+def run_name(cfg: Namespace, name: str | None) -> str:
+    """The run's name: without a logger name `default_run_name`; a name set by a config file gets ``+<stem>`` for
+    each config given after that file (``demo_diffews+threshold_absolute_0.2``), so an overlay's runs never land in
+    (and are refused by, or overwrite) the base config's folders; a name from the command line is used as given."""
+    if name in (None, "lightning_logs"):
+        return default_run_name(cfg)
+    configs = list(cfg.get("config") or [])
+    named = [i for i, c in enumerate(configs) if _names_the_run(c, name)]
+    if not named:
+        return name
+    later = [Path(str(c)).stem for c in configs[named[-1] + 1 :]]
+    return "+".join([name, *dict.fromkeys(s for s in later if s != name)])
+
+
 def evaluation_version(stage: str, data: Namespace) -> str:
     """The folder of an evaluation run: what was evaluated, so repeated runs of one setting meet (and refuse)."""
     name = f"{stage}_{data.benchmark}_fold{data.fold}_{data.shot}shot"
@@ -192,6 +219,9 @@ class FssegCLI(LightningCLI):
         self.setting_notes: list[str] = []
         self.run_dir: Path | None = None
         self._created: list[Path] = []
+        self.given_accumulation: int | None = (
+            None  # trainer.accumulate_grad_batches as given, None when unset
+        )
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -212,6 +242,32 @@ class FssegCLI(LightningCLI):
             default=CHECKPOINT_EVERY_N_STEPS,
             help="fit: optimizer steps between two writes of the resumable checkpoints/last.ckpt (0: epoch ends only)",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub == "fit" and isinstance(args, list):
+            # what the configs and the command line set, without defaults: an explicit accumulate_grad_batches 1
+            # is not the Trainer's default 1 (see `_check_accumulation`)
+            given = parser.parse_args(args, defaults=False)[sub]
+            self.given_accumulation = given.get("trainer.accumulate_grad_batches")
+
+    def _check_accumulation(self) -> None:
+        """``data.effective_batch_size`` derives the accumulation at fit: an explicit, different
+        ``trainer.accumulate_grad_batches`` is refused by name instead of being replaced (1 included, which the
+        data module alone cannot tell from the Trainer's default)."""
+        cfg = self.config[self.subcommand]
+        effective = cfg.data.get("effective_batch_size")
+        if self.subcommand != "fit" or effective is None or self.given_accumulation is None:
+            return
+        needed = accumulation_steps(effective, self.trainer.world_size, cfg.data.batch_size)
+        if self.given_accumulation != needed:
+            raise RunRefused(
+                f"trainer.accumulate_grad_batches {self.given_accumulation} was given, but data.effective_batch_size "
+                f"{effective} with {self.trainer.world_size} process(es) x data.batch_size {cfg.data.batch_size} "
+                f"needs {needed}: drop trainer.accumulate_grad_batches (it is derived), or set "
+                f"data.effective_batch_size null to use it"
+            )
 
     # ---- the checkpoint gives weights, the config gives settings -------------------------------------------------
     def _parse_ckpt_path(self) -> None:
@@ -259,8 +315,7 @@ class FssegCLI(LightningCLI):
         logger = cfg.trainer.get("logger")
         if isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(_LOGGERS_WITH_VERSION):
             args = logger.init_args
-            if args.get("name") in (None, "lightning_logs"):
-                args.name = default_run_name(cfg)
+            args.name = run_name(cfg, args.get("name"))
             if sub != "fit" and args.get("version") is None:
                 args.version = evaluation_version(sub, cfg.data)
             version = args.get("version")
@@ -276,6 +331,7 @@ class FssegCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = callbacks
 
     def after_instantiate_classes(self) -> None:
+        self._check_accumulation()
         if self.checkpoint is not None:
             skip = getattr(self.model, "_is_frozen_key", lambda key: False)
             compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)

@@ -54,8 +54,9 @@ class FewShotDataModule(L.LightningDataModule):
         effective_batch_size: episodes per optimizer step, whatever the number of processes: at ``fit`` the data
             module sets ``trainer.accumulate_grad_batches = effective_batch_size / (world_size * batch_size)`` and
             refuses, naming the numbers, when that does not divide (or when ``trainer.accumulate_grad_batches`` was
-            set to something else). null: the trainer's own accumulation, so the effective batch follows the
-            device count.
+            set to something else; `fsseg fit` also refuses an explicit 1, which this module cannot tell from the
+            Trainer's default). null: the trainer's own accumulation, so the effective batch follows the device
+            count.
         seed: the protocol seed (0 = the published episodes) and the training-episode seed.
         splits_dir: split-list folder (default: the lists shipped with fsseg).
         train_benchmarks: the in-context training mix, e.g. ``[coco20i, ade20k, pascal5i]``: every class of each,

@@ -1,7 +1,8 @@
 """``python -m fsseg.reproduce table1|table2 --data DATA --ckpts CKPTS [--smoke]`` (what the Makefile targets run).
 
-TABLE is a spec name under configs/reproduce/ or a path to a spec YAML. Stops before any work, listing every missing
-input, when data or weights are absent. ``--smoke``: the same rows on the embedded benchmark with the tiny demo
+TABLE is a spec name under configs/reproduce/ (found from any folder, as ``--config`` names are) or a path to a spec
+YAML. Stops before any work, listing every missing input, when data or weights are absent, and when ``--out`` holds
+the table's earlier results (``--overwrite`` replaces them). ``--smoke``: the same rows on the embedded benchmark with the tiny demo
 models (trained first when the spec gives no smoke checkpoint), written to ``<out>/smoke/``.
 """
 
@@ -12,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from fsseg.cli.configs import resolve_config
 from fsseg.reproduce.runner import MissingInputs, reproduce
 
 
@@ -27,20 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports", help="output folder (default reports; smoke: reports/smoke)")
     p.add_argument("--rows", nargs="+", default=None, help="only these rows (by name)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for one-seed intervals")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this table's earlier results in --out (else refused)",
+    )
     args = p.parse_args(argv)
-    spec = Path(args.table)
-    if not spec.suffix:
-        spec = Path("configs/reproduce") / f"{args.table}.yaml"
     out = Path(args.out) / "smoke" if args.smoke else Path(args.out)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        md, csv_path = reproduce(
-            spec, out, args.data or None, args.ckpts or None, args.smoke, args.rows, args.n_boot
-        )
-    except (MissingInputs, FileNotFoundError, ValueError) as e:
+        spec = Path(args.table) if Path(args.table).suffix else resolve_config(f"reproduce/{args.table}")
+        md, csv_path = reproduce(spec, out, args.data or None, args.ckpts or None, args.smoke, args.rows,
+                                 args.n_boot, args.overwrite)  # fmt: skip
+    except (MissingInputs, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {md} and {csv_path}")
+    print(f"wrote {md} and {csv_path} (runs in {out / 'runs' / spec.stem})")
     print(md.read_text())
     return 0
 

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from fsseg.files import OutputExists, claim_outputs
 from fsseg.reproduce.spec import Cell, TableSpec, build_cells, load_spec, missing_inputs
 from fsseg.reproduce.tables import Measured, table_lines, write_table
 from fsseg.seeds import evaluate_seeds, logger_args
@@ -74,13 +75,31 @@ def test_argv(cell: Cell, data: str | None) -> list[str]:
     return argv + cell.args
 
 
+def claim_table_outputs(spec: TableSpec, out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds this table's results (its runs, ``<name>.md``, ``<name>.csv``) unless
+    ``overwrite``, which removes them all first: old and new runs never mix, and nothing is half-replaced."""
+    try:
+        claim_outputs(
+            [out / "runs" / spec.name, out / f"{spec.name}.md", out / f"{spec.name}.csv"], overwrite
+        )
+    except OutputExists:
+        raise OutputExists(
+            f"{out} already holds results of {spec.name} ({out / 'runs' / spec.name}, {spec.name}.md/.csv): pass "
+            f"--overwrite (make reproduce-{spec.name} OVERWRITE=1) to replace all of them, or choose another --out"
+        ) from None
+
+
 def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | None = None, ckpts: str | None = None,
-              smoke: bool = False, rows: list[str] | None = None, n_boot: int = 1000) -> tuple[Path, Path]:  # fmt: skip
-    """Everything `make reproduce-tableN` does; returns the paths of the markdown and CSV tables."""
+              smoke: bool = False, rows: list[str] | None = None, n_boot: int = 1000,
+              overwrite: bool = False) -> tuple[Path, Path]:  # fmt: skip
+    """Everything `make reproduce-tableN` does; returns the paths of the markdown and CSV tables.
+
+    An ``out`` that already holds this table's results is refused before any work unless ``overwrite``."""
     spec = load_spec(spec_path)
     out = Path(out)
     cells = build_cells(spec, data, ckpts, smoke, rows)
     check_inputs(spec, cells, data, ckpts, smoke)
+    claim_table_outputs(spec, out, overwrite)
     start = time.perf_counter()
     if smoke:
         train_smoke_models(cells, data, out / "runs" / spec.name)

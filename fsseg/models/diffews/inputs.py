@@ -11,7 +11,7 @@ import torch
 INJECTIONS = ("concat", "multiply_rgb", "multiply_latent", "add", "attention_mask")
 SUPERVISIONS = ("white_fg", "real_fg", "black_fg", "overlay")
 QUANTIZE = ("floor", "none")
-THRESHOLD_REFERENCES = ("rgb_max", "mean_max")
+THRESHOLD_REFS = ("rgb_max", "mean_max")
 
 
 def binary_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -84,4 +84,4 @@ def score_and_reference(channels: torch.Tensor, reference: str) -> tuple[torch.T
         return score, channels.flatten(1).amax(1)
     if reference == "mean_max":
         return score, score.flatten(1).amax(1)
-    raise ValueError(f"threshold_reference must be one of {THRESHOLD_REFERENCES}, got {reference!r}")
+    raise ValueError(f"threshold_reference must be one of {THRESHOLD_REFS}, got {reference!r}")

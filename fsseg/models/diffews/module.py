@@ -16,7 +16,7 @@ from fsseg.models.diffews.inputs import (
     INJECTIONS,
     QUANTIZE,
     SUPERVISIONS,
-    THRESHOLD_REFERENCES,
+    THRESHOLD_REFS,
     binary_mask,
     foreground_channels,
     inject_rgb,
@@ -163,7 +163,7 @@ class DiffewsModule(FewShotModule):
             "nshot": ("concat", "sample"),
             "support_pass": ("joint", "separate"),
             "multires_noise_form": gen.NOISE_FORMS,
-            "threshold_reference": THRESHOLD_REFERENCES,
+            "threshold_reference": THRESHOLD_REFS,
             "quantize": QUANTIZE,
             "mask_resize": MASK_RESIZES,
         }
