@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from fsseg.data.embedded import N_CLASSES, fold_classes, render_corpus
 from fsseg.models.diffseg.loading import clip_pixel_values
-from fsseg.models.diffseg.tiny import save_tiny_components, tiny_movq, tiny_scheduler
+from fsseg.models.diffseg.tiny import save_tiny_components, tiny_image_encoder, tiny_movq, tiny_scheduler
 
 
 def log(msg: str) -> None:
@@ -67,17 +67,16 @@ def demo_unet(width: int, embed_dim: int, seed: int) -> UNet2DConditionModel:
 
 
 def demo_clip(image_size: int, embed_dim: int, seed: int) -> CLIPVisionModelWithProjection:
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
+    """A 4-layer CLIP image encoder at the demo's input size (the tests' tiny one has 2 layers at 32 px)."""
+    return tiny_image_encoder(
+        seed,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
-        num_attention_heads=4,
         image_size=image_size,
         patch_size=8,
         projection_dim=embed_dim,
     )
-    return CLIPVisionModelWithProjection(config)
 
 
 def corpus_tensors(classes: list[int], n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

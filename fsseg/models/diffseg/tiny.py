@@ -62,9 +62,11 @@ def tiny_movq(seed: int = 0) -> VQModel:
     )
 
 
-def tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+def tiny_image_encoder(seed: int = 0, **overrides) -> CLIPVisionModelWithProjection:
+    """A small CLIPVisionModelWithProjection under ``seed``; ``overrides`` replace config fields (e.g. the demo's
+    larger encoder in tools/train_tiny_diffseg.py)."""
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
+    config = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -73,7 +75,7 @@ def tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
         patch_size=4,
         projection_dim=TINY_EMBED_DIM,
     )
-    return CLIPVisionModelWithProjection(config)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**{**config, **overrides}))
 
 
 def tiny_image_processor() -> CLIPImageProcessor:
