@@ -175,7 +175,8 @@ def test_bad_arguments_are_rejected(tmp_path):
 def _start_and_interrupt(tmp_path: Path, sig: int) -> Path:
     """Start a long generation in a child process and send ``sig`` once it has written a few images."""
     root = tmp_path / "bench"
-    code = (
+    code = (  # Ctrl-C raises KeyboardInterrupt even when the suite runs in a background job (SIGINT ignored there)
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "from pathlib import Path; from fsseg.data.embedded import generate_embedded_benchmark as g; "
         f"g(Path({str(root)!r}), image_size=64, n_train=5000, n_val=40)"
     )

@@ -97,10 +97,8 @@ def _diffews(cut: bool):
     torch.manual_seed(0)
     module = DiffewsModule(pretrained=str(ASSETS / "tiny-diffews"))
     if cut:  # every support becomes a black image with an empty mask before it is encoded
-        encode = module._support_inputs
-        module._support_inputs = lambda img, mask, sample: encode(
-            torch.zeros_like(img), torch.zeros_like(mask), sample
-        )
+        images = module.support_images  # what the VAE encodes for the support side
+        module.support_images = lambda img, mask: images(torch.zeros_like(img), torch.zeros_like(mask))
     return module, [p for p in module.parameters() if p.requires_grad], 1e-3
 
 
