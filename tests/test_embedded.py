@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fsseg.data.embedded import (
@@ -283,3 +284,18 @@ def test_tiny_model_tools_write_loadable_folders(tool, tmp_path):
         DiffSegModule(decoder=str(out / "decoder"), prior=str(out / "prior"), edge_source="sobel")
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_corpus_tensors_resize_and_one_object_mask_per_image():
+    from fsseg.data.corpus import corpus_tensors, random_object_masks, training_classes
+
+    classes = training_classes(0)
+    assert classes == list(range(6, 21))
+    images, labels = corpus_tensors(classes, 6, size=64, seed=0)
+    assert images.shape == (6, 3, 64, 64) and labels.shape == (6, 64, 64) and labels.dtype == torch.uint8
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    masks = random_object_masks(labels, torch.Generator().manual_seed(0))
+    for mask, label in zip(masks, labels):  # each mask is exactly one present class's pixels
+        classes_under = set(label[mask > 0].tolist())
+        assert len(classes_under) == 1 and classes_under <= set(classes)
+    assert not random_object_masks(torch.zeros(1, 8, 8, dtype=torch.uint8), torch.Generator()).any()

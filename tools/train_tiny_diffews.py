@@ -30,13 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from fsseg.data.embedded import N_CLASSES, fold_classes, render_corpus
+from fsseg.data.corpus import corpus_tensors, random_object_masks, training_classes
 from fsseg.models.diffews.processors import FusionInputs, install_fusion
 from fsseg.models.diffews.tiny import (
     SD21_SCHEDULER,
@@ -64,19 +63,9 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, S, S, 3] / [N, S, S] -> float [N, 3, S, S] in [0, 1] and uint8 labels."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
-
-
 def object_mask_images(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One present class per label map as a white-on-black image [N, 3, S, S] in [0, 1]."""
-    out = torch.zeros(len(labels), 3, *labels.shape[-2:])
-    for i, lab in enumerate(labels):
-        classes = [c for c in lab.unique().tolist() if c not in (0, 255)]
-        c = classes[int(torch.randint(len(classes), (1,), generator=gen))]
-        out[i] = (lab == c).float()
-    return out
+    return random_object_masks(labels, gen)[:, None].expand(-1, 3, -1, -1)
 
 
 def warmup_decay(steps: int, warmup: int, floor: float):
@@ -134,10 +123,13 @@ def latent_moments(vae, images, batch: int = 64) -> tuple[torch.Tensor, torch.Te
     return torch.cat(means), torch.cat(stds)  # [N, 4, h, w] each
 
 
-def pretrain_unet(vae, images, labels, text, tok, steps: int, batch: int, lr: float, p_ref: float, seed: int):
-    """Reference-guided denoising pretraining (stage 3). Returns the UNet with plain attention processors."""
+def pretrain_unet(
+    vae, moments, labels, text, tok, steps: int, batch: int, lr: float, p_ref: float, seed: int
+):
+    """Reference-guided denoising pretraining (stage 3) on the corpus' VAE posteriors ``moments`` (mean, std).
+    Returns the UNet with plain attention processors."""
     gen = torch.Generator().manual_seed(seed)
-    mean, std = latent_moments(vae, images)
+    mean, std = moments  # [N, 4, h, w] each
     sf = vae.config.scaling_factor
     present = [
         {c for c in lab.unique().tolist() if c not in (0, 255) and (lab == c).sum() >= 60} for lab in labels
@@ -161,7 +153,7 @@ def pretrain_unet(vae, images, labels, text, tok, steps: int, batch: int, lr: fl
 
     t0 = time.perf_counter()
     for step in range(steps):
-        idx = torch.randint(len(images), (batch,), generator=gen)
+        idx = torch.randint(len(mean), (batch,), generator=gen)
         z0 = latents(idx)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
@@ -220,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{out} exists; pass --overwrite to replace it")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    held_out = set(fold_classes(args.fold))
-    classes = [c for c in range(1, N_CLASSES + 1) if c not in held_out]
-    images, labels = to_tensors(*render_corpus(classes, args.corpus_size, 128, seed=args.seed))
+    classes = training_classes(args.fold)
+    images, labels = corpus_tensors(classes, args.corpus_size, 128, args.seed)
     log(f"corpus: {len(images)} images of classes {classes} ({time.perf_counter() - start:.0f}s)")
 
     t0 = time.perf_counter()
@@ -235,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         vae = train_vae(images, labels, args.vae_steps, seed=args.seed)
     vae_seconds = time.perf_counter() - t0
     quality = vae_quality(vae, images, labels)
-    raw_std = float(latent_moments(vae, images)[0].std())
+    moments = latent_moments(vae, images)  # encoded once: the scaling factor and the pretraining use them
+    raw_std = float(moments[0].std())
     vae.register_to_config(scaling_factor=1.0 / raw_std)
     log(f"vae: {quality}, latent std {raw_std:.3f} -> scaling factor {1.0 / raw_std:.4f}")
 
@@ -245,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = tiny_tokenizer(work / "vocab")
         text = tiny_text_encoder(len(tok), args.seed + 2)
         unet = pretrain_unet(
-            vae, images, labels, text, tok, args.unet_steps, args.batch, args.lr, args.p_ref, args.seed
+            vae, moments, labels, text, tok, args.unet_steps, args.batch, args.lr, args.p_ref, args.seed
         )
         card = {
             "what": "tiny Stable Diffusion 2.1 stand-in for the embedded benchmark (not a real Stable Diffusion)",

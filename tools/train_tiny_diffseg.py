@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from fsseg.data.embedded import N_CLASSES, fold_classes, render_corpus
+from fsseg.data.corpus import corpus_tensors, random_object_masks, training_classes
 from fsseg.models.diffseg.loading import clip_pixel_values
 from fsseg.models.diffseg.tiny import save_tiny_components, tiny_image_encoder, tiny_movq, tiny_scheduler
 
@@ -79,17 +79,6 @@ def demo_clip(image_size: int, embed_dim: int, seed: int) -> CLIPVisionModelWith
     )
 
 
-def corpus_tensors(classes: list[int], n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rendered at 128 px, resized to ``size`` (images: area, labels: nearest): [N, 3, S, S] in [0, 1], [N, S, S]."""
-    images, labels = render_corpus(classes, n, 128, seed=seed)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    y = torch.from_numpy(labels)
-    if size != 128:
-        x = F.interpolate(x, size=(size, size), mode="area")
-        y = F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
-    return x, y
-
-
 def index_objects(labels: torch.Tensor, min_px: int) -> tuple[list[tuple[int, int]], dict[int, list[int]]]:
     """(image, class) pairs of objects with at least ``min_px`` pixels, and pair indices by class."""
     pairs, by_class = [], {}
@@ -99,16 +88,6 @@ def index_objects(labels: torch.Tensor, min_px: int) -> tuple[list[tuple[int, in
                 by_class.setdefault(c, []).append(len(pairs))
                 pairs.append((i, c))
     return pairs, by_class
-
-
-def random_object_masks(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """For each label map one present class, as a {0, 1} float mask [N, S, S] (ignore -> 0)."""
-    out = torch.zeros(labels.shape, dtype=torch.float32)
-    for i, lab in enumerate(labels):
-        classes = [c for c in lab.unique().tolist() if c not in (0, 255)]
-        if classes:
-            out[i] = (lab == classes[int(torch.randint(len(classes), (1,), generator=gen))]).float()
-    return out
 
 
 def train_movq(images, labels, steps: int, batch: int, crop: int, seed: int):
@@ -224,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--p-full + --p-same + --p-drop must be at most 1")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    held_out = set(fold_classes(args.fold))
-    classes = [c for c in range(1, N_CLASSES + 1) if c not in held_out]
+    classes = training_classes(args.fold)
     images, labels = corpus_tensors(classes, args.corpus_size, args.size, args.seed)
     log(f"corpus: {len(images)} images of classes {classes} at {args.size} px")
     t0 = time.perf_counter()
