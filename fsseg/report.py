@@ -8,9 +8,34 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from fsseg.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the writers every command uses)
+
+
+def read_test_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, Path]:
+    """(episode records, config, config path, checkpoint path) of a test run, with errors naming what is missing."""
+    paths = {name: run_dir / name for name in ("episodes.jsonl", "config.yaml", "metrics.json")}
+    missing = [
+        str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)
+    ]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished test run: missing {', '.join(missing)}")
+    records = [json.loads(line) for line in paths["episodes.jsonl"].read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{paths['episodes.jsonl']} holds no episode")
+    config = yaml.safe_load(paths["config.yaml"].read_text()) or {}
+    ckpt = ckpt or json.loads(paths["metrics.json"].read_text()).get("ckpt_path")
+    if not ckpt:
+        raise ValueError(
+            f"{paths['metrics.json']} records no checkpoint (the run tested untrained weights?); pass --ckpt"
+        )
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {ckpt} (recorded in {paths['metrics.json']}) does not exist; pass --ckpt"
+        )
+    return records, config, paths["config.yaml"], Path(ckpt)
 
 
 def gather_records(records: list[dict]) -> list[dict]:

@@ -202,3 +202,44 @@ def test_cache_latents_command(sd_dir, small_embedded, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         fsseg_main(["cache-latents", *no_folder])
     assert exit_.value.code == 2 and "latent_cache" in capsys.readouterr().err
+
+
+def test_cache_with_channel_permutation(small_embedded, sd_dir, tmp_path, built):
+    """``data.train_augment: channel_permutation``: a row per image and permutation; training from the cache draws
+    what live encoding of the permuted episode draws; a cache of the other setting is refused by name."""
+    dm = FewShotDataModule(
+        root=str(small_embedded),
+        benchmark="embedded",
+        fold=0,
+        shot=2,
+        img_size=64,
+        batch_size=6,
+        train_augment="channel_permutation",
+    )
+    dm.setup("fit")
+    folder = tmp_path / "cache"
+    cached = DiffewsModule(pretrained=sd_dir, latent_cache=str(folder))
+    cached.use_latent_cache(folder, dm.train_datasets())
+    plain_images = len(built[2].latent_store.image_rows)
+    assert len(cached.latent_store.image_rows) == 6 * plain_images
+    assert len(cached.latent_store.mask_rows) == len(built[2].latent_store.mask_rows)
+    batch = next(iter(dm.train_dataloader()))
+    assert len(set(batch["colour_variant"].tolist())) > 1
+    live = DiffewsModule(pretrained=sd_dir)
+    live.load_state_dict(cached.state_dict())
+    losses = []
+    for m in (live, cached):
+        torch.manual_seed(7)
+        losses.append(m.training_loss(batch)["loss"].detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(7)  # the un-permuted rows give another loss: the lookup by colour_variant matters
+    unpermuted = cached.training_loss({**batch, "colour_variant": torch.zeros_like(batch["colour_variant"])})
+    assert not torch.allclose(unpermuted["loss"], losses[0], rtol=1e-4)
+    with pytest.raises(
+        lc.LatentCacheMismatch, match="train_augment: cache 'channel_permutation', this run 'none'"
+    ):
+        cached.use_latent_cache(folder, datamodule(small_embedded).train_datasets())
+    with pytest.raises(
+        lc.LatentCacheMismatch, match="train_augment: cache 'none', this run 'channel_permutation'"
+    ):
+        cached.use_latent_cache(built[0], dm.train_datasets())

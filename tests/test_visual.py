@@ -4,6 +4,7 @@ and tools/qualitative_figure.py on a real test run."""
 from __future__ import annotations
 
 import io
+import json
 import runpy
 from pathlib import Path
 
@@ -135,9 +136,15 @@ def _figure(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_qualitative_figure_from_a_test_run(trained, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def test_run(trained) -> Path:
+    """The log folder of an `fsseg test` run of the trained checkpoint."""
     test = run_cli(["test", "--config", str(trained["config"]), "--ckpt_path", trained["ckpt"]])
-    run_dir = Path(test.trainer.log_dir)
+    return Path(test.trainer.log_dir)
+
+
+def test_qualitative_figure_from_a_test_run(test_run, tmp_path, capsys):
+    run_dir = test_run
     out = tmp_path / "fig.png"
     code, err = _figure(capsys, str(run_dir), "--n", "3", "--cell", "64", "--out", str(out))
     assert code == 0, err
@@ -153,3 +160,42 @@ def test_qualitative_figure_from_a_test_run(trained, tmp_path, capsys):
     code, err = _figure(capsys, str(empty), "--out", str(tmp_path / "x.png"))
     assert code == 2 and "missing" in err and "episodes.jsonl" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_error_breakdown_from_a_test_run(test_run, tmp_path, capsys):
+    """tools/error_breakdown.py: the recomputed predictions' pixels split into target, other objects and background
+    agree with the run's recorded intersections, and add up."""
+    run_dir = test_run
+    out = tmp_path / "b.json"
+    tool = runpy.run_path(str(ROOT / "tools" / "error_breakdown.py"))
+    assert tool["main"]([str(run_dir), "--n", "6", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    records = [json.loads(line) for line in (run_dir / "episodes.jsonl").read_text().splitlines()][:6]
+    px = res["pixels"]
+    assert res["episodes"] == 6 and px["predicted"] > 0
+    assert px["on_target"] == sum(r["inter"][1] for r in records)  # the metric's foreground intersection
+    assert px["predicted"] + px["target"] - px["on_target"] == sum(r["union"][1] for r in records)
+    share = res["share_of_prediction"]
+    assert share["target"] + share["other_objects"] + share["background"] == pytest.approx(1.0, abs=1e-6)
+    assert "wrote" in capsys.readouterr().out
+    # the attribute names, and a hand-made episode
+    assert (
+        tool["shared"](1, 7) == "shape"
+        and tool["shared"](1, 9) == "colour"
+        and tool["shared"](1, 2) == "nothing"
+    )
+    label = np.zeros((4, 4), dtype=np.uint8)
+    label[0, :2], label[1, :2], label[3, 3] = 1, 9, 255  # target class 1, an object of class 9 (same colour)
+    pred = np.zeros((4, 4), dtype=bool)
+    pred[0, 0], pred[1, :2], pred[2, 0], pred[3, 3] = (
+        True,
+        True,
+        True,
+        True,
+    )  # 1 target, 2 object, 1 bg, 1 ignore
+    row = tool["breakdown"](pred, label, 1)
+    assert (row["predicted"], row["on_target"], row["on_background"], row["on_objects"]) == (4, 1, 1, {9: 2})
+    s = tool["summarise"]([row])
+    assert s["precision"] == 0.25 and s["recall"] == 0.5
+    assert s["other_object_coverage_by_shared_attribute"] == {"colour": {"mean_covered": 1.0, "objects": 1}}
+    assert s["iou_per_class"] == {"red-striped-disc": pytest.approx(100 / 5)}

@@ -13,18 +13,17 @@ ranks of their foreground IoU, from the worst to the best; ``best``, ``worst`` a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import default_collate
 
 from fsseg.callbacks import foreground_iou
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.predict import load_model, save_png
+from fsseg.report import read_test_run
 from fsseg.visual import column_titles, episode_row, grid
 
 PICKS = ("spread", "best", "worst", "first")
@@ -48,30 +47,6 @@ def pick_episodes(records: list[dict], n: int, how: str) -> list[dict]:
     return [scored[round(i * (len(scored) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
-def read_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, Path]:
-    """(episode records, config, config path, checkpoint path) of a test run, with errors naming what is missing."""
-    paths = {name: run_dir / name for name in ("episodes.jsonl", "config.yaml", "metrics.json")}
-    missing = [
-        str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)
-    ]
-    if missing:
-        raise FileNotFoundError(f"{run_dir} is not a finished test run: missing {', '.join(missing)}")
-    records = [json.loads(line) for line in paths["episodes.jsonl"].read_text().splitlines() if line.strip()]
-    if not records:
-        raise ValueError(f"{paths['episodes.jsonl']} holds no episode")
-    config = yaml.safe_load(paths["config.yaml"].read_text()) or {}
-    ckpt = ckpt or json.loads(paths["metrics.json"].read_text()).get("ckpt_path")
-    if not ckpt:
-        raise ValueError(
-            f"{paths['metrics.json']} records no checkpoint (the run tested untrained weights?); pass --ckpt"
-        )
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(
-            f"checkpoint {ckpt} (recorded in {paths['metrics.json']}) does not exist; pass --ckpt"
-        )
-    return records, config, paths["config.yaml"], Path(ckpt)
-
-
 @torch.no_grad()
 def qualitative_figure(
     run_dir: Path,
@@ -82,7 +57,7 @@ def qualitative_figure(
     device: str = "cpu",
 ):
     """The figure as a PIL image (see the module docstring)."""
-    records, config, config_path, ckpt_path = read_run(Path(run_dir), ckpt)
+    records, config, config_path, ckpt_path = read_test_run(Path(run_dir), ckpt)
     dataset = FewShotDataModule(**(config.get("data") or {})).build("test")
     model, _ = load_model(config_path, ckpt_path)
     model = model.to(device)

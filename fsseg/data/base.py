@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from fsseg.data import augment
 from fsseg.data.protocol import (
     SUPPORT_CONTROLS,
     Episode,
@@ -95,6 +96,8 @@ class FewShotDataset(Dataset, ABC):
         support_control: evaluation only: ``none`` (the protocol), ``other_class`` (each episode's supports come
             from another class of the split) or ``empty_mask`` (own support images, all-background masks); see
             `fsseg.data.protocol.control_episodes`.
+        train_augment: training only: ``none`` or ``channel_permutation`` (one RGB channel permutation per episode,
+            for its query and supports alike; `fsseg.data.augment`).
         index_only: read the split lists only (classes and their images): no folder check, no episodes. What
             `fsseg data check` counts and verifies.
     """
@@ -124,6 +127,7 @@ class FewShotDataset(Dataset, ABC):
         seed: int = 0,
         splits_dir: str | Path | None = None,
         support_control: str = "none",
+        train_augment: str = "none",
         index_only: bool = False,
     ) -> None:
         if split not in SPLITS:
@@ -144,7 +148,12 @@ class FewShotDataset(Dataset, ABC):
             raise ValueError(
                 f"support_control {support_control!r} applies to evaluation episodes, not to training"
             )
+        if augment.check(train_augment) != "none" and split != "trn":
+            raise ValueError(
+                f"train_augment {train_augment!r} applies to training episodes, not to {split!r}"
+            )
         self.support_control = support_control
+        self.train_augment = train_augment
         self.root = Path(root)
         self.split, self.fold, self.shot, self.seed = split, int(fold), int(shot), int(seed)
         self.img_size = int(img_size)
@@ -303,11 +312,17 @@ class FewShotDataset(Dataset, ABC):
                 s_mask = np.zeros_like(s_mask)
             s_imgs.append(image_to_tensor(s_img, s))
             s_masks.append(resize_mask(s_mask, (s, s)))
+        q_img, s_imgs = image_to_tensor(q_img, s), torch.stack(s_imgs)  # [3, S, S], [K, 3, S, S]
+        extra = {}
+        if self.train_augment != "none":
+            v = augment.draw(self.train_augment, self.seed, index)
+            q_img, s_imgs = augment.apply(q_img, v), augment.apply(s_imgs, v)
+            extra["colour_variant"] = torch.tensor(v, dtype=torch.long)
         return {
-            "query_img": image_to_tensor(q_img, s),  # [3, S, S]
+            "query_img": q_img,  # [3, S, S]
             "query_mask": resize_mask(q_mask, (s, s)),  # [S, S]
             "query_mask_eval": resize_mask(q_mask, eval_hw),  # [h, w]
-            "support_imgs": torch.stack(s_imgs),  # [K, 3, S, S]
+            "support_imgs": s_imgs,  # [K, 3, S, S]
             "support_masks": torch.stack(s_masks),  # [K, S, S]
             "class_id": torch.tensor(ep.class_id, dtype=torch.long),
             "support_class_id": torch.tensor(s_class, dtype=torch.long),  # differs under support_control
@@ -315,6 +330,7 @@ class FewShotDataset(Dataset, ABC):
             "episode_idx": torch.tensor(index, dtype=torch.long),
             "query_name": ep.query,
             "support_names": list(ep.supports),
+            **extra,
         }
 
 

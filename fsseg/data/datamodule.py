@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
+from fsseg.data import augment
 from fsseg.data.base import FewShotDataset
 from fsseg.data.protocol import SUPPORT_CONTROLS
 from fsseg.data.registry import benchmark_class
@@ -64,6 +65,9 @@ class FewShotDataModule(L.LightningDataModule):
         support_control: evaluation episodes with their supports replaced, to measure how much a method uses its
             support: ``none`` (the protocol), ``other_class`` (supports of another class of the fold, drawn from
             the seed), ``empty_mask`` (own support images, all-background masks). Recorded in ``metrics.json``.
+        train_augment: training episodes only: ``none`` (every paper recipe) or ``channel_permutation`` (one of
+            the 6 RGB channel permutations per episode, the same for its query and supports, drawn from the seed;
+            `fsseg.data.augment`). Evaluation episodes are never augmented.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class FewShotDataModule(L.LightningDataModule):
         splits_dir: str | None = None,
         train_benchmarks: list[str] | None = None,
         support_control: str = "none",
+        train_augment: str = "none",
     ) -> None:
         super().__init__()
         for name in [benchmark, *(train_benchmarks or [])]:
@@ -96,6 +101,10 @@ class FewShotDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.support_control: expected one of {SUPPORT_CONTROLS}, got {support_control!r}"
             )
+        try:
+            augment.check(train_augment)
+        except ValueError as e:
+            raise ValueError(f"{e} (fsseg.data.augment)") from None
         if eval_size == "original" and eval_batch_size != 1:
             raise ValueError("data.eval_size 'original' needs data.eval_batch_size 1 (masks differ in size)")
         if effective_batch_size is not None and effective_batch_size < 1:
@@ -131,6 +140,7 @@ class FewShotDataModule(L.LightningDataModule):
             seed=hp.seed,
             splits_dir=hp.splits_dir,
             support_control="none" if split == "trn" else hp.support_control,
+            train_augment=hp.train_augment if split == "trn" else "none",
         )
 
     def train_datasets(self) -> list[FewShotDataset]:

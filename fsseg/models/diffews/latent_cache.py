@@ -10,7 +10,10 @@ global generator as live encoding (`DiffewsModule.encode_episode`). Exactly so i
 encoding computes the moments (and draws the noise) in bf16, while the cache holds fp32 moments.
 
 Entries: one per training image (by its key) and one per (image, class) pair of the training lists: the white-
-foreground mask image of that class (ignore pixels count as background, as in training). It serves
+foreground mask image of that class (ignore pixels count as background, as in training). With
+``data.train_augment: channel_permutation`` every image also has a row per non-identity channel permutation (key
+``<image>\t<variant name>``, e.g. ``BRG``; `fsseg.data.augment`), looked up by the episode's ``colour_variant``;
+mask images are grey, so permuting leaves them as they are. It serves
 ``supervision: white_fg`` (released) with the injections whose support input is the image and the mask image
 (``concat``, released), or the image alone (``multiply_latent``, ``attention_mask``); the other supervision forms and
 injections (whose images mix image and mask) and ``interaction: tca`` are refused by name.
@@ -18,7 +21,7 @@ injections (whose images mix image and mask) and ``interaction: tca`` are refuse
 The folder::
 
     moments.npy       float32 [N, 8, h, w]: image rows, then mask-image rows (read memory-mapped)
-    index.json        {"images": {key: row}, "masks": {"key<TAB>class": row}}
+    index.json        {"images": {key or "key<TAB>variant": row}, "masks": {"key<TAB>class": row}}
     fingerprint.json  what the moments depend on (`fingerprint`), written last
 
 A folder whose fingerprint differs from the run's (other VAE weights, image size, split lists or data files) is
@@ -41,12 +44,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from fsseg.data import augment
 from fsseg.data.base import FewShotDataset, image_to_tensor, load_rgb, resize_mask
 from fsseg.models.diffews.inputs import binary_mask, mask_image
 
 FORMAT = 1
 MOMENTS, INDEX, FINGERPRINT = "moments.npy", "index.json", "fingerprint.json"
-CHECKED = ("format", "vae_sha256", "img_size", "entries_sha256", "files_sha256")  # the fields that must match
+CHECKED = (
+    "format",
+    "vae_sha256",
+    "img_size",
+    "entries_sha256",
+    "files_sha256",
+    "train_augment",
+)  # must match
+DEFAULTS = {"train_augment": "none"}  # what a cache written before the field existed holds
 SUPPORTED = {"supervision": ("white_fg",), "injection": ("concat", "multiply_latent", "attention_mask")}
 
 
@@ -89,9 +101,21 @@ def entries(
     return dict(sorted(images.items())), dict(sorted(masks.items()))
 
 
-def load_image(ds: FewShotDataset, key: str) -> torch.Tensor:
-    """The image as a training episode holds it: ``[3, S, S]`` in [0, 1]."""
-    return image_to_tensor(load_rgb(ds.image_path(key)), ds.img_size)
+def load_image(ds: FewShotDataset, key: str, variant: int = 0) -> torch.Tensor:
+    """The image as a training episode holds it: ``[3, S, S]`` in [0, 1], in colour variant ``variant``."""
+    return augment.apply(image_to_tensor(load_rgb(ds.image_path(key)), ds.img_size), variant)
+
+
+def image_row_key(key: str, variant: int) -> str:
+    return key if variant == 0 else f"{key}\t{augment.variant_name(variant)}"
+
+
+def train_augment(datasets: list[FewShotDataset]) -> str:
+    """The training datasets' one ``train_augment`` (an error when they differ)."""
+    found = {ds.train_augment for ds in datasets}
+    if len(found) != 1:
+        raise ValueError(f"latent_cache: the training datasets have different train_augment {sorted(found)}")
+    return found.pop()
 
 
 def load_mask_image(ds: FewShotDataset, key: str, class_id: int) -> torch.Tensor:
@@ -142,6 +166,7 @@ def fingerprint(vae: torch.nn.Module, datasets: list[FewShotDataset]) -> dict:
         "img_size": sizes.pop(),
         "entries_sha256": _sha256([*images, *(f"{k}\t{c}" for k, c in masks)]),
         "files_sha256": _sha256(stats()),
+        "train_augment": train_augment(datasets),
         "images": len(images),
         "mask_images": len(masks),
         "benchmarks": sorted({ds.name for ds in datasets}),
@@ -174,7 +199,7 @@ class LatentCache:
         wrong = [
             f"{k}: cache {found.get(k)!r}, this run {expected[k]!r}"
             for k in CHECKED
-            if found.get(k) != expected[k]
+            if found.get(k, DEFAULTS.get(k)) != expected[k]
         ]
         if wrong:
             raise LatentCacheMismatch(
@@ -197,11 +222,15 @@ class LatentCache:
         classes = batch["class_id"].tolist()
         s_classes = batch.get("support_class_id", batch["class_id"]).tolist()
         picked = [int(j) for j in support_idx]
+        colour = batch["colour_variant"].tolist() if "colour_variant" in batch else [0] * b
         supports = [batch["support_names"][j][i] for i in range(b) for j in picked]  # [B*K'], episode-major
         s_of = [s_classes[i] for i in range(b) for _ in picked]
-        rows = self._rows(self.image_rows, queries, "image")
+        s_colour = [colour[i] for i in range(b) for _ in picked]
+        rows = self._rows(self.image_rows, [image_row_key(q, v) for q, v in zip(queries, colour)], "image")
         rows += self._rows(self.mask_rows, [f"{q}\t{c}" for q, c in zip(queries, classes)], "mask image")
-        rows += self._rows(self.image_rows, supports, "image")
+        rows += self._rows(
+            self.image_rows, [image_row_key(k, v) for k, v in zip(supports, s_colour)], "image"
+        )
         if injection == "concat":
             rows += self._rows(self.mask_rows, [f"{s}\t{c}" for s, c in zip(supports, s_of)], "mask image")
         return torch.from_numpy(self.moments[np.asarray(rows)])  # fancy indexing reads just these rows
@@ -216,8 +245,8 @@ class _Images(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        ds, key, class_id = self.jobs[i]
-        return load_image(ds, key) if class_id is None else load_mask_image(ds, key, class_id)
+        ds, key, class_id, variant = self.jobs[i]
+        return load_image(ds, key, variant) if class_id is None else load_mask_image(ds, key, class_id)
 
 
 @torch.no_grad()
@@ -229,14 +258,17 @@ def build(
     expected: dict,
     batch_size: int = 8,
     num_workers: int = 0,
+    variants: range = range(1),
 ) -> Path:
     """Encode the ``images`` and ``masks`` entries (`entries`) with ``posterior`` (``[n, 3, S, S]`` in [0, 1] ->
     ``DiagonalGaussianDistribution``) into ``folder`` with the fingerprint ``expected`` (written under a temporary
-    name, then renamed; an existing folder is never replaced)."""
+    name, then renamed; an existing folder is never replaced). ``variants``: the colour variants of every image
+    (`fsseg.data.augment.variants`)."""
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"latent cache {folder} already exists")
-    jobs = [(ds, key, None) for key, ds in images.items()] + [(ds, k, c) for (k, c), ds in masks.items()]
+    image_jobs = [(ds, key, None, v) for v in variants for key, ds in images.items()]
+    jobs = image_jobs + [(ds, k, c, 0) for (k, c), ds in masks.items()]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -255,8 +287,8 @@ def build(
         out.flush()
         del out
         index = {
-            "images": {key: r for r, key in enumerate(images)},
-            "masks": {f"{k}\t{c}": len(images) + r for r, (k, c) in enumerate(masks)},
+            "images": {image_row_key(key, v): r for r, (_, key, _, v) in enumerate(image_jobs)},
+            "masks": {f"{k}\t{c}": len(image_jobs) + r for r, (k, c) in enumerate(masks)},
         }
         (tmp / INDEX).write_text(json.dumps(index))
         (tmp / FINGERPRINT).write_text(json.dumps(expected, indent=1) + "\n")
@@ -287,12 +319,21 @@ def ensure(
             )
         home = next(module.vae.parameters()).device
         module.vae.to(device or home)
+        variants = augment.variants(expected["train_augment"])
         try:
+            colours = f" in {len(variants)} colour variants" if len(variants) > 1 else ""
             rank_zero_info(
-                f"latent cache: encoding {expected['images']} images and {expected['mask_images']} mask images "
-                f"into {folder}"
+                f"latent cache: encoding {expected['images']} images{colours} and {expected['mask_images']} mask "
+                f"images into {folder}"
             )
-            build(folder, module.posterior, *entries(datasets), expected, num_workers=num_workers)
+            build(
+                folder,
+                module.posterior,
+                *entries(datasets),
+                expected,
+                num_workers=num_workers,
+                variants=variants,
+            )
         except OSError:
             if not (folder / FINGERPRINT).is_file():  # not another process that finished first
                 raise
