@@ -26,9 +26,10 @@ def sd_dir(tmp_path_factory) -> str:
     return str(write_tiny_sd(tmp_path_factory.mktemp("diffews_lc") / "sd", seed=0))
 
 
-def datamodule(root: Path, shot: int = 2, fold: int = 0, img_size: int = 64) -> FewShotDataModule:
+def datamodule(root: Path, shot: int = 2, fold: int = 0, img_size: int = 64, **kw) -> FewShotDataModule:
+    kw = {"batch_size": 3, **kw}
     dm = FewShotDataModule(
-        root=str(root), benchmark="embedded", fold=fold, shot=shot, img_size=img_size, batch_size=3
+        root=str(root), benchmark="embedded", fold=fold, shot=shot, img_size=img_size, **kw
     )
     dm.setup("fit")
     return dm
@@ -207,16 +208,7 @@ def test_cache_latents_command(sd_dir, small_embedded, tmp_path, capsys):
 def test_cache_with_channel_permutation(small_embedded, sd_dir, tmp_path, built):
     """``data.train_augment: channel_permutation``: a row per image and permutation; training from the cache draws
     what live encoding of the permuted episode draws; a cache of the other setting is refused by name."""
-    dm = FewShotDataModule(
-        root=str(small_embedded),
-        benchmark="embedded",
-        fold=0,
-        shot=2,
-        img_size=64,
-        batch_size=6,
-        train_augment="channel_permutation",
-    )
-    dm.setup("fit")
+    dm = datamodule(small_embedded, batch_size=6, train_augment="channel_permutation")
     folder = tmp_path / "cache"
     cached = DiffewsModule(pretrained=sd_dir, latent_cache=str(folder))
     cached.use_latent_cache(folder, dm.train_datasets())
