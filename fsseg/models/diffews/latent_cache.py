@@ -238,15 +238,22 @@ class LatentCache:
 
 # ---- building -----------------------------------------------------------------------------------------------------
 class _Images(Dataset):
+    """The build's images in job order; an image's colour variants are consecutive jobs, read from disk once."""
+
     def __init__(self, jobs: list[tuple]) -> None:
         self.jobs = jobs
+        self._last: tuple = (None, None, None)  # (dataset, key, image): the image the previous job read
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         ds, key, class_id, variant = self.jobs[i]
-        return load_image(ds, key, variant) if class_id is None else load_mask_image(ds, key, class_id)
+        if class_id is not None:
+            return load_mask_image(ds, key, class_id)
+        if self._last[:2] != (ds, key):
+            self._last = (ds, key, load_image(ds, key))
+        return augment.apply(self._last[2], variant)
 
 
 @torch.no_grad()
@@ -267,7 +274,7 @@ def build(
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"latent cache {folder} already exists")
-    image_jobs = [(ds, key, None, v) for v in variants for key, ds in images.items()]
+    image_jobs = [(ds, key, None, v) for key, ds in images.items() for v in variants]
     jobs = image_jobs + [(ds, k, c, 0) for (k, c), ds in masks.items()]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
