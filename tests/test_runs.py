@@ -18,6 +18,7 @@ from test_cli import write_config
 from fsseg.cli import run
 from fsseg.cli.configs import resolve_config
 from fsseg.cli.trainer import CHECKPOINT_EVERY_N_STEPS, run_cli
+from fsseg.demo import resolve_test_precision
 from fsseg.files import atomic_write_text
 from fsseg.models.baseline import PrototypeModule
 
@@ -233,6 +234,10 @@ def test_demo_tests_each_method_with_own_and_other_class_supports(
     assert (own["support_control"], other["support_control"]) == ("none", "other_class")
     assert own["ckpt_path"] == other["ckpt_path"] == str(out / "tiny_demo/fit/checkpoints/last.ckpt")
     assert (row["miou"], row["miou_other_class"]) == (own["miou"], other["miou"])
+    assert summary["wall_seconds"] > 0 and "wall time" in summary["table"]
+    expected, _ = resolve_test_precision(cfg, "auto")  # both test runs at the precision the demo printed
+    assert row["test_precision"] == own["precision"] == other["precision"] == expected
+    assert f"tests in {expected}" in printed and f"tests in {expected}" in summary["table"]
     refs = {r["reference"]: r for r in summary["references"]}
     for name in ("all_foreground", "paste_support_mask"):  # each reference in its own folder
         metrics = json.loads((out / "references" / name / "metrics.json").read_text())
@@ -241,6 +246,23 @@ def test_demo_tests_each_method_with_own_and_other_class_supports(
     assert refs["all foreground"]["miou"] != refs["paste support mask"]["miou"]
     assert run(["demo", str(cfg), "--out", str(out), "--test-episodes", "10"]) == 2  # no silent overwrite
     assert "already exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_demo_test_precision_follows_the_flag_then_the_config_then_the_device(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer: {accelerator: cpu}\n")
+    for amx, avx512 in ((False, False), (False, True), (True, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v)
+        precision, why = resolve_test_precision(cfg, "auto")
+        assert precision == ("bf16-mixed" if amx or avx512 else "32-true")
+        assert why.startswith("auto: this CPU")
+        assert resolve_test_precision(cfg, "32-true") == ("32-true", "--test-precision")
+    cfg.write_text("trainer: {accelerator: cpu, precision: 32-true}\n")  # a config's own setting is kept
+    assert resolve_test_precision(cfg, "auto") == ("32-true", "trainer.precision in c.yaml")
+    assert resolve_test_precision(cfg, "bf16-mixed")[0] == "bf16-mixed"  # the command line wins
+    with pytest.raises(SystemExit):
+        run(["demo", str(cfg), "--test-precision", "fp16"])
 
 
 def test_demo_table_names_the_edge_stand_in_of_diffseg():
