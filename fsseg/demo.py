@@ -8,8 +8,8 @@ measured on the same episodes.
 
 The test runs use ``--test-precision``. Its default, ``auto``, is a config's own ``trainer.precision`` where it sets
 one, else bf16-mixed where the test device computes in bfloat16 natively (a CPU with AVX512-BF16 or AMX, a GPU with
-bf16), else 32-true. bf16 evaluation halves the tiny DiffewS's test time on such a CPU and moves its mIoU by about
-0.1; training always runs at the config's precision. The precision used is printed and recorded in each
+bf16), else 32-true. On such a CPU bf16 evaluation takes the tiny DiffewS's 500-episode test from 44 s to 27 s and
+moves its mIoU by 0.1; training always runs at the config's precision. The precision used is printed and recorded in each
 ``metrics.json`` and in ``summary.json``.
 
 Everything goes to ``--out`` (default ``runs/demo``)::

@@ -275,5 +275,12 @@ def test_demo_table_names_the_edge_stand_in_of_diffseg():
             for name, model, edges in (("demo_diffseg", "DiffSegModule", "sobel"), ("full", "DiffSegModule", "hed"),
                                        ("demo_baseline", "PrototypeModule", None))]  # fmt: skip
     lines = format_table(rows, []).splitlines()
+    assert "tests in" not in lines[0]  # rows that do not say
+    for r, precision in zip(rows, ("bf16-mixed", "32-true", "bf16-mixed")):
+        r["test_precision"] = precision
+    mixed = "; tests in bf16-mixed (demo_diffseg), 32-true (full), bf16-mixed (demo_baseline)"
+    assert mixed in format_table(rows, [])
+    rows[1]["test_precision"] = "bf16-mixed"
+    assert format_table(rows, []).splitlines()[0].endswith("; tests in bf16-mixed")
     assert "demo_diffseg (DiffSegModule, Sobel edges in place of HED)" in lines[2]
     assert "full (DiffSegModule)" in lines[3] and "demo_baseline (PrototypeModule)" in lines[4]
