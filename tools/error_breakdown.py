@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from torch.utils.data import default_collate
 from fsseg.data.base import load_label, resize_mask
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.embedded import EMBEDDED_CLASS_NAMES
+from fsseg.files import atomic_write_text
 from fsseg.predict import load_model
 from fsseg.report import read_test_run
 
@@ -147,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("  IoU per class: " + ", ".join(f"{k} {v:.1f}" for k, v in res["iou_per_class"].items()))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
         print(f"error_breakdown: wrote {args.out}")
     return 0
 

@@ -101,10 +101,7 @@ class FewShotDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.support_control: expected one of {SUPPORT_CONTROLS}, got {support_control!r}"
             )
-        try:
-            augment.check(train_augment)
-        except ValueError as e:
-            raise ValueError(f"{e} (fsseg.data.augment)") from None
+        augment.check(train_augment)
         if eval_size == "original" and eval_batch_size != 1:
             raise ValueError("data.eval_size 'original' needs data.eval_batch_size 1 (masks differ in size)")
         if effective_batch_size is not None and effective_batch_size < 1:
