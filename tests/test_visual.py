@@ -178,6 +178,11 @@ def test_error_breakdown_from_a_test_run(test_run, tmp_path, capsys):
     share = res["share_of_prediction"]
     assert share["target"] + share["other_objects"] + share["background"] == pytest.approx(1.0, abs=1e-6)
     assert "wrote" in capsys.readouterr().out
+    assert tool["main"]([str(run_dir), "--n", "1", "--out", str(out)]) == 2  # the project's overwrite policy
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == res  # untouched
+    assert tool["main"]([str(run_dir), "--n", "1", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["episodes"] == 1
     # the attribute names, and a hand-made episode
     assert (
         tool["shared"](1, 7) == "shape"

@@ -1,7 +1,7 @@
 """Where a method's predicted foreground goes on the embedded benchmark: on the episode's object, on the query's
 other objects (grouped by what they share with it: colour, texture, shape) or on the background.
 
-    python tools/error_breakdown.py runs/demo/demo_diffews/test [--n 200] [--out breakdown.json]
+    python tools/error_breakdown.py runs/demo/demo_diffews/test [--n 200] [--out breakdown.json [--overwrite]]
 
 RUN_DIR is the log folder of an ``fsseg test`` run on ``data.benchmark: embedded`` (its ``episodes.jsonl``,
 ``config.yaml`` and the checkpoint ``metrics.json`` records; ``--ckpt`` overrides). The first ``--n`` episodes are
@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 from fsseg.data.base import load_label, resize_mask
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.embedded import EMBEDDED_CLASS_NAMES
-from fsseg.files import atomic_write_text
+from fsseg.files import atomic_write_text, claim_outputs
 from fsseg.predict import load_model
 from fsseg.report import read_test_run
 
@@ -126,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", help="checkpoint (default: the one metrics.json records)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
     try:
+        if args.out and not args.overwrite:
+            claim_outputs([args.out], overwrite=False)  # refused before the predictions, not after
         res = run(args.run_dir, args.n, args.ckpt, args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error_breakdown: error: {e}", file=sys.stderr)
         return 2
     s = res["share_of_prediction"]
