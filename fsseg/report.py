@@ -4,6 +4,7 @@ callback (the CLI installs it)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -84,7 +85,8 @@ def write_test_report(
         **meta,
         "episodes": len(records),
         "model": type(trainer.lightning_module).__name__,
-        "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+        # absolute, so that tools reading the run (read_test_run) find the weights from any folder
+        "ckpt_path": os.path.abspath(trainer.ckpt_path) if trainer.ckpt_path else None,
         "model_settings": model_settings(trainer.lightning_module),
         "precision": str(trainer.precision),  # bf16-mixed changes the numbers a little (README: Speed)
         **(extra or {}),

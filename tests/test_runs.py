@@ -21,6 +21,8 @@ from fsseg.cli.trainer import CHECKPOINT_EVERY_N_STEPS, run_cli
 from fsseg.demo import resolve_test_precision
 from fsseg.files import atomic_write_text
 from fsseg.models.baseline import PrototypeModule
+from fsseg.report import read_test_run
+from fsseg.seeds import logger_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,6 +212,16 @@ def test_evaluate_seeds_refuses_a_used_out_folder(trained, tmp_path, capsys):
     assert "already holds seed runs" in capsys.readouterr().err and (out / "seed1").is_dir()
     assert run([*base, "--seeds", "1", "--overwrite"]) == 0
     assert json.loads((out / "seeds.json").read_text())["seeds"] == [0] and not (out / "seed1").exists()
+
+
+def test_metrics_record_the_checkpoint_as_an_absolute_path(trained, tmp_path, monkeypatch):
+    """A test run given a relative --ckpt_path records it absolute: its readers (tools/) work from any folder."""
+    cfg, ckpt = trained
+    monkeypatch.chdir(Path(ckpt).parent)
+    run_cli(["test", "--config", str(cfg), "--ckpt_path", Path(ckpt).name, *logger_args(tmp_path, "rel")])
+    assert json.loads((tmp_path / "rel/metrics.json").read_text())["ckpt_path"] == str(ckpt)
+    monkeypatch.chdir(tmp_path.parent)
+    assert read_test_run(tmp_path / "rel", None)[3] == Path(ckpt)
 
 
 # ---- the demo ------------------------------------------------------------------------------------------------------
