@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_data import make_dm
 
 from fsseg.data import augment
 from fsseg.data.datamodule import FewShotDataModule
 
 
 def datamodule(root, train_augment: str = "none", **kw) -> FewShotDataModule:
-    dm = FewShotDataModule(
-        root=str(root),
-        benchmark="embedded",
-        fold=0,
-        shot=2,
-        img_size=32,
-        batch_size=4,
-        train_episodes=24,
-        train_augment=train_augment,
-        **kw,
-    )
+    dm = make_dm(root, img_size=32, train_episodes=24, train_augment=train_augment, **kw)
     dm.setup("fit")
     return dm
 
