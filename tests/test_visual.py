@@ -155,6 +155,11 @@ def test_qualitative_figure_from_a_test_run(test_run, tmp_path, capsys):
     assert (px == GT_COLOR).all(-1).any() and len(
         np.unique(px.reshape(-1, 3), axis=0)
     ) > 100  # real pictures, not blank
+    code, err = _figure(capsys, str(run_dir), "--n", "1", "--cell", "64", "--out", str(out))
+    assert code == 2 and "already exists: pass --overwrite" in err  # the project's overwrite policy
+    assert _figure(capsys, str(run_dir), "--n", "1", "--cell", "64", "--out", str(out), "--overwrite")[0] == 0
+    with Image.open(out) as fig:
+        assert fig.size[1] == TITLE_H + (64 + TITLE_H) + 2 * PAD  # replaced: one row now
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     code, err = _figure(capsys, str(empty), "--out", str(tmp_path / "x.png"))

@@ -22,6 +22,7 @@ from torch.utils.data import default_collate
 
 from fsseg.callbacks import foreground_iou
 from fsseg.data.datamodule import FewShotDataModule
+from fsseg.files import claim_outputs
 from fsseg.predict import load_model, save_png
 from fsseg.report import read_test_run
 from fsseg.visual import column_titles, episode_row, grid
@@ -96,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell", type=int, default=160, help="side of one image in pixels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("qualitative.png"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     if args.n < 1 or args.cell < 8:
         p.error("--n must be >= 1 and --cell >= 8")
     try:
+        if not args.overwrite:
+            claim_outputs([args.out], overwrite=False)  # refused before the predictions, not after
         fig = qualitative_figure(args.run_dir, args.n, args.pick, args.ckpt, args.cell, args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"qualitative_figure: error: {e}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
