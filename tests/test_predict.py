@@ -395,7 +395,7 @@ def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
         },
     )
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--config", str(config), *cli_args(images)])
+        fsseg_main(["predict-images", "--config", str(config), "--no_ckpt", *cli_args(images)])
     err = capsys.readouterr().err
     assert done.value.code == 2 and "no_sd_here" in err and "Stable Diffusion" in err
 
@@ -442,11 +442,31 @@ def test_precision_flag(kandinsky_dir, images, tmp_path, capsys):
         },
     )
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--config", str(config), "--precision", "bf16", *cli_args(images, 1)])
+        fsseg_main(
+            [
+                "predict-images",
+                "--config",
+                str(config),
+                "--no_ckpt",
+                "--precision",
+                "bf16",
+                *cli_args(images, 1),
+            ]
+        )
     assert done.value.code == 0
     assert "precision bf16" in capsys.readouterr().out and len(_masks(images["out"])) == 3
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--config", str(config), "--precision", "fp16", *cli_args(images, 1)])
+        fsseg_main(
+            [
+                "predict-images",
+                "--config",
+                str(config),
+                "--no_ckpt",
+                "--precision",
+                "fp16",
+                *cli_args(images, 1),
+            ]
+        )
     assert done.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
