@@ -71,9 +71,9 @@ def read_mask_file(path: Path) -> np.ndarray:
     if np.array_equal(label != 0, opaque):
         return label
     raise ValueError(
-        f"support mask {path} is ambiguous: its alpha channel marks {int(opaque.sum())} pixels, its colours "
-        f"{int((label != 0).sum())} others; save it as one channel (0 background, 255 object), or with the object "
-        f"opaque in one colour and the rest transparent"
+        f"support mask {path} is ambiguous: its alpha channel and its colours mark different pixels "
+        f"({int(opaque.sum())} opaque, {int((label != 0).sum())} not black); save it as one channel (0 background, "
+        f"255 object), or with the object opaque in one colour and the rest transparent"
     )
 
 

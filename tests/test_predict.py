@@ -483,7 +483,10 @@ def test_masks_with_transparency_are_read_from_alpha_or_refused_as_ambiguous(tmp
     rgba[..., 3] = obj * 255
     rgba[:16, :, :3] = 255  # the top half white, across object and background
     Image.fromarray(rgba, "RGBA").save(tmp_path / "ambiguous.png")
-    with pytest.raises(ValueError, match=r"support mask .*ambiguous\.png is ambiguous: its alpha channel"):
+    with pytest.raises(
+        ValueError,
+        match=r"support mask .*ambiguous\.png is ambiguous: its alpha channel and its colours mark different",
+    ):
         read_support_mask(tmp_path / "ambiguous.png")
     # colours that mark the same pixels as the alpha (a label map with transparency): its values, as without alpha
     rgba[..., :3] = 0
