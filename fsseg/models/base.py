@@ -40,6 +40,21 @@ def threshold_scores(
     return (score > threshold * reference.view(-1, 1, 1)).long()
 
 
+def min_grid(*blocks: nn.Module | None) -> int:
+    """The smallest side of a coarsest feature grid that the GroupNorms of ``blocks`` (those a network runs at that
+    grid; None entries skipped) can normalise: 1 when each group holds at least two channels, else 2 (a 1x1 grid
+    would leave one value per group)."""
+    norms = [
+        m for block in blocks if block is not None for m in block.modules() if isinstance(m, nn.GroupNorm)
+    ]
+    return 1 if all(m.num_channels // m.num_groups >= 2 for m in norms) else 2
+
+
+def unet_coarsest_blocks(unet: nn.Module) -> tuple[nn.Module | None, ...]:
+    """A diffusers UNet's blocks at its coarsest grid: the last down block, the mid block, the first up block."""
+    return unet.down_blocks[-1], getattr(unet, "mid_block", None), unet.up_blocks[0]
+
+
 class FewShotModule(L.LightningModule, metaclass=ABCMeta):
     """Base LightningModule of every fsseg method.
 
@@ -124,6 +139,12 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
     def binarize(self, score: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, h, w]`` foreground scores -> {0, 1} long with the ``threshold`` / ``threshold_mode`` init args."""
         return threshold_scores(score, self.hparams.threshold, self.hparams.threshold_mode, reference)
+
+    def input_size_error(self, size: int) -> str | None:
+        """Why this model cannot take square inputs of side ``size`` (its smallest accepted side and the reason), or
+        None when it can. `FewShotDataModule` asks it for ``data.img_size`` where model and data meet (``setup``),
+        ``fsseg predict-images`` for ``--img-size``. The default takes any positive size."""
+        return None
 
     # ---- one support set, many queries (``fsseg predict-images``) ------------------------------------------
     def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> object:

@@ -88,6 +88,17 @@ class PrototypeModule(FewShotModule):
                 return str(folder / name)
         raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder} ({cfg.hf_hub_id})")
 
+    def input_size_error(self, size: int) -> str | None:
+        """At least the backbone's coarsest stride among ``out_indices``: a smaller input gives that stage's feature
+        map less than one cell of image."""
+        stride = max(self.encoder.feature_info.reduction())
+        if size < stride:
+            return (
+                f"{type(self).__name__} needs at least {stride}: its {self.hparams.backbone} stage(s) "
+                f"{list(self.hparams.out_indices)} have strides {self.encoder.feature_info.reduction()}"
+            )
+        return None
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[N, 3, S, S]`` in [0, 1] -> features ``[N, D, h, w]`` at the finest chosen stage."""
         feats = self.encoder((images - self.mean) / self.std)

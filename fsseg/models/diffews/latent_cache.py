@@ -24,7 +24,7 @@ The folder::
     index.json        {"images": {key or "key<TAB>variant": row}, "masks": {"key<TAB>class": row}}
     fingerprint.json  what the moments depend on (`fingerprint`), written last
 
-A folder whose fingerprint differs from the run's (other VAE weights, image size, split lists or data files) is
+A folder whose fingerprint differs from the run's (other VAE weights, image size or resize, split lists or data files) is
 refused with the fields that differ; nothing is overwritten. `DiffewsModule.prepare_data` builds a missing cache at
 the first ``fit`` (once per node, on the training device); ``fsseg cache-latents --config X.yaml`` builds it ahead of
 a run (advisable before a multi-process run of a large dataset: the other processes wait for the build).
@@ -57,8 +57,12 @@ CHECKED = (
     "entries_sha256",
     "files_sha256",
     "train_augment",
+    "image_resize",
 )  # must match
-DEFAULTS = {"train_augment": "none"}  # what a cache written before the field existed holds
+DEFAULTS = {
+    "train_augment": "none",
+    "image_resize": "torch",
+}  # what a cache written before the field existed holds
 SUPPORTED = {"supervision": ("white_fg",), "injection": ("concat", "multiply_latent", "attention_mask")}
 
 
@@ -102,8 +106,10 @@ def entries(
 
 
 def load_image(ds: FewShotDataset, key: str, variant: int = 0) -> torch.Tensor:
-    """The image as a training episode holds it: ``[3, S, S]`` in [0, 1], in colour variant ``variant``."""
-    return augment.apply(image_to_tensor(load_rgb(ds.image_path(key)), ds.img_size), variant)
+    """The image as a training episode holds it: ``[3, S, S]`` in [0, 1] (resized by ``data.image_resize``), in
+    colour variant ``variant``."""
+    img = image_to_tensor(load_rgb(ds.image_path(key)), ds.img_size, ds.image_resize)
+    return augment.apply(img, variant)
 
 
 def image_row_key(key: str, variant: int) -> str:
@@ -115,6 +121,14 @@ def train_augment(datasets: list[FewShotDataset]) -> str:
     found = {ds.train_augment for ds in datasets}
     if len(found) != 1:
         raise ValueError(f"latent_cache: the training datasets have different train_augment {sorted(found)}")
+    return found.pop()
+
+
+def image_resize(datasets: list[FewShotDataset]) -> str:
+    """The training datasets' one ``image_resize`` (an error when they differ)."""
+    found = {ds.image_resize for ds in datasets}
+    if len(found) != 1:
+        raise ValueError(f"latent_cache: the training datasets have different image_resize {sorted(found)}")
     return found.pop()
 
 
@@ -167,6 +181,7 @@ def fingerprint(vae: torch.nn.Module, datasets: list[FewShotDataset]) -> dict:
         "entries_sha256": _sha256([*images, *(f"{k}\t{c}" for k, c in masks)]),
         "files_sha256": _sha256(stats()),
         "train_augment": train_augment(datasets),
+        "image_resize": image_resize(datasets),
         "images": len(images),
         "mask_images": len(masks),
         "benchmarks": sorted({ds.name for ds in datasets}),

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
+from fsseg.models.base import (
+    FewShotModule,
+    LRSchedulerCallable,
+    OptimizerCallable,
+    min_grid,
+    unet_coarsest_blocks,
+)
 from fsseg.models.diffews import generation as gen
 from fsseg.models.diffews import latent_cache, support_cache, tca
 from fsseg.models.diffews.inputs import (
@@ -254,6 +260,21 @@ class DiffewsModule(FewShotModule):
             device=self.trainer.strategy.root_device,
             num_workers=dm.hparams.num_workers,
         )
+
+    def input_size_error(self, size: int) -> str | None:
+        """A multiple of the VAE's downsampling x the UNet's (SD 2.1: 8 x 8 = 64; 512 px -> a 64 latent -> an 8x8
+        coarsest UNet grid), so that the decoded mask covers the image exactly and every UNet level holds a whole
+        grid; at least one whose coarsest UNet grid its GroupNorms can normalise (`min_grid`)."""
+        vae = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        grid = min_grid(*unet_coarsest_blocks(self.unet))
+        if size % (vae * unet) or size < vae * unet * grid:
+            cells = f", and its coarsest grid needs {grid}x{grid} cells (GroupNorm)" if grid > 1 else ""
+            return (
+                f"{type(self).__name__} needs a multiple of {vae * unet}, at least {vae * unet * grid}: its VAE "
+                f"downsamples by {vae} and its UNet the latent by {unet} more{cells}"
+            )
+        return None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

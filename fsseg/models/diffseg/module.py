@@ -16,7 +16,7 @@ from lightning.pytorch.cli import (  # typed so jsonargparse accepts class_path
     OptimizerCallable,
 )
 
-from fsseg.models.base import FewShotModule
+from fsseg.models.base import FewShotModule, min_grid, unet_coarsest_blocks
 from fsseg.models.diffseg.capture import CaptureStore, FeatureCapture, fuse_attention_maps, install_capture
 from fsseg.models.diffseg.hed import build_edge_source
 from fsseg.models.diffseg.loading import (
@@ -173,6 +173,22 @@ class DiffSegModule(FewShotModule):
             )
         else:
             self.head = ConvHead(self.latent_channels, map_channels)
+
+    def input_size_error(self, size: int) -> str | None:
+        """A multiple of MoVQ's downsampling x the UNet's (Kandinsky 2.2: 8 x 8 = 64), so that every UNet level,
+        whose attention maps and features PAM and SCM read, holds a whole grid; at least one whose coarsest grid
+        its GroupNorms can normalise (`min_grid`)."""
+        unet = 2 ** (len(self.unet.config.block_out_channels) - 1) if self.unet is not None else 1
+        step = self.downsample * unet
+        grid = min_grid(*unet_coarsest_blocks(self.unet)) if self.unet is not None else 1
+        if size % step or size < step * grid:
+            why = f" and its UNet the latent by {unet} more" if self.unet is not None else ""
+            cells = f", and its coarsest grid needs {grid}x{grid} cells (GroupNorm)" if grid > 1 else ""
+            return (
+                f"{type(self).__name__} needs a multiple of {step}, at least {step * grid}: its MoVQ downsamples by "
+                f"{self.downsample}{why}{cells}"
+            )
+        return None
 
     def load_frozen_parts(self, decoder: str, prior: str) -> FrozenParts:
         """The frozen UNet / MoVQ / scheduler / CLIP encoder + processor (``from_pretrained``; a subclass may build
