@@ -49,9 +49,11 @@ class DiffewsModule(FewShotModule):
             released, 0.25) or ``threshold`` (``absolute``; the paper's best absolute value is 0.15).
         threshold_reference: the relative threshold's reference: ``rgb_max`` (released evaluation code: the maximum
             over all three channels and pixels of the decoded image) | ``mean_max`` (the paper: the maximum of the
-            channel-mean score).
+            channel-mean score). Per image: the released maximum spans its whole batch, and its evaluation scripts
+            run batch 1, where the two agree; a batch-wide reference is not offered (an episode's mask would
+            depend on its batch neighbours).
         quantize: ``floor`` (released: the decoded image passes through uint8 by truncation) | ``none`` (the paper
-            describes no uint8 step).
+            describes no uint8 step). No rounding: neither the release nor the paper rounds.
         mask_resize: attention-mask injection's support mask on each layer's token grid: ``nearest`` (released) |
             ``any`` (a cell is visible if any pixel under it is foreground; the paper does not say how).
         nshot: ``concat`` (all support K/V) | ``sample`` (support K/V sampled down to the 1-shot count).
@@ -68,6 +70,8 @@ class DiffewsModule(FewShotModule):
             what is computed; faster convolutions on CPU and GPU, above all under bf16).
         seed: seeds the support-token sampling and the mn2m inference noise.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`); the paper
+            configs set ``32-true``, the released evaluation's, while they train in ``16-mixed``.
     """
 
     frozen_modules = ("vae", "image_encoder")
@@ -107,9 +111,15 @@ class DiffewsModule(FewShotModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
+        eval_precision: str | None = None,
     ) -> None:
         super().__init__(
-            optimizer, scheduler, scheduler_interval, threshold=threshold, threshold_mode=threshold_mode
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            threshold=threshold,
+            threshold_mode=threshold_mode,
+            eval_precision=eval_precision,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self._check_choices()
