@@ -66,8 +66,15 @@ class DiffewsModule(FewShotModule):
         latent_cache: a folder for the VAE posteriors of every training image and mask image, computed once at the
             first ``fit`` and memory-mapped; training then samples latents from them instead of encoding (the same
             draws; `fsseg.models.diffews.latent_cache`). None: encode every step.
-        channels_last: keep the UNet and VAE weights in channels-last memory format (a layout, not a change of
-            what is computed; faster convolutions on CPU and GPU, above all under bf16).
+        channels_last: keep the UNet and VAE weights in channels-last memory format (faster convolutions on CPU
+            and GPU, above all under bf16; the released code keeps them contiguous, ``false``). The same function
+            (float64: equal to 1e-14, ``tests/test_diffews_release.py``), but the convolutions then run other
+            kernels, whose float32 rounding differs. Measured on an AVX2 AMD EPYC
+            (``benchmarks/channels_last_parity.py``): the shipped tiny VAE's 512 px latents (up to 4.4 in size)
+            lie 4.9e-5 apart between the layouts (contiguous 3e-6 from the float64 result, channels-last 4.8e-5),
+            and 0.03% of the decoded prediction's uint8 levels change (tiny DiffewS, 512 px); up to 1.6e-4 on the
+            latents was seen on another CPU. Kept on by default: a difference of float32 rounding, of the size that
+            the choice of machine and kernels brings anyway, for faster training and evaluation.
         seed: seeds the support-token sampling and the mn2m inference noise.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
         eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`); the paper
