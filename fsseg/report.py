@@ -70,6 +70,15 @@ def model_settings(pl_module) -> dict:
     return {"class_path": class_path, "init_args": _plain(hp)}
 
 
+def evaluation_precision(trainer) -> str:
+    """The precision the trainer's module evaluated in (`FewShotModule.evaluation_precision`; for another module,
+    ``trainer.precision``)."""
+    module = trainer.lightning_module
+    return (
+        module.evaluation_precision() if hasattr(module, "evaluation_precision") else str(trainer.precision)
+    )
+
+
 def write_test_report(
     log_dir, trainer, values: dict, records: list[dict], class_ids: list[int], extra: dict | None = None
 ) -> Path:
@@ -88,7 +97,9 @@ def write_test_report(
         # absolute, so that tools reading the run (read_test_run) find the weights from any folder
         "ckpt_path": os.path.abspath(trainer.ckpt_path) if trainer.ckpt_path else None,
         "model_settings": model_settings(trainer.lightning_module),
-        "precision": str(trainer.precision),  # bf16-mixed changes the numbers a little (README: Speed)
+        # the precision the evaluation ran in (the model's eval_precision, else trainer.precision); bf16-mixed changes
+        # the numbers a little (README: Speed)
+        "precision": evaluation_precision(trainer),
         **(extra or {}),
     }
     atomic_write_text(log_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -34,7 +34,7 @@ from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read
 from fsseg.cli.configs import find_run_config, resolve_config
 from fsseg.data.datamodule import FewShotDataModule, accumulation_steps
 from fsseg.files import claim_outputs
-from fsseg.models.base import FewShotModule
+from fsseg.models.base import FewShotModule, eval_precision_conflict
 from fsseg.report import TestReport
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -222,6 +222,7 @@ class FssegCLI(LightningCLI):
         self.given_accumulation: int | None = (
             None  # trainer.accumulate_grad_batches as given, None when unset
         )
+        self.given_precision: str | None = None  # --trainer.precision on a validate/test command line
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -251,6 +252,11 @@ class FssegCLI(LightningCLI):
             # is not the Trainer's default 1 (see `_check_accumulation`)
             given = parser.parse_args(args, defaults=False)[sub]
             self.given_accumulation = given.get("trainer.accumulate_grad_batches")
+        if sub in ("validate", "test") and isinstance(args, list):  # see `eval_precision_conflict`
+            for i, arg in enumerate(args):
+                name, eq, value = arg.partition("=")
+                if name == "--trainer.precision" and (eq or i + 1 < len(args)):
+                    self.given_precision = value if eq else args[i + 1]
 
     def _check_accumulation(self) -> None:
         """``data.effective_batch_size`` derives the accumulation at fit: an explicit, different
@@ -310,6 +316,13 @@ class FssegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub]
+        init_args = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+        conflict = eval_precision_conflict(
+            init_args.get("eval_precision") if isinstance(init_args, Namespace) else None,
+            self.given_precision,
+        )
+        if conflict is not None:  # before the run folder is claimed and the model built
+            raise RunRefused(conflict)
         for note in self.setting_notes:
             _say(f"fsseg {sub}: setting differs from the checkpoint's run, used as given: {note}")
         logger = cfg.trainer.get("logger")

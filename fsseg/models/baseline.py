@@ -34,6 +34,7 @@ class PrototypeModule(FewShotModule):
         embed_dim: width of the trainable 1x1 projection (0 = use the features as they are).
         temperature: cosine-similarity scale (PANet uses 20).
         align_weight: weight of PANet's prototype-alignment loss (0 disables it).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`).
     """
 
     architecture_args = ("backbone", "out_indices", "embed_dim")  # what a checkpoint's weights depend on
@@ -51,8 +52,14 @@ class PrototypeModule(FewShotModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
+        eval_precision: str | None = None,
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)
+        super().__init__(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scheduler_interval=scheduler_interval,
+            eval_precision=eval_precision,
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         weights = {"pretrained_cfg_overlay": {"file": self._weights_file(backbone)}} if pretrained else {}
         self.encoder = timm.create_model(

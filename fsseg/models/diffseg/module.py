@@ -63,6 +63,7 @@ class DiffSegModule(FewShotModule):
             model's 5-shot mIoU falls far below its 1-shot with ``mean`` (docs/TINY_MODELS.md). No weights depend on
             it, so it may be changed at test time.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`).
     """
 
     frozen_modules = ("unet", "movq", "image_encoder", "edge_net")
@@ -108,9 +109,15 @@ class DiffSegModule(FewShotModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
+        eval_precision: str | None = None,
     ) -> None:
         super().__init__(
-            optimizer, scheduler, scheduler_interval, threshold=threshold, threshold_mode=threshold_mode
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            threshold=threshold,
+            threshold_mode=threshold_mode,
+            eval_precision=eval_precision,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if shot_fusion not in ("mean", "tokens"):
