@@ -42,8 +42,8 @@ def class_namer(metrics: dict) -> Callable[[int], str]:
 def describe_run(ep: RunEpisodes, label: str) -> dict:
     m = ep.run.metrics
     rows = [(title, m.get(key, "not recorded")) for key, title in SETTING_ROWS]
-    if m.get("no_ckpt"):
-        rows.append(("weights", "as the config builds them (--no_ckpt)"))
+    if m.get("no_ckpt"):  # the same rows for every run: the checkpoint row says it
+        rows[[k for k, _ in SETTING_ROWS].index("ckpt_path")] = ("checkpoint", "none (--no_ckpt: the weights the config builds)")
     return {
         "label": label,
         "path": str(ep.path),
