@@ -108,11 +108,20 @@ class RunEpisodes:
         return self._items[key]
 
     def ground_truth(self, r: dict) -> torch.Tensor:
-        """The query's evaluation mask ``[h, w]`` ({0, 1, 255}) of record ``r``."""
-        return self.item(r)["query_mask_eval"]
+        """The query's evaluation mask ``[h, w]`` ({0, 1, 255}) of record ``r``: ``query_mask_eval`` of the dataset's
+        item, read without the item's images (the query's mask alone, resized as `FewShotDataset.__getitem__` does)."""
+        from fsseg.data.base import resize_mask
 
-    def label_map(self, r: dict) -> np.ndarray | None:
-        """The query's full label map (every object's class + 1, 0 background, 255 ignore) at the evaluation size, or
+        ds = self.require_dataset()
+        ep = ds.episode(int(r["episode"]))
+        rebuilt = {"query_name": ep.query, "support_names": list(ep.supports), "class_id": ep.class_id}
+        check_item(rebuilt, r, self.config_path)
+        mask = ds.load_mask(ep.query, ep.class_id)
+        return resize_mask(mask, mask.shape if ds.eval_size == "original" else (ds.eval_size, ds.eval_size))
+
+    def label_map(self, r: dict, size: tuple[int, int]) -> np.ndarray | None:
+        """The query's full label map (every object's class + 1, 0 background, 255 ignore) at ``size`` (the evaluation
+        mask's), or
         None where the benchmark has none whose value ``class_id + 1`` is exactly the episode's mask (FSS-1000's
         binary masks, LVIS's per-class annotations)."""
         from fsseg.data.base import load_label, resize_mask
@@ -127,5 +136,4 @@ class RunEpisodes:
             (label == int(r["class_id"]) + 1)[binary != 255], (binary == 1)[binary != 255]
         ):
             return None
-        gt = self.ground_truth(r)
-        return resize_mask(label, tuple(gt.shape)).numpy().astype(np.int64)
+        return resize_mask(label, size).numpy().astype(np.int64)

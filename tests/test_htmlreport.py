@@ -66,10 +66,19 @@ def test_pair_report_shows_the_numbers_of_fsseg_compare(runs, tmp_path, capsys):
     for key, value in (("miou-a", cmp["miou_a"]), ("miou-b", cmp["miou_b"]), ("fbiou-a", cmp["fbiou_a"]),
                        ("fbiou-b", cmp["fbiou_b"])):  # fmt: skip
         assert f'id="{key}">{value:.2f}<' in html
-    assert f'id="miou-diff">{cmp["diff"]:+.2f}<' in html and f'id="miou-lo">{cmp["interval"][0]:+.2f}<' in html
-    assert cmp["miou_a"] == pytest.approx(metrics(a)["miou"]) and cmp["fbiou_b"] == pytest.approx(metrics(b)["fbiou"])
+    assert (
+        f'id="miou-diff">{cmp["diff"]:+.2f}<' in html and f'id="miou-lo">{cmp["interval"][0]:+.2f}<' in html
+    )
+    assert cmp["miou_a"] == pytest.approx(metrics(a)["miou"]) and cmp["fbiou_b"] == pytest.approx(
+        metrics(b)["fbiou"]
+    )
     srcs = local_images(out)
-    assert {"images/per_class.png", "images/scatter.png", "images/diff_hist.png", "images/breakdown.png"} <= set(srcs)
+    assert {
+        "images/per_class.png",
+        "images/scatter.png",
+        "images/diff_hist.png",
+        "images/breakdown.png",
+    } <= set(srcs)
     # the gallery: gains, losses, a random sample; each card: support, query + ground truth, A's and B's prediction
     sections = {s["key"]: s for s in rep["gallery"]}
     assert list(sections) == ["gains", "losses", "random"] and len(sections["random"]["cards"]) == 3
@@ -78,7 +87,12 @@ def test_pair_report_shows_the_numbers_of_fsseg_compare(runs, tmp_path, capsys):
         float(b_) < float(a_) for a_, b_ in ious["losses"]
     )
     card = sections["random"]["cards"][0]
-    assert [p["title"] for p in card["panels"]] == ["support", "query + ground truth", "prediction A", "prediction B"]
+    assert [p["title"] for p in card["panels"]] == [
+        "support",
+        "query + ground truth",
+        "prediction A",
+        "prediction B",
+    ]
     assert rep["support_use"] is None  # two models, not a support control
     # where the foreground goes, for both runs, from their stored predictions; embedded: by shared attribute
     assert [b_["summary"]["episodes"] for b_ in rep["breakdowns"]] == [24, 24]
@@ -91,11 +105,17 @@ def test_a_support_control_pair_says_how_much_the_method_uses_its_support(runs, 
     rep = json.loads((tmp_path / "r/report.json").read_text())
     s = rep["support_use"]
     assert s["control"] == "other_class" and s["same_checkpoint"]
-    assert s["own"] == pytest.approx(metrics(own)["miou"]) and s["controlled"] == pytest.approx(metrics(other)["miou"])
+    assert s["own"] == pytest.approx(metrics(own)["miou"]) and s["controlled"] == pytest.approx(
+        metrics(other)["miou"]
+    )
     assert s["drop"] == pytest.approx(s["own"] - s["controlled"])
-    assert s["interval"] == pytest.approx([-rep["comparison"]["interval"][1], -rep["comparison"]["interval"][0]])
+    assert s["interval"] == pytest.approx(
+        [-rep["comparison"]["interval"][1], -rep["comparison"]["interval"][0]]
+    )
     # the masks' agreement, computed here from the stored predictions
-    recs = [[json.loads(line) for line in (f / "episodes.jsonl").read_text().splitlines()] for f in (own, other)]
+    recs = [
+        [json.loads(line) for line in (f / "episodes.jsonl").read_text().splitlines()] for f in (own, other)
+    ]
     agree = []
     for ra, rb in zip(*recs):
         pa, pb = decode_mask(ra[FIELD]), decode_mask(rb[FIELD])
@@ -133,7 +153,11 @@ def test_one_run_and_runs_without_predictions_or_data(runs, tmp_path):
     bare = copy_run(own, tmp_path / "bare", config=False)
     write_report(tmp_path / "bare_report", bare, n_boot=300)
     rep = json.loads((tmp_path / "bare_report/report.json").read_text())
-    assert rep["gallery"] == [] and "Pictures are unavailable" in rep["gallery_note"] and "config.yaml" in rep["gallery_note"]
+    assert (
+        rep["gallery"] == []
+        and "Pictures are unavailable" in rep["gallery_note"]
+        and "config.yaml" in rep["gallery_note"]
+    )
 
 
 def test_refusals_leave_nothing_half_written(runs, tmp_path, capsys, monkeypatch):
@@ -186,7 +210,10 @@ def test_demo_report_links_each_method_against_the_baseline_and_its_control(runs
         assert page.is_file() and '<a href="../index.html">' in page.read_text()
         local_images(page.parent)
     vs = json.loads((index.parent / "untrained_vs_demo_baseline/report.json").read_text())["comparison"]
-    assert (vs["run_a"], vs["run_b"]) == (str(runs["own"]), str(runs["untrained"]))  # B: the method, A: the baseline
+    assert (vs["run_a"], vs["run_b"]) == (
+        str(runs["own"]),
+        str(runs["untrained"]),
+    )  # B: the method, A: the baseline
     support = json.loads((index.parent / "demo_baseline_support/report.json").read_text())["support_use"]
     assert support["own"] == pytest.approx(metrics(runs["own"])["miou"])
     assert 'id="miou-demo_baseline"' in html and "reference: all foreground" in html

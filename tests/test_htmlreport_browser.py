@@ -42,7 +42,10 @@ def test_the_report_opens_in_chromium_with_its_numbers_and_every_picture(report)
     assert (shown["fbiou-a"], shown["fbiou-b"]) == (f"{a['fbiou']:.2f}", f"{b['fbiou']:.2f}")
     cmp = compare_runs(load_run(runs["own"]), load_run(runs["other_class"]), n_boot=300)
     assert shown["miou-diff"] == f"{cmp['diff']:+.2f}"
-    assert (shown["miou-lo"], shown["miou-hi"]) == (f"{cmp['interval'][0]:+.2f}", f"{cmp['interval'][1]:+.2f}")
+    assert (shown["miou-lo"], shown["miou-hi"]) == (
+        f"{cmp['interval'][0]:+.2f}",
+        f"{cmp['interval'][1]:+.2f}",
+    )
     shot = np.asarray(Image.open(io.BytesIO(page.screenshot)).convert("RGB"))
     assert shot.shape == (900, 1280, 3)
     assert shot.std() > 10 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 50  # not blank: text, charts
@@ -53,7 +56,11 @@ def test_the_check_sees_a_broken_picture_and_a_script_error(report, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(index.parent, broken)
     (broken / "images/scatter.png").unlink()
-    html = (broken / "index.html").read_text().replace("<body>", "<body><script>console.error('boom')</script>", 1)
+    html = (
+        (broken / "index.html")
+        .read_text()
+        .replace("<body>", "<body><script>console.error('boom')</script>", 1)
+    )
     (broken / "index.html").write_text(html)
     page = open_page(broken / "index.html", ("miou-a", "no-such-id"))
     assert [i["src"].rsplit("/", 1)[-1] for i in page.images if not i["naturalWidth"]] == ["scatter.png"]

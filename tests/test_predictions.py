@@ -10,6 +10,7 @@ import torch
 from _runs import make_runs
 
 from fsseg.compare import compare_runs
+from fsseg.episodes import RunEpisodes
 from fsseg.predictions import FIELD, decode_mask, encode_mask, encode_masks, has_predictions, rescore
 from fsseg.reproduce.stats import load_run
 
@@ -55,6 +56,10 @@ def test_a_test_run_keeps_every_prediction_and_rescoring_reproduces_it(runs):
             r["union"] for r in records
         ]
         assert 0 < metrics["miou"] < 100  # neither trivial case: the masks are real predictions
+    # the ground truth read alone (without the episode's images) is the dataset item's own
+    episodes = RunEpisodes.open(runs["other_class"])
+    for r in episodes.records:
+        assert torch.equal(episodes.ground_truth(r), episodes.item(r)["query_mask_eval"])
 
 
 def test_old_runs_without_predictions_still_compare_but_cannot_be_rescored(runs, tmp_path):

@@ -43,7 +43,10 @@ def describe_run(ep: RunEpisodes, label: str) -> dict:
     m = ep.run.metrics
     rows = [(title, m.get(key, "not recorded")) for key, title in SETTING_ROWS]
     if m.get("no_ckpt"):  # the same rows for every run: the checkpoint row says it
-        rows[[k for k, _ in SETTING_ROWS].index("ckpt_path")] = ("checkpoint", "none (--no_ckpt: the weights the config builds)")
+        rows[[k for k, _ in SETTING_ROWS].index("ckpt_path")] = (
+            "checkpoint",
+            "none (--no_ckpt: the weights the config builds)",
+        )
     return {
         "label": label,
         "path": str(ep.path),
@@ -101,7 +104,7 @@ def run_breakdown(ep: RunEpisodes) -> dict:
                 f"{r['inter']}/{r['union']}: the data changed since the run?"
             )
         target = int(r["class_id"]) + 1
-        label = ep.label_map(r)
+        label = ep.label_map(r, tuple(gt.shape))
         if label is None:  # no label map of every object: the target against everything else
             objects_known = False
             g = gt.numpy()
