@@ -18,6 +18,7 @@ Writes ``benchmarks/results/report_cost_cpu.json`` (``--out``) with the device, 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import tempfile
@@ -132,13 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "report_cost_cpu.json")
     args = p.parse_args(argv)
     import matplotlib
-    import pycocotools
     import torch
 
     result = {"device": f"cpu ({cpu_model()})", "threads": torch.get_num_threads(), "load_before": load(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "matplotlib": matplotlib.__version__, "numpy": np.__version__,
-                           "pycocotools": getattr(pycocotools, "__version__", "?")}}  # fmt: skip
+                           "pycocotools": importlib.metadata.version("pycocotools")}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder, s = test_run(
