@@ -15,7 +15,7 @@ from PIL import Image
 
 from fsseg.compare import compare_runs
 from fsseg.htmlreport import write_report
-from fsseg.htmlreport.browser import open_page
+from fsseg.htmlreport.browser import BrowserError, open_page
 from fsseg.reproduce.stats import load_run
 
 pytestmark = pytest.mark.browser
@@ -66,3 +66,10 @@ def test_the_check_sees_a_broken_picture_and_a_script_error(report, tmp_path):
     assert [i["src"].rsplit("/", 1)[-1] for i in page.images if not i["naturalWidth"]] == ["scatter.png"]
     assert any("boom" in e for e in page.errors) and any("scatter.png" in e for e in page.errors)
     assert page.texts["no-such-id"] is None and page.texts["miou-a"]
+
+
+def test_without_chromium_the_error_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("FSSEG_CHROMIUM", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser on it
+    with pytest.raises(BrowserError, match="apt-get install -y chromium"):
+        open_page(tmp_path / "index.html")

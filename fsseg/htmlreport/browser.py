@@ -47,7 +47,10 @@ class BrowserError(RuntimeError):
 
 def find_chromium() -> str:
     """The Chromium executable (``$FSSEG_CHROMIUM``, else the first of `CHROMIUM_NAMES` on PATH)."""
-    path = os.environ.get("FSSEG_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    given = os.environ.get("FSSEG_CHROMIUM")
+    if given and not shutil.which(given):
+        raise BrowserError(f"$FSSEG_CHROMIUM is {given!r}, which is not an executable: {INSTALL_HINT}")
+    path = given or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
     if not path:
         raise BrowserError(
             f"no Chromium found ({', '.join(CHROMIUM_NAMES)} on PATH, or $FSSEG_CHROMIUM): {INSTALL_HINT}"
