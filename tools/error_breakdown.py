@@ -21,13 +21,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
-from fsseg.breakdown import breakdown, embedded_name, shared, summarise
+from fsseg.breakdown import breakdown, embedded_name, shared
+from fsseg.breakdown import summarise as summarise_rows
 from fsseg.data.base import load_label, resize_mask
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.episodes import check_item
 from fsseg.files import atomic_write_text, claim_outputs
 from fsseg.predict import load_model
 from fsseg.report import read_test_run
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The summary of `breakdown` rows of the embedded benchmark: classes by name, other objects by shared attribute."""
+    return summarise_rows(rows, embedded_name, shared)
 
 
 @torch.no_grad()
@@ -50,7 +56,7 @@ def run(run_dir: Path, n: int, ckpt: str | None = None, device: str = "cpu") -> 
         pred = model.predict_masks(batch, hw)[0].cpu().numpy() > 0
         label = resize_mask(load_label(dataset.mask_path(item["query_name"])), hw).numpy()
         rows.append(breakdown(pred, label, int(item["class_id"]) + 1))
-    out = summarise(rows, embedded_name, shared)
+    out = summarise(rows)
     out.update(run_dir=str(run_dir), checkpoint=str(ckpt_path), support_control=dataset.support_control)
     return out
 
