@@ -19,6 +19,8 @@ Everything goes to ``--out`` (default ``runs/demo``)::
     <out>/<config>/test_other_class/  the same with other-class supports
     <out>/references/<reference>/     metrics.json, episodes.jsonl
     <out>/summary.json                the table
+    <out>/report/index.html           the table as a page, each method against the baseline and against its own
+                                      other-class-support test (``fsseg report``; needs ``fsseg[report]``)
 
 An ``--out`` holding an earlier demo's results is refused unless ``--overwrite``. The default configs are the
 repository's ``configs/demo_*.yaml``, found from any folder (see ``fsseg --help``).
@@ -166,6 +168,17 @@ def format_table(rows: list[dict], refs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_unavailable() -> str | None:
+    """Why the demo cannot write its HTML report (the ``report`` extra is not installed), or None."""
+    from fsseg.htmlreport import MissingExtra, require_extra
+
+    try:
+        require_extra()
+    except MissingExtra as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fsseg demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -189,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"fsseg demo: two configs share a name ({names}); their runs would share a folder")
     out = args.out
-    claim_outputs([*(out / n for n in names), out / "references", out / "summary.json"], args.overwrite)
+    claim_outputs(
+        [*(out / n for n in names), out / "references", out / "summary.json", out / "report"], args.overwrite
+    )
+    report_missing = report_unavailable()
+    if report_missing:
+        print(f"fsseg demo: no HTML report at the end: {report_missing}", flush=True)
     extra = ["--data.test_episodes", str(args.test_episodes)] if args.test_episodes else []
     clock = time.perf_counter()
     rows = []
@@ -205,4 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\nfsseg demo: summary -> {out / 'summary.json'}; runs in {out}/<config>/(fit|test|test_{CONTROL})/ "
           f"and {out}/references/")  # fmt: skip
+    if report_missing:
+        print(f"fsseg demo: no HTML report: {report_missing}")
+    else:
+        from fsseg.htmlreport import write_demo_report
+
+        index = write_demo_report(out / "report", summary, command=f"fsseg demo --out {out}")
+        print(f"fsseg demo: report -> {index} (open it in a browser: file://{index.resolve()})")
     return 0

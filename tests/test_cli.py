@@ -162,7 +162,7 @@ def test_help_lists_every_command_and_method_without_heavy_imports(tmp_path):
         line.split()[0] for line in res.stdout.split("commands:")[1].split("\n\n")[0].strip().splitlines()
     ]
     assert listed == list(COMMANDS) == [
-        "fit", "validate", "test", "predict-images", "evaluate-seeds", "compare", "demo", "data",
+        "fit", "validate", "test", "predict-images", "evaluate-seeds", "compare", "report", "demo", "data",
         "cache-latents",
     ]  # fmt: skip
     for path in ("fsseg.models.diffews.DiffewsModule", "fsseg.models.diffseg.DiffSegModule",

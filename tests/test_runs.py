@@ -237,6 +237,8 @@ def test_demo_tests_each_method_with_own_and_other_class_supports(
     assert run(["demo", str(cfg), "--out", str(out), "--test-episodes", "10"]) == 0
     printed = capsys.readouterr().out
     assert "other-class" in printed and f"summary -> {out / 'summary.json'}" in printed
+    assert f"report -> {out / 'report/index.html'}" in printed  # the table as a page, with the control's page
+    assert (out / "report/tiny_demo_support/index.html").is_file()
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["rows"]
     assert row["model"] == "PrototypeModule" and row["setting"]["episodes"] == 10

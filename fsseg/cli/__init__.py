@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict-images": ("fsseg.predict", "segment your own images from one (or K) annotated example(s)"),
     "evaluate-seeds": ("fsseg.seeds", "one test per protocol seed (data.seed 0..N-1), then mean and std"),
     "compare": ("fsseg.compare", "two test runs on identical episodes: paired mIoU difference and interval"),
+    "report": ("fsseg.htmlreport", "an HTML report of one test run or of two (pictures, paired numbers)"),
     "demo": ("fsseg.demo", "train and test every method on the embedded benchmark (CPU, minutes)"),
     "data": (
         "fsseg.data.tools",

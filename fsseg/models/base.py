@@ -23,6 +23,7 @@ from torch import nn
 
 from fsseg.metrics import FewShotIoU, episode_inter_union
 from fsseg.models import loading
+from fsseg.predictions import encode_masks
 
 THRESHOLD_MODES = ("absolute", "relative")
 #: ``eval_precision`` values (None: the trainer's precision). Each keeps fp32 weights, so any of them can evaluate
@@ -259,7 +260,7 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
             )
         metric.update(pred, target, batch["class_id"])
         if stage == "test":
-            self._record_episodes(batch, *episode_inter_union(pred, target))
+            self._record_episodes(batch, *episode_inter_union(pred, target), encode_masks(pred))
         return None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -302,7 +303,9 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         if self.test_iou is not None:
             self.test_values = self._log_metric(self.test_iou, "test")
 
-    def _record_episodes(self, batch: dict, inter: torch.Tensor, union: torch.Tensor) -> None:
+    def _record_episodes(
+        self, batch: dict, inter: torch.Tensor, union: torch.Tensor, pred_rles: list[dict]
+    ) -> None:
         support_names = batch["support_names"]  # collated: K lists of B names
         support_class = batch.get("support_class_id", batch["class_id"])  # differs under data.support_control
         control = batch.get("support_control", ["none"] * inter.shape[0])
@@ -317,6 +320,7 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
                     "support_control": control[b],
                     "inter": inter[b].tolist(),
                     "union": union[b].tolist(),
+                    "pred_rle": pred_rles[b],  # the prediction itself (fsseg.predictions)
                 }
             )
 

@@ -44,6 +44,12 @@ class TestRun:
         union = np.array([e["union"][1] for e in self.episodes], dtype=np.float64)
         return cls, inter, union
 
+    def pixel_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per episode: ``[bg, fg]`` intersection [N, 2] and union [N, 2] (what FB-IoU pools)."""
+        inter = np.array([e["inter"] for e in self.episodes], dtype=np.float64).reshape(-1, 2)
+        union = np.array([e["union"] for e in self.episodes], dtype=np.float64).reshape(-1, 2)
+        return inter, union
+
     def miou(self) -> float:
         cls, inter, union = self.counts()
         return float(miou_from_counts(cls, inter, union, len(self.class_ids)))
@@ -96,6 +102,13 @@ def bootstrap_miou(cls, inter, union, n_classes: int, idx: np.ndarray) -> np.nda
     flat = (np.arange(b)[:, None] * n_classes + cls[idx]).ravel()  # [B * N] (resample, class) cell
     i = np.bincount(flat, weights=inter[idx].ravel(), minlength=b * n_classes).reshape(b, n_classes)
     u = np.bincount(flat, weights=union[idx].ravel(), minlength=b * n_classes).reshape(b, n_classes)
+    return 100 * (i / np.maximum(u, 1)).mean(1)
+
+
+def bootstrap_fbiou(inter: np.ndarray, union: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """FB-IoU (percent, docs/PROTOCOL.md §2: every class pooled, then the mean of bg and fg) of each resample
+    ``idx[b]`` of the episodes' ``[bg, fg]`` counts ``inter`` / ``union`` [N, 2] -> [B]."""
+    i, u = inter[idx].sum(1), union[idx].sum(1)  # [B, 2]
     return 100 * (i / np.maximum(u, 1)).mean(1)
 
 
