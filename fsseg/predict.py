@@ -36,18 +36,37 @@ from fsseg.models.base import FewShotModule
 from fsseg.visual import overlay
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: a model's ``eval_precision`` (`FewShotModule`) as a ``--precision`` value
+EVAL_TO_PRECISION = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
 def precision_context(precision: str, device: str | torch.device):
     """``bf16``: bfloat16 autocast on ``device`` (convolutions, matmuls and attention in bf16, weights kept in fp32;
-    what ``--trainer.precision bf16-mixed`` does for fit/test); ``fp32``: full precision."""
+    what ``--trainer.precision bf16-mixed`` does for fit/test); ``fp16``: float16 autocast (``16-mixed``);
+    ``fp32``: full precision."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def resolve_precision(given: str | None, eval_precision: str | None) -> str:
+    """``--precision`` for a model whose config sets ``eval_precision`` (e.g. the DiffewS paper configs' fp32):
+    unset, the model's; given and different, refused by name (never one silently replacing the other); neither,
+    fp32."""
+    wanted = EVAL_TO_PRECISION.get(eval_precision) if eval_precision is not None else None
+    if given is None:
+        return wanted or "fp32"
+    if wanted is not None and given != wanted:
+        raise ValueError(
+            f"--precision {given} conflicts with the model's eval_precision {eval_precision} (its config's precision "
+            f"for evaluation): drop --precision, or give --precision {wanted}"
+        )
+    return given
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
@@ -330,9 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (default) or bf16: bfloat16 autocast, about 2x faster on CPUs with bf16 instructions and on "
-        "recent GPUs (README: Speed)",
+        default=None,
+        help="fp32, bf16 (bfloat16 autocast, about 2x faster on CPUs with bf16 instructions and on recent GPUs; "
+        "README: Speed) or fp16; default: the model's eval_precision where its config sets one, else fp32",
     )
     p.add_argument(
         "--device",
@@ -375,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             given = "--img-size" if args.img_size is not None else "the run's data.img_size"
             raise ValueError(f"{given} {img_size}: {why}")
+        precision = resolve_precision(args.precision, getattr(model, "eval_precision", None))
         image_resize = args.image_resize or data_cfg.get("image_resize") or defaults["image_resize"].default
         supports = list(zip(args.support, args.support_mask))
         for image, mask in supports:  # checked before anything is written or replaced
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             img_size,
             args.mask_value,
             args.device,
-            args.precision,
+            precision,
             image_resize,
         )
     except (ValueError, OSError) as e:  # bad input, missing or unreadable files and weights
@@ -399,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"fsseg predict-images: {len(records)} queries, {weights}, input {img_size} px ({image_resize} resize), "
-        f"precision {args.precision}, device {args.device}"
+        f"precision {precision}, device {args.device}"
     )
     for r in records:
         print(f"{r['query']}: foreground {100 * r['foreground']:.1f}% -> {r['mask']}")

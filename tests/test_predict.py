@@ -601,3 +601,27 @@ def test_diffews_bf16_on_gpu(images, tmp_path):
     queries = sorted(images["queries"].glob("*.*g"))
     predict_images(model, images["supports"], queries, tmp_path, 128, device="cuda", precision="bf16")
     assert dtypes == {torch.bfloat16} and len(_masks(tmp_path)) == 3
+
+
+# ---- the model's evaluation precision -----------------------------------------------------------------------------
+def test_precision_follows_the_models_eval_precision_and_a_conflict_is_refused(baseline_ckpt, images, capsys):
+    from fsseg.predict import resolve_precision
+
+    assert resolve_precision(None, None) == "fp32"
+    assert resolve_precision(None, "bf16-mixed") == "bf16" and resolve_precision("bf16", None) == "bf16"
+    assert resolve_precision("fp32", "32-true") == "fp32"
+    with pytest.raises(
+        ValueError, match="--precision bf16 conflicts with the model's eval_precision 32-true"
+    ):
+        resolve_precision("bf16", "32-true")
+    cfg = yaml.safe_load((baseline_ckpt.parent.parent / "config.yaml").read_text())
+    cfg["model"]["init_args"]["eval_precision"] = "32-true"
+    config = _write(images["out"].parent / "fp32_eval.yaml", cfg)
+    args = ["predict-images", "--config", str(config), "--ckpt", str(baseline_ckpt), *cli_args(images)]
+    with pytest.raises(SystemExit) as done:
+        fsseg_main([*args, "--precision", "bf16"])
+    assert done.value.code == 2 and "eval_precision 32-true" in capsys.readouterr().err
+    assert not images["out"].exists()  # refused before anything was written
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(args)
+    assert done.value.code == 0 and "precision fp32" in capsys.readouterr().out
