@@ -383,10 +383,14 @@ class OutputFolder:
         manifest = read_manifest(self.folder)
         for name in self.present(entries):
             if manifest.get(name) != owner:
-                by = f"written by fsseg {manifest[name]}" if name in manifest else "not written by fsseg"
+                by = (
+                    f"was written by fsseg {manifest[name]}"
+                    if name in manifest
+                    else f"is not recorded in {self.folder / MANIFEST} (yours, or an older fsseg's output)"
+                )
                 raise OutputExists(
-                    f"{self.folder / name} already exists and was {by} (not in {self.folder / MANIFEST}); "
-                    f"fsseg {owner} only replaces its own results: move it away, or choose another {self.what}"
+                    f"{self.folder / name} already exists and {by}; fsseg {owner} only replaces what it "
+                    f"recorded writing: move it away, or choose another {self.what}"
                 )
         earlier = self.present(n for n, o in manifest.items() if o == owner)
         if earlier and not overwrite:

@@ -173,7 +173,7 @@ def test_evaluate_seeds_replaces_only_its_own_results(trained, tmp_path, capsys)
     summary = (out / "seeds.json").read_text()
     capsys.readouterr()
     assert run([*base, "--seeds", "6", "--overwrite"]) == 2  # would write seed5: refused before any work
-    assert "seed5 already exists and was not written by fsseg" in capsys.readouterr().err
+    assert "seed5 already exists and is not recorded in" in capsys.readouterr().err
     assert (out / "seeds.json").read_text() == summary and (out / "seed2/metrics.json").is_file()
     assert run([*base, "--seeds", "2", "--overwrite", "--data.img_size", "0"]) != 0  # fails at seed 0
     assert (out / "seeds.json").read_text() == summary and (out / "seed2/metrics.json").is_file()
@@ -201,7 +201,9 @@ def test_replacing_puts_everything_back_on_any_failure(tmp_path):
             raise stop
         assert (out / "a/x").read_text() == "1" and (out / "sub/b.txt").read_text() == "1"
         assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "a", "sub", "user.txt"]
-    with pytest.raises(OutputExists, match="user.txt already exists and was not written by fsseg"):
+    with pytest.raises(
+        OutputExists, match="user.txt already exists and is not recorded in .*fsseg-outputs.json"
+    ):
         with replacing(out, "tool", ["user.txt"], overwrite=True):
             pass
     with pytest.raises(OutputExists, match="was written by fsseg tool"):
