@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fsseg.files import atomic_write_text, check_output_file
 from fsseg.reproduce.stats import (
     TestRun,
     bootstrap_fbiou,
@@ -139,7 +140,7 @@ def format_comparison(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fsseg compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="fsseg compare", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run_a", help="test run folder A (holds metrics.json and episodes.jsonl)")
     p.add_argument("run_b", help="test run folder B; the difference reported is B - A")
@@ -152,16 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_boot < 1 or not 0 < args.level < 1:
         p.error("--n-boot must be >= 1 and --level in (0, 1)")
     try:
-        if args.json is not None and args.json.exists() and not args.overwrite:
-            raise FileExistsError(f"--json {args.json} already exists: pass --overwrite to replace it")
+        if args.json is not None:  # before the work: a folder there, or an existing file without --overwrite
+            check_output_file(args.json, args.overwrite, what="--json")
         result = compare_runs(load_run(args.run_a), load_run(args.run_b), args.n_boot, args.seed, args.level)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"fsseg compare: error: {e}", file=sys.stderr)
         return 2
     print(format_comparison(result))
-    if args.json is not None:
-        from fsseg.files import atomic_write_text
-
+    if args.json is not None:  # replaced only now, with the complete new comparison
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"fsseg compare: -> {args.json}")
     return 0

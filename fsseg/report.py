@@ -13,10 +13,12 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from fsseg.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the writers every command uses)
+from fsseg.output_folder import check_complete
 
 
 def read_test_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, Path]:
     """(episode records, config, config path, checkpoint path) of a test run, with errors naming what is missing."""
+    check_complete(run_dir)  # being written, or left by a run that was killed
     paths = {name: run_dir / name for name in ("episodes.jsonl", "config.yaml", "metrics.json")}
     missing = [
         str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)

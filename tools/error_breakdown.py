@@ -26,7 +26,7 @@ from fsseg.breakdown import summarise as summarise_rows
 from fsseg.data.base import load_label, resize_mask
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.episodes import check_item
-from fsseg.files import atomic_write_text, claim_outputs
+from fsseg.files import atomic_write_text, check_output_file
 from fsseg.predict import load_model
 from fsseg.report import read_test_run
 
@@ -62,7 +62,9 @@ def run(run_dir: Path, n: int, ckpt: str | None = None, device: str = "cpu") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/error_breakdown.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="tools/error_breakdown.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("run_dir", type=Path, help="log folder of an `fsseg test` run on the embedded benchmark")
     p.add_argument("--n", type=int, default=200, help="episodes (the run's first N)")
     p.add_argument("--ckpt", help="checkpoint (default: the one metrics.json records)")
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error("--n must be >= 1")
     try:
-        if args.out and not args.overwrite:
-            claim_outputs([args.out], overwrite=False)  # refused before the predictions, not after
+        if args.out:
+            check_output_file(args.out, args.overwrite)  # refused before the predictions, not after
         res = run(args.run_dir, args.n, args.ckpt, args.device)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as e:
         print(f"error_breakdown: error: {e}", file=sys.stderr)
         return 2
     s = res["share_of_prediction"]

@@ -23,7 +23,7 @@ from torch.utils.data import default_collate
 from fsseg.callbacks import foreground_iou
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.episodes import PICKS, check_item, pick_episodes, record_iou
-from fsseg.files import claim_outputs
+from fsseg.files import check_output_file
 from fsseg.predict import load_model, save_png
 from fsseg.report import read_test_run
 from fsseg.visual import column_titles, episode_row, grid
@@ -66,7 +66,9 @@ def qualitative_figure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/qualitative_figure.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="tools/qualitative_figure.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("run_dir", type=Path, help="log folder of an `fsseg test` run")
     p.add_argument("--n", type=int, default=6, help="episodes (rows)")
     p.add_argument("--pick", choices=PICKS, default="spread")
@@ -79,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.cell < 8:
         p.error("--n must be >= 1 and --cell >= 8")
     try:
-        if not args.overwrite:
-            claim_outputs([args.out], overwrite=False)  # refused before the predictions, not after
+        check_output_file(args.out, args.overwrite)  # refused before the predictions, not after
         fig = qualitative_figure(args.run_dir, args.n, args.pick, args.ckpt, args.cell, args.device)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as e:
         print(f"qualitative_figure: error: {e}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fsseg.output_folder import check_complete
+
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96 is within 2%)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
@@ -62,6 +64,7 @@ def load_run(path: str | Path) -> TestRun:
         path = path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist (expected a test run's log dir)")
+    check_complete(path)  # being written, or left by a run that was killed
     files = {name: path / name for name in ("metrics.json", "episodes.jsonl")}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from fsseg.data import augment
 from fsseg.data.base import FewShotDataset, image_to_tensor, load_rgb, resize_mask
 from fsseg.models.diffews.inputs import binary_mask, mask_image
+from fsseg.output_folder import process_alive
 
 FORMAT = 1
 MOMENTS, INDEX, FINGERPRINT = "moments.npy", "index.json", "fingerprint.json"
@@ -271,6 +273,25 @@ class _Images(Dataset):
         return augment.apply(self._last[2], variant)
 
 
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the ``.<name>.partial-<host>-<pid>-<id>`` folders of earlier builds of ``folder`` whose process, of
+    this host, is gone: a killed build (SIGKILL) cannot remove its own. A build that still runs, or one of another
+    host (a shared filesystem), is left alone. Returns what was removed."""
+    removed = []
+    for tmp in sorted(folder.parent.glob(f".{folder.name}.partial-*")):
+        parts = tmp.name.rsplit(".partial-", 1)[1].split("-")  # [*host, pid, id]; older builds: [pid, id]
+        host = "-".join(parts[:-2]) or socket.gethostname()
+        if len(parts) < 2 or not parts[-2].isdigit() or host != socket.gethostname():
+            continue
+        if not process_alive(int(parts[-2])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            rank_zero_info(
+                f"latent cache: removed {tmp}, left by a build that was stopped (process {parts[-2]})"
+            )
+    return removed
+
+
 @torch.no_grad()
 def build(
     folder: str | os.PathLike,
@@ -292,7 +313,10 @@ def build(
     image_jobs = [(ds, key, None, v) for key, ds in images.items() for v in variants]
     jobs = image_jobs + [(ds, k, c, 0) for (k, c), ds in masks.items()]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_partials(folder)
+    tmp = (
+        folder.parent / f".{folder.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     tmp.mkdir()
     try:
         loader = DataLoader(_Images(jobs), batch_size=batch_size, num_workers=num_workers)
