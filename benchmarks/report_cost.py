@@ -31,7 +31,7 @@ from speed import cpu_model, load
 from fsseg.cli.trainer import run_cli
 from fsseg.files import atomic_write_text
 from fsseg.predictions import FIELD, decode_mask, encode_masks
-from fsseg.seeds import logger_args
+from fsseg.cli.trainer import run_cli
 
 
 def test_run(folder: Path, ckpt: str, *extra: str) -> tuple[Path, float]:
@@ -46,7 +46,7 @@ def test_run(folder: Path, ckpt: str, *extra: str) -> tuple[Path, float]:
         "--trainer.enable_progress_bar",
         "false",
     ]
-    run_cli([*args, *extra, *logger_args(folder.parent, folder.name)])
+    run_cli([*args, *extra], run_dir=folder)
     return folder, time.perf_counter() - start
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from test_cli import write_config
 
 from fsseg.cli.trainer import run_cli
-from fsseg.seeds import logger_args
 
 
 def make_runs(tmp: Path, data_root: Path) -> dict[str, Path]:
@@ -23,6 +22,6 @@ def make_runs(tmp: Path, data_root: Path) -> dict[str, Path]:
         ("untrained", ["--no_ckpt"]),
         ("untrained_other_class", ["--no_ckpt", "--data.support_control", "other_class"]),
     ):
-        run_cli(["test", "--config", str(cfg), *args, *logger_args(tmp / "tests", name)])
+        run_cli(["test", "--config", str(cfg), *args], run_dir=tmp / "tests" / name)
         runs[name] = tmp / "tests" / name
     return runs

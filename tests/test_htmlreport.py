@@ -165,15 +165,26 @@ def test_refusals_leave_nothing_half_written(runs, tmp_path, capsys, monkeypatch
     assert run(["report", str(own), "--out", str(out), "--n-boot", "50", "--gallery", "0"]) == 0
     stamp = (out / "index.html").stat().st_mtime_ns
     assert run(["report", str(own), "--out", str(out), "--n-boot", "50"]) == 2
-    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert "already holds a report: pass --overwrite" in capsys.readouterr().err
     assert (out / "index.html").stat().st_mtime_ns == stamp
+    # a folder of the user's: --overwrite replaces only what fsseg report wrote there
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    (mine / "notes.txt").write_text("keep")
+    assert run(["report", str(own), "--out", str(mine), "--n-boot", "50", "--overwrite"]) == 2
+    assert "was not written by fsseg report" in capsys.readouterr().err
+    assert (mine / "index.html").read_text() == "my page" and (mine / "notes.txt").read_text() == "keep"
+    (mine / "index.html").unlink()
+    assert run(["report", str(own), "--out", str(mine), "--n-boot", "50", "--gallery", "0"]) == 0
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "report.json").exists()
     assert run(["report", str(own), str(other), "--out", str(out), "--n-boot", "50", "--overwrite"]) == 0
     assert json.loads((out / "report.json").read_text())["comparison"] is not None  # replaced
     # runs on other episodes: refused, and neither the folder nor a temporary one is left
     fewer = copy_run(own, tmp_path / "fewer", edit=lambda recs: recs.pop())
     assert run(["report", str(fewer), str(other), "--out", str(tmp_path / "x"), "--n-boot", "50"]) == 2
     assert "did not evaluate the same episodes" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fewer", "r"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fewer", "mine", "r"]
 
     # a stored prediction that no longer gives the recorded counts: the data changed since the run
     def empty_first(recs):

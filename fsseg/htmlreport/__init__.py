@@ -53,24 +53,42 @@ def require_extra() -> None:
         )
 
 
+REPORT_ENTRIES = ("index.html", "report.json", "images")  # what every report folder holds
+
+
 def _write_atomically(out: Path, overwrite: bool, fill) -> Path:
-    """Call ``fill(folder)`` on a fresh temporary folder beside ``out``, then move it to ``out`` (an existing ``out``
-    is refused before any work unless ``overwrite``, then replaced). Nothing half-written is left behind."""
-    from fsseg.files import claim_outputs
+    """Call ``fill(folder)`` on a fresh temporary folder beside ``out``, then move what it wrote into ``out``
+    (`fsseg.output_folder.replacing`: one writer at a time; an earlier report there is refused before any work
+    unless ``overwrite``, and replaced only once the new one is complete; files fsseg did not write are never
+    touched). Nothing half-written is left behind."""
+    from fsseg.files import OutputExists, ensure_folder
+    from fsseg.output_folder import read_manifest, replacing
 
     out = Path(out)
-    if not overwrite:
-        claim_outputs([out], overwrite=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is not a folder: a file is in the way")
+    earlier = [n for n in REPORT_ENTRIES if (out / n).exists()]  # checked before any work, as claim() will
+    foreign = [n for n in earlier if read_manifest(out).get(n) != "report"]
+    if foreign:
+        raise OutputExists(
+            f"{out / foreign[0]} already exists and was not written by fsseg report: move it away, or choose "
+            f"another --out"
+        )
+    if earlier and not overwrite:
+        raise OutputExists(
+            f"{out} already holds a report: pass --overwrite to replace it, or choose another --out"
+        )
+    ensure_folder(out.parent)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     try:
         tmp.mkdir()
         fill(tmp)
-        claim_outputs([out], overwrite=overwrite)
-        os.replace(tmp, out)
-    except BaseException:
+        names = sorted(p.name for p in tmp.iterdir())
+        with replacing(out, "report", names, overwrite, say=lambda line: print(f"fsseg report: {line}")):
+            for name in names:
+                os.replace(tmp / name, out / name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
