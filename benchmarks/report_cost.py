@@ -31,7 +31,6 @@ from speed import cpu_model, load
 from fsseg.cli.trainer import run_cli
 from fsseg.files import atomic_write_text
 from fsseg.predictions import FIELD, decode_mask, encode_masks
-from fsseg.cli.trainer import run_cli
 
 
 def test_run(folder: Path, ckpt: str, *extra: str) -> tuple[Path, float]:
