@@ -301,7 +301,9 @@ def predict_images(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fsseg predict-images", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="fsseg predict-images", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("--ckpt", type=Path, help="Lightning checkpoint; the run's config.yaml is found beside it")
     p.add_argument(
         "--config",

@@ -480,14 +480,31 @@ def test_option_prefixes_are_refused_in_every_command(trained, tmp_path, capsys)
                  ["evaluate-seeds", "--out", a, "--see", "2", "--config", str(cfg), "--ckpt", str(ckpt)],
                  ["demo", str(cfg), "--out", a, "--test-ep", "3"],
                  ["compare", a, a, "--n-bo", "3"],
-                 ["cache-latents", "--config", str(cfg), "--data.fol", "1"]):  # fmt: skip
+                 ["cache-latents", "--config", str(cfg), "--data.fol", "1"],
+                 ["predict-images", "--config", str(cfg), "--ckpt", str(ckpt), "--supp", a, "--support-mask", a,
+                  "--query", a, "--out", a],
+                 ["data", "check", "--ro", a],
+                 ["report", a, "--ov"]):  # fmt: skip
         try:
             code = run(argv)
         except SystemExit as e:  # argparse's own usage error
             code = e.code
         assert code == 2, argv
         err = capsys.readouterr().err
-        assert any(p in err for p in ("test_ep", "max_ep", "--see", "--test-ep", "--n-bo", "data.fol")), err
+        assert any(
+            p in err
+            for p in (
+                "test_ep",
+                "max_ep",
+                "--see",
+                "--test-ep",
+                "--n-bo",
+                "data.fol",
+                "--supp",
+                "--ro",
+                "--ov",
+            )
+        ), err
     assert not Path(a).exists()
 
 

@@ -587,11 +587,11 @@ def test_precision_flag(kandinsky_dir, images, tmp_path, capsys):
                 str(config),
                 "--no_ckpt",
                 "--precision",
-                "fp16",
+                "fp8",
                 *cli_args(images, 1),
             ]
         )
-    assert done.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert done.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

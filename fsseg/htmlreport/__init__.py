@@ -163,7 +163,7 @@ def default_out(run_a: Path, run_b: Path | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fsseg report", description=__doc__,
+    p = argparse.ArgumentParser(prog="fsseg report", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run_a", type=Path, help="test run folder A (metrics.json, episodes.jsonl, config.yaml)")
     p.add_argument(

@@ -54,12 +54,12 @@ COMMANDS = {  # command -> (module with add_arguments/run, imported when the par
 
 
 def build_parser(prog: str = "fsseg data") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="fsseg data tools")
+    parser = argparse.ArgumentParser(prog=prog, description="fsseg data tools", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = import_module(module_name) if module_name else None
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ if module else help_text),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # fmt: skip
         if module is None:
             _ade_arguments(p)
             p.set_defaults(func=_ade_run)
