@@ -137,13 +137,11 @@ def build_module(pretrained: str, support_pass: str, checkpointing: bool, device
     module = DiffewsModule(
         pretrained=pretrained, support_pass=support_pass, gradient_checkpointing=checkpointing
     ).to(device)
-    module.vae.to(dtype)
+    pipe = module.pipeline
+    pipe.vae.to(dtype)
     if dtype != torch.float32:
-        module.unet.to(dtype)
-        module.prompt_train, module.prompt_infer = (
-            module.prompt_train.to(dtype),
-            module.prompt_infer.to(dtype),
-        )
+        pipe.unet.to(dtype)
+        pipe.prompt_train, pipe.prompt_infer = pipe.prompt_train.to(dtype), pipe.prompt_infer.to(dtype)
     return module
 
 
@@ -157,7 +155,7 @@ def time_module(module: DiffewsModule, batch: dict, device, iters: int, warmup: 
 
     def step():
         module.training_loss(batch)["loss"].backward()
-        module.unet.zero_grad(set_to_none=True)
+        module.pipeline.unet.zero_grad(set_to_none=True)
 
     trn = measure(step, device, iters, warmup)
     return {
@@ -209,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             module = build_module(pretrained, support_pass, args.gradient_checkpointing, device, dtype)
             module.eval()
             with torch.no_grad():
-                images[name] = module.predict_image(batch).float().cpu()
+                images[name] = (
+                    module.pipeline.decode_episodes(
+                        batch["query_img"], batch["support_imgs"], batch["support_masks"]
+                    )
+                    .float()
+                    .cpu()
+                )
             results[name] = time_module(module, batch, device, iters, warmup, args.batch)
             print(name, results[name], flush=True)
             del module

@@ -60,9 +60,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fsseg.data.embedded import generate_embedded_benchmark
 from fsseg.data.pascal import EmbeddedFewShot
+from fsseg.episode import foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews import latent_cache as lc
-from fsseg.models.diffews.inputs import binary_mask, mask_image
+from fsseg.models.diffews.support import LatentSupport
 from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text_encoder, tiny_tokenizer
 from fsseg.predict import precision_context
 
@@ -237,15 +238,20 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
     prompt = text_encoder(ids)[0]  # [1, 2, D]
     q, s = ep["query_img"], ep["support_imgs"][:, 0]
     z_q, z_s, z_ms = (
-        m.encode(x, sample=False) for x in (q, s, mask_image(binary_mask(ep["support_masks"][:, 0])))
+        m.pipeline.codec.encode(x, sample=False)
+        for x in (q, s, mask_image(foreground(ep["support_masks"][:, 0])))
     )  # three VAE calls
-    support = {"x": torch.cat([z_s, z_ms], 1), "k": 1}
+    support = LatentSupport(torch.cat([z_s, z_ms], 1), 1)
     t = torch.ones(1, dtype=torch.long, device=device)
-    bank = m.support_bank(support, t, prompt)  # pass 1: every attn1 K/V of the support
-    image = m.decode(-m.query_call(z_q, support, t, prompt, bank))  # pass 2: the query against the bank
+    calls = m.pipeline.unet_calls
+    bank = calls.support_bank(support, t, prompt)  # pass 1: every attn1 K/V of the support
+    query = calls.query_call(
+        z_q, support, t, prompt, bank, training=False
+    )  # pass 2: the query against the bank
+    image = m.pipeline.codec.decode(-query)
     u8 = (image.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # truncation, as released
     image = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).to(device)
-    return m.masks(image, q, out_size)
+    return m.pipeline.masks(image, q, out_size)
 
 
 # ---- sections ----------------------------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
     batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
     one = take(batch, 0)
     out_size = (size, size)
-    layers = [m.unet, m.vae]
+    layers = [m.pipeline.unet, m.pipeline.vae]
     outs: dict[str, torch.Tensor] = {}
 
     def run_a():
@@ -275,7 +281,7 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
         f"C_fsseg_bf16_b{c_batch}": (lambda: set_channels_last(layers, True), run_c),
     }
     names = list(variants)
-    meter = UnetMeter(m.unet, device)
+    meter = UnetMeter(m.pipeline.unet, device)
     before = load()
     try:
         times = interleaved(
@@ -322,11 +328,15 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
     images, masks = lc.entries([ds])
     images = {k: v for k, v in images.items() if k in names}
     masks = {k: v for k, v in masks.items() if k[0] in names}
-    set_channels_last([m.unet, m.vae], True)
-    folder = lc.build(workdir / f"cache{size}", m.posterior, images, masks, {"format": lc.FORMAT})
+    set_channels_last([m.pipeline.unet, m.pipeline.vae], True)
+    folder = lc.build(
+        workdir / f"cache{size}", m.pipeline.codec.posterior, images, masks, {"format": lc.FORMAT}
+    )
     cache = lc.LatentCache(folder)
     batches = [to(default_collate([it]), device) for it in items]
-    opt = torch.optim.SGD(m.unet.parameters(), lr=1e-7)  # no optimizer state: the update costs one pass
+    opt = torch.optim.SGD(
+        m.pipeline.unet.parameters(), lr=1e-7
+    )  # no optimizer state: the update costs one pass
     m.train()
     turn = {"i": 0}
 
@@ -366,7 +376,7 @@ def predict_images_speed(m, size, repeats, device) -> dict:
     m.eval()
     ep = to(random_episodes(b=1, k=1, size=size, seed=1), device)
     s_img, s_mask, query = ep["support_imgs"][0], ep["support_masks"][0], ep["query_img"]
-    layers = [m.unet, m.vae]
+    layers = [m.pipeline.unet, m.pipeline.vae]
     states = {}
     for precision, channels_last in (("fp32", False), ("bf16", True)):
         set_channels_last(layers, channels_last)
@@ -399,7 +409,7 @@ def compile_speed(m, size, c_batch, repeats, device) -> dict:
     """C with the UNet compiled (torch.compile, default mode): compile time and steady speed against eager C."""
     m.eval()
     batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
-    set_channels_last([m.unet, m.vae], True)
+    set_channels_last([m.pipeline.unet, m.pipeline.vae], True)
 
     def run():
         with autocast(device, True):
@@ -408,12 +418,12 @@ def compile_speed(m, size, c_batch, repeats, device) -> dict:
     t0 = time.perf_counter()
     eager = interleaved({"eager": (lambda: None, run)}, repeats, device)["eager"]
     eager_total = time.perf_counter() - t0
-    m.unet.compile()
+    m.pipeline.unet.compile()
     t0 = time.perf_counter()
     run()  # compiles
     first = time.perf_counter() - t0
     compiled = interleaved({"compiled": (lambda: None, run)}, repeats, device)["compiled"]
-    m.unet._compiled_call_impl = None  # back to eager for whatever follows
+    m.pipeline.unet._compiled_call_impl = None  # back to eager for whatever follows
     return {
         "eager": summary(eager, c_batch),
         "compiled": summary(compiled, c_batch),
@@ -430,7 +440,7 @@ def compile_speed(m, size, c_batch, repeats, device) -> dict:
 def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
     """DiffSeg's predict_masks on the Kandinsky 2.2 architecture: fp32 batch 1 against bf16, channels-last, batched."""
     m = RandomKandinskyDiffSeg(decoder="random", prior="random", edge_source="sobel").to(device).eval()
-    layers = [m.unet, m.movq]
+    layers = [m.pipeline.unet, m.pipeline.movq]
     batch = to(random_episodes(b=batch_size, k=1, size=size, seed=2), device)
     one = take(batch, 0)
     variants = {
@@ -441,7 +451,7 @@ def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
         ),
     }
     names = list(variants)
-    meter = UnetMeter(m.unet, device)
+    meter = UnetMeter(m.pipeline.unet, device)
     before = load()
     try:
         times = interleaved(variants, repeats, device, meter, count_flops=tuple(names))

@@ -15,9 +15,10 @@ import torch
 from fsseg.cli import main as fsseg_main
 from fsseg.cli.trainer import run_cli
 from fsseg.data.datamodule import FewShotDataModule
+from fsseg.episode import foreground as binary_mask
+from fsseg.episode import mask_image
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews import latent_cache as lc
-from fsseg.models.diffews.inputs import binary_mask, mask_image
 from fsseg.models.diffews.tiny import write_tiny_sd
 
 
@@ -56,7 +57,9 @@ def test_cache_holds_the_vae_posteriors_memory_mapped(built):
     assert cache.moments.shape == (len(cache.image_rows) + len(cache.mask_rows), 8, 32, 32)
     key, c = sorted(pairs)[3]
     with torch.no_grad():
-        live = m.posterior(torch.stack([lc.load_image(ds, key), lc.load_mask_image(ds, key, c)])).parameters
+        live = m.pipeline.codec.posterior(
+            torch.stack([lc.load_image(ds, key), lc.load_mask_image(ds, key, c)])
+        ).parameters
     rows = [cache.image_rows[key], cache.mask_rows[f"{key}\t{c}"]]
     torch.testing.assert_close(torch.from_numpy(cache.moments[rows]), live, rtol=1e-5, atol=1e-5)
     # the mask image is the white-foreground image of that class, 255 (ignore) as background
@@ -68,16 +71,19 @@ def test_cache_holds_the_vae_posteriors_memory_mapped(built):
 
 @pytest.mark.parametrize("train_shots", [None, 2], ids=["all_shots", "random_shots"])
 def test_same_seed_same_latents_and_loss_as_live_encoding(built, sd_dir, train_shots):
-    folder, dm, cached = built
+    folder, dm, _ = built
     live = DiffewsModule(pretrained=sd_dir, train_shots=train_shots)
-    cached.hparams.train_shots = train_shots
+    cached = DiffewsModule(pretrained=sd_dir, train_shots=train_shots, latent_cache=str(folder))
+    cached.use_latent_cache(folder, dm.train_datasets(), build_missing=False)
     live.load_state_dict(cached.state_dict())
     batch = next(iter(dm.train_dataloader()))
     assert batch["support_imgs"].shape[1] == 2
     seen = {}
     for name, m in (("live", live), ("cached", cached)):
         z: list[torch.Tensor] = []
-        hook = m.unet.register_forward_pre_hook(lambda mod, args, z=z: z.append(args[0].detach().clone()))
+        hook = m.pipeline.unet.register_forward_pre_hook(
+            lambda mod, args, z=z: z.append(args[0].detach().clone())
+        )
         try:
             torch.manual_seed(123)
             loss = m.training_loss(batch)["loss"]
@@ -88,7 +94,6 @@ def test_same_seed_same_latents_and_loss_as_live_encoding(built, sd_dir, train_s
     torch.testing.assert_close(seen["cached"][1], seen["live"][1], rtol=1e-5, atol=1e-5)  # UNet input latents
     torch.manual_seed(124)  # another seed, other draws: the test above is not vacuous
     assert not torch.allclose(cached.training_loss(batch)["loss"], seen["live"][0], rtol=1e-4)
-    cached.hparams.train_shots = None
 
 
 def test_cached_latents_are_a_posterior_sample(built):
@@ -100,16 +105,14 @@ def test_cached_latents_are_a_posterior_sample(built):
     assert moments.shape[0] == 18
     q, s, sm = batch["query_img"], batch["support_imgs"], binary_mask(batch["support_masks"])
     torch.manual_seed(5)
-    (z_q, z_mq), support = m.encode_episode(
+    (z_q, z_mq), support = m.pipeline.encode(
         [q, mask_image(binary_mask(batch["query_mask"]))], s, sm, True, moments
     )
     torch.manual_seed(5)
     eps = torch.randn(18, 4, 32, 32)
     mean, logvar = moments.chunk(2, 1)
-    expected = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps) * m.scaling_factor
-    ours = torch.cat(
-        [z_q, z_mq, *support["x"].chunk(2, 1)]
-    )  # rows: queries, query masks, supports, their masks
+    expected = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps) * m.pipeline.codec.scaling_factor
+    ours = torch.cat([z_q, z_mq, *support.x.chunk(2, 1)])  # rows: queries, query masks, supports, their masks
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -23,6 +23,11 @@ from fsseg.models.diffews.processors import FusionInputs, query_attention, suppo
 from fsseg.models.diffews.tiny import random_episodes, write_tiny_sd
 
 
+def decode_batch(m, batch):
+    """The decoded prediction of a batch of episodes, before thresholding."""
+    return m.pipeline.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+
+
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     return str(write_tiny_sd(tmp_path_factory.mktemp("diffews_release") / "sd", seed=0))
@@ -64,10 +69,10 @@ def test_default_postprocessing_is_the_released_one(sd_dir):
             designed.append(ramp + 0.3 * torch.randn(out.shape, generator=g))
         return designed[0]
 
-    hook = m.vae.decoder.register_forward_hook(replace)
+    hook = m.pipeline.vae.decoder.register_forward_hook(replace)
     with torch.no_grad():
         pred = m.predict_masks(batch, (48, 40))
-        image = m.predict_image(batch)
+        image = decode_batch(m, batch)
     hook.remove()
     raw = designed
     decoded = raw[0].numpy()  # [2, 3, 32, 32], the decoder's output before any post-processing
@@ -88,7 +93,7 @@ def test_the_papers_postprocessing_is_an_option(sd_dir):
     paper.load_state_dict(released.state_dict())
     assert paper.hparams.threshold_reference == "mean_max" and paper.hparams.quantize == "none"
     with torch.no_grad():
-        img_r, img_p = released.predict_image(batch), paper.predict_image(batch)
+        img_r, img_p = decode_batch(released, batch), decode_batch(paper, batch)
         mask_p = paper.predict_masks(batch, (32, 32))
     assert torch.equal(img_r, torch.floor(img_p * 255) / 255) and not torch.equal(img_r, img_p)
     score = img_p.mean(1)  # the paper: channel mean > 0.25 * max(channel mean)
@@ -136,7 +141,7 @@ def test_mask_resize_option_is_recorded_and_used(sd_dir):
         m = DiffewsModule(pretrained=sd_dir, injection="attention_mask", mask_resize=resize).eval()
         assert m.hparams.mask_resize == resize
         with torch.no_grad():
-            outs[resize] = m.predict_image(batch)
+            outs[resize] = decode_batch(m, batch)
     assert not torch.equal(outs["nearest"], outs["any"])
 
 
@@ -181,13 +186,15 @@ def test_mn2m_training_noise_is_annealed_by_t_over_T(sd_dir):
     assert m.hparams.multires_noise_form == "released"
     z_q, z_mq = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     query_in, t, target = gen.training_inputs(
-        "mn2m", z_q, z_mq, m.noise_scheduler, 0.9, "released", torch.Generator().manual_seed(2)
+        "mn2m", z_q, z_mq, m.pipeline.noise_scheduler, 0.9, "released", torch.Generator().manual_seed(2)
     )
     g = torch.Generator().manual_seed(2)
     t_ref = torch.randint(0, 1000, (2,), generator=g)
     noise = port_pyramid(z_mq, 0.9 * t_ref / 1000, g, 6, False)
     assert torch.equal(t, t_ref)
     torch.testing.assert_close(
-        query_in[:, 4:], m.noise_scheduler.add_noise(z_mq, noise, t), rtol=0, atol=1e-6
+        query_in[:, 4:], m.pipeline.noise_scheduler.add_noise(z_mq, noise, t), rtol=0, atol=1e-6
     )
-    torch.testing.assert_close(target, m.noise_scheduler.get_velocity(z_mq, noise, t), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        target, m.pipeline.noise_scheduler.get_velocity(z_mq, noise, t), rtol=0, atol=1e-6
+    )

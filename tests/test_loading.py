@@ -71,10 +71,10 @@ def test_hub_id_loads_from_the_cache_offline(hub_cache, sd_dir):
     fake_cache(hub_cache, "someone/tiny-sd", sd_dir)
     m = DiffewsModule(pretrained="someone/tiny-sd", generation="mi2m")
     ref = DiffewsModule(pretrained=str(sd_dir), generation="mi2m")
-    assert torch.equal(m.unet.conv_in.weight, ref.unet.conv_in.weight)
+    assert torch.equal(m.pipeline.unet.conv_in.weight, ref.pipeline.unet.conv_in.weight)
     assert (
-        m.noise_scheduler.config.beta_end == 0.012
-        and m.noise_scheduler.config.prediction_type == "v_prediction"
+        m.pipeline.noise_scheduler.config.beta_end == 0.012
+        and m.pipeline.noise_scheduler.config.prediction_type == "v_prediction"
     )
 
 

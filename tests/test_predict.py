@@ -182,8 +182,8 @@ def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
     L.seed_everything(3)
     model = DiffewsModule(pretrained=sd_dir)
     with torch.no_grad():
-        model.unet.conv_in_ref.weight.add_(
-            0.05 * torch.randn_like(model.unet.conv_in_ref.weight)
+        model.pipeline.unet.conv_in_ref.weight.add_(
+            0.05 * torch.randn_like(model.pipeline.unet.conv_in_ref.weight)
         )  # differs from a fresh init
     ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
     with pytest.raises(SystemExit) as done:
@@ -227,9 +227,7 @@ CachedDiffews = DiffewsModule  # binds the support cache as encode_support / pre
 
 def cached_image(model: DiffewsModule, state, queries: torch.Tensor) -> torch.Tensor:
     """The decoded prediction of `predict_with_support`: `predict_image` with the stored support's UNet call."""
-    from fsseg.models.diffews.support_cache import cached_denoiser
-
-    return model.predict_image({"query_img": queries}, cached_denoiser(model, state, queries.shape[0]))
+    return model.pipeline.decode_queries(state, queries)
 
 
 def _count_rows(module: torch.nn.Module) -> list[int]:
@@ -271,7 +269,7 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     equals the joint one-pass call of `DiffewsModule.predict_masks`."""
     torch.manual_seed(0)
     model = CachedDiffews(pretrained=sd_dir, **kw).eval()
-    unet_rows, vae_rows = _count_rows(model.unet), _count_rows(model.vae.encoder)
+    unet_rows, vae_rows = _count_rows(model.pipeline.unet), _count_rows(model.pipeline.vae.encoder)
     queries = sorted(images["queries"].glob("*.*g"))
     predict_images(model, images["supports"], queries, images["out"], 32)
     steps = kw.get("num_inference_steps", 1)
@@ -293,7 +291,9 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
         "support_masks": s_masks.expand(3, -1, -1, -1),
     }
     with torch.no_grad():
-        joint = model.predict_image(batch)
+        joint = model.pipeline.decode_episodes(
+            batch["query_img"], batch["support_imgs"], batch["support_masks"]
+        )
     cached = cached_image(model, model.encode_support(s_imgs, s_masks), q)
     assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
 
@@ -403,7 +403,7 @@ def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
 # ---- --precision bf16 ---------------------------------------------------------------------------------------------
 def _unet_dtypes(model) -> set:
     dtypes: set = set()
-    model.unet.register_forward_hook(lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype))
+    model.pipeline.unet.register_forward_hook(lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype))
     return dtypes
 
 

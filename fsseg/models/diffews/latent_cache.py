@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from fsseg.data import augment
 from fsseg.data.base import FewShotDataset, image_to_tensor, load_rgb, resize_mask
-from fsseg.models.diffews.inputs import binary_mask, mask_image
+from fsseg.episode import foreground as binary_mask
+from fsseg.episode import mask_image
 
 FORMAT = 1
 MOMENTS, INDEX, FINGERPRINT = "moments.npy", "index.json", "fingerprint.json"
@@ -59,25 +60,10 @@ CHECKED = (
     "train_augment",
 )  # must match
 DEFAULTS = {"train_augment": "none"}  # what a cache written before the field existed holds
-SUPPORTED = {"supervision": ("white_fg",), "injection": ("concat", "multiply_latent", "attention_mask")}
 
 
 class LatentCacheMismatch(ValueError):
     """The cache folder was built from other inputs than this run's."""
-
-
-def check_supported(interaction: str, injection: str, supervision: str) -> None:
-    """Refuse, by name, the variants whose VAE inputs the cache does not hold."""
-    if interaction == "tca":
-        raise ValueError(
-            "latent_cache: interaction='tca' encodes the support with CLIP, not the VAE; unsupported"
-        )
-    for key, value in (("supervision", supervision), ("injection", injection)):
-        if value not in SUPPORTED[key]:
-            raise ValueError(
-                f"latent_cache holds image and white-foreground mask-image posteriors; {key}={value!r} needs other "
-                f"images (supported: {key} in {SUPPORTED[key]})"
-            )
 
 
 # ---- what the cache holds ----------------------------------------------------------------------------------------
@@ -317,15 +303,16 @@ def ensure(
     """The cache of ``module``'s VAE and ``datasets`` in ``folder``: opened (refused when its fingerprint differs),
     or, when missing and ``build_missing``, built first with the VAE on ``device`` (default: where it is)."""
     folder = Path(folder).expanduser()
-    expected = fingerprint(module.vae, datasets)
+    vae = module.pipeline.vae
+    expected = fingerprint(vae, datasets)
     if not folder.exists():
         if not build_missing:
             raise FileNotFoundError(
                 f"latent cache {folder} does not exist (it is built at the start of `fsseg fit` or by "
                 f"`fsseg cache-latents`)"
             )
-        home = next(module.vae.parameters()).device
-        module.vae.to(device or home)
+        home = next(vae.parameters()).device
+        vae.to(device or home)
         variants = augment.variants(expected["train_augment"])
         try:
             colours = f" in {len(variants)} colour variants" if len(variants) > 1 else ""
@@ -335,7 +322,7 @@ def ensure(
             )
             build(
                 folder,
-                module.posterior,
+                module.pipeline.codec.posterior,
                 *entries(datasets),
                 expected,
                 num_workers=num_workers,
@@ -345,6 +332,6 @@ def ensure(
             if not (folder / FINGERPRINT).is_file():  # not another process that finished first
                 raise
         finally:
-            module.vae.to(home)
+            vae.to(home)
         rank_zero_info(f"latent cache: wrote {folder}")
     return LatentCache.open(folder, expected)
