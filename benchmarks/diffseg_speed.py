@@ -159,7 +159,7 @@ def bench(model: DiffSegModule, size: int, iters: int, device, train: bool) -> d
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     out["trainable_params"] = sum(p.numel() for p in model.trainable_parameters())
-    out["frozen_unet_params"] = sum(p.numel() for p in model.unet.parameters())
+    out["frozen_unet_params"] = sum(p.numel() for p in model.pipeline.unet.parameters())
     return out
 
 

@@ -43,6 +43,12 @@ def episode(i: int, k: int = 1) -> dict:
     }
 
 
+def support_of(m, b: dict):
+    """(L_s, E_m) of a batch's supports."""
+    s = m.pipeline.encode_support(b["support_imgs"], b["support_masks"])
+    return s.latent, s.embedding
+
+
 def batch_of(n: int, k: int = 1) -> dict:
     return next(iter(DataLoader([episode(i, k) for i in range(n)], batch_size=n)))
 
@@ -50,21 +56,21 @@ def batch_of(n: int, k: int = 1) -> dict:
 def test_scm_gets_gradients_through_frozen_unet_which_stays_unchanged(tiny_dir):
     torch.manual_seed(0)
     m = make_module(tiny_dir, scm_zero_init=False)
-    unet_before = {k: v.clone() for k, v in m.unet.state_dict().items()}
-    scm_before = {k: v.clone() for k, v in m.scm.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in m.pipeline.unet.state_dict().items()}
+    scm_before = {k: v.clone() for k, v in m.pipeline.scm.state_dict().items()}
     opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
     assert {id(p) for p in m.trainable_parameters()} == {
-        id(p) for p in [*m.scm.parameters(), *m.head.parameters()]
+        id(p) for p in [*m.pipeline.scm.parameters(), *m.pipeline.head.parameters()]
     }
     out = m.training_loss(batch_of(2))
     out["map_loss"].backward()  # M_a depends on SCM only through the UNet's up path
-    for name, p in m.scm.named_parameters():
+    for name, p in m.pipeline.scm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in m.unet.parameters())
+    assert all(p.grad is None for p in m.pipeline.unet.parameters())
     opt.step()
-    for k, v in m.unet.state_dict().items():
+    for k, v in m.pipeline.unet.state_dict().items():
         assert torch.equal(v, unet_before[k]), k
-    assert any(not torch.equal(v, scm_before[k]) for k, v in m.scm.state_dict().items())
+    assert any(not torch.equal(v, scm_before[k]) for k, v in m.pipeline.scm.state_dict().items())
 
 
 def test_zero_initialised_scm_starts_as_the_plain_unet_but_learns(tiny_dir):
@@ -75,17 +81,17 @@ def test_zero_initialised_scm_starts_as_the_plain_unet_but_learns(tiny_dir):
     with torch.no_grad():
         torch.testing.assert_close(with_scm(b)[1], without(b)[1])
     with_scm.training_loss(b)["loss"].backward()
-    assert all(p.grad.abs().sum() > 0 for p in with_scm.scm.out_proj.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in with_scm.pipeline.scm.out_proj.parameters())
 
 
 def test_shared_versus_per_level_parameter_counts(tiny_dir):
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    shared = make_module(tiny_dir).scm
-    per_level = make_module(tiny_dir, scm_shared=False).scm
+    shared = make_module(tiny_dir).pipeline.scm
+    per_level = make_module(tiny_dir, scm_shared=False).pipeline.scm
     assert len(shared.cores) == 1 and len(per_level.cores) == 3
     core = count(shared.cores[0])
     assert count(per_level) - count(shared) == 2 * core
-    two_levels = make_module(tiny_dir, scm_levels=[2, 3]).scm
+    two_levels = make_module(tiny_dir, scm_levels=[2, 3]).pipeline.scm
     assert two_levels.levels == [2, 3] and count(two_levels) < count(shared)
     # the levels' channels differ, so the per-level projections differ in size
     assert shared.in_proj["1"].in_channels != shared.in_proj["3"].in_channels
@@ -104,15 +110,15 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(m, train_dataloaders=DataLoader([episode(i) for i in range(4)], batch_size=2))
-    assert all(not p.requires_grad for p in m.unet.parameters())
-    assert not m.unet.training and not m.movq.training  # frozen parts stay in eval mode
+    assert all(not p.requires_grad for p in m.pipeline.unet.parameters())
+    assert not m.pipeline.unet.training and not m.pipeline.movq.training  # frozen parts stay in eval mode
     path = tmp_path / "diffseg.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert keys and all(k.startswith(("scm.", "head.")) for k in keys)
-    assert keys == {k for k, p in m.named_parameters() if p.requires_grad} | {
-        k for k, _ in m.named_buffers() if k.startswith(("scm.", "head."))
+    assert keys == {k for k, p in m.pipeline.named_parameters() if p.requires_grad} | {
+        k for k, _ in m.pipeline.named_buffers() if k.startswith(("scm.", "head."))
     }
     assert ckpt["hyper_parameters"]["decoder"] == str(tiny_dir / "decoder")
     loaded = DiffSegModule.load_from_checkpoint(path, map_location="cpu")
@@ -145,14 +151,15 @@ def test_k_shot_averages_embeddings_and_latents(tiny_dir):
     m = make_module(tiny_dir)
     b = batch_of(2, k=3)
     with torch.no_grad():
-        ls, emb = m.support_inputs(b)
+        ls, emb = support_of(m, b)
         singles = [
-            m.support_inputs(
+            support_of(
+                m,
                 {
                     **b,
                     "support_imgs": b["support_imgs"][:, j : j + 1],
                     "support_masks": b["support_masks"][:, j : j + 1],
-                }
+                },
             )
             for j in range(3)
         ]
@@ -171,7 +178,7 @@ def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_d
             q.copy_(p)
         one, three = batch_of(2, k=1), batch_of(2, k=3)
         torch.testing.assert_close(tokens(one)[0], mean(one)[0], rtol=0, atol=1e-6)  # K=1: the same model
-        ls, _ = tokens.support_inputs(three)
+        ls, _ = support_of(tokens, three)
         assert ls.shape[:2] == (2, 3)  # [B, K, C, h, w]: no shot averaged away
         swapped = {
             **three,
@@ -255,7 +262,7 @@ def test_cached_support_equals_joint_forward(tiny_dir, kw):
     with torch.no_grad():
         state = m.encode_support(shared["support_imgs"][0], shared["support_masks"][0])
         l_joint, _ = m(shared)
-        l_cached, _ = m.query_forward(shared["query_img"], *state)
+        l_cached, _ = m.pipeline(shared["query_img"], state)
         # float noise only: the support set is encoded alone (1 row) instead of once per episode, and the attention
         # maps' min-max normalisation amplifies its 1e-7 differences in E_m
         torch.testing.assert_close(l_cached, l_joint, rtol=0, atol=1e-2)

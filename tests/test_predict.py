@@ -189,9 +189,10 @@ def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.5", *cli_args(images, 2)])
     assert done.value.code == 0
-    model.eval().hparams.threshold = 0.5  # what --threshold sets
+    with_threshold = DiffewsModule(pretrained=sd_dir, threshold=0.5).eval()  # what --threshold sets
+    with_threshold.load_state_dict(model.state_dict())
     check_outputs(
-        images, direct_predictions(model, images, 2, 32), 0.01
+        images, direct_predictions(with_threshold, images, 2, 32), 0.01
     )  # the checkpoint's weights were used
 
 
@@ -212,8 +213,9 @@ def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.45", *cli_args(images, 1)])
     assert done.value.code == 0
-    model.hparams.threshold = 0.45  # what --threshold sets
-    check_outputs(images, direct_predictions(model, images, 1, 64))
+    with_threshold = DiffSegModule(**init, threshold=0.45)  # what --threshold sets
+    with_threshold.load_state_dict(model.state_dict())
+    check_outputs(images, direct_predictions(with_threshold, images, 1, 64))
 
 
 def _write(path: Path, config: dict) -> Path:
@@ -312,7 +314,7 @@ def test_diffseg_support_latent_and_embedding_computed_once(kandinsky_dir, image
         edge_source="sobel",
         scm_zero_init=False,
     ).eval()
-    movq_rows, clip_rows = _count_rows(model.movq.encoder), _count_rows(model.image_encoder)
+    movq_rows, clip_rows = _count_rows(model.pipeline.movq.encoder), _count_rows(model.pipeline.image_encoder)
     predict_images(model, images["supports"], sorted(images["queries"].glob("*.*g")), images["out"], 64)
     assert movq_rows == [2, 1, 1, 1] and clip_rows == [2]  # the 2 masked supports once, then each query
     check_outputs(images, direct_predictions(model, images, 2, 64))  # what the joint predict_masks gives

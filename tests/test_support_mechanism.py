@@ -97,8 +97,10 @@ def _diffews(cut: bool):
     torch.manual_seed(0)
     module = DiffewsModule(pretrained=str(ASSETS / "tiny-diffews"))
     if cut:  # every support becomes a black image with an empty mask before it is encoded
-        images = module.support_images  # what the VAE encodes for the support side
-        module.support_images = lambda img, mask: images(torch.zeros_like(img), torch.zeros_like(mask))
+        encode = module.pipeline.encode  # the VAE encodes the queries and the support side
+        module.pipeline.encode = lambda queries, img, mask, *args: encode(
+            queries, torch.zeros_like(img), torch.zeros_like(mask), *args
+        )
     return module, [p for p in module.parameters() if p.requires_grad], 1e-3
 
 
@@ -118,10 +120,8 @@ def _diffseg(cut: bool):
         threshold=0.3,
     )
     if cut:  # the masked support image (source of L_s and the CLIP prompt) becomes black
-        inputs = module.support_inputs
-        module.support_inputs = lambda batch: inputs(
-            {**batch, "support_imgs": torch.zeros_like(batch["support_imgs"])}
-        )
+        encode = module.pipeline.encode_support
+        module.pipeline.encode_support = lambda imgs, masks: encode(torch.zeros_like(imgs), masks)
     return module, module.trainable_parameters(), 3e-3
 
 
