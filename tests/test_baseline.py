@@ -2,7 +2,6 @@
 
 import torch
 
-from fsseg.models.base import FewShotModule
 from fsseg.models.baseline import PrototypeModule
 
 
@@ -35,9 +34,12 @@ def test_predict_shapes_and_cached_support_equals_plain_path():
         state = m.encode_support(x["support_imgs"][0], x["support_masks"][0])
         queries = torch.cat([x["query_img"], torch.rand(2, 3, 32, 32)])
         cached = m.predict_with_support(state, queries, (40, 24))
-        plain = FewShotModule.predict_with_support(
-            m, FewShotModule.encode_support(m, x["support_imgs"][0], x["support_masks"][0]), queries, (40, 24)
-        )
+        shared = {  # the same support set in every episode of a batch
+            "query_img": queries,
+            "support_imgs": x["support_imgs"].expand(3, -1, -1, -1, -1),
+            "support_masks": x["support_masks"].expand(3, -1, -1, -1),
+        }
+        plain = m.predict_masks(shared, (40, 24))
     assert torch.equal(cached, plain) and torch.equal(cached[:1], pred)
 
 

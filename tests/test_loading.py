@@ -168,7 +168,7 @@ def test_diffseg_and_baseline_share_the_loader(hub_cache, tmp_path):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights / "model.safetensors"))
     fake_cache(hub_cache, "timm/resnet18.a1_in1k", weights)
     m = PrototypeModule(backbone="resnet18", pretrained=True, out_indices=(1,))
-    torch.testing.assert_close(m.encoder.conv1.weight, net.conv1.weight)
+    torch.testing.assert_close(m.pipeline.encoder.conv1.weight, net.conv1.weight)
 
 
 def test_checkpoint_keeps_the_source_as_given_and_loads_from_elsewhere(tmp_path, monkeypatch):

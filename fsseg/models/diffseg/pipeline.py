@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fsseg.episode import foreground
+from fsseg.episode import IGNORE, foreground
 from fsseg.models.diffseg.capture import (
     MapRequest,
     capture_processors,
@@ -166,7 +166,7 @@ class DiffSegPipeline(Pipeline):
         """``map_loss_weight * MSE(M_a, GT) + latent_loss_weight * MSE(L_pre, MoVQ(GT as image))``, ignored pixels
         left out (``latent_fg_weight`` > 1 weighs the foreground latent cells up)."""
         st = self.settings
-        valid = (query_mask != 255).float()[:, None]  # [B, 1, S, S]
+        valid = (query_mask != IGNORE).float()[:, None]  # [B, 1, S, S]
         fg = foreground(query_mask)[:, None]
         l_pre, m_a = self(query_img, self.encode_support(support_imgs, support_masks))
         with torch.no_grad():
