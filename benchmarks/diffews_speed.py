@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text_encoder, tiny_tokenizer
+from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SD21_UNET = dict(  # stabilityai/stable-diffusion-2-1 unet/config.json
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (3 if args.model == "tiny" else 1)
     batch = {
         k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in random_episodes(args.batch, args.shots, size, seed=0).items()
+        for k, v in fake_batch(args.batch, args.shots, size, seed=0).items()
     }
     results, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,11 +60,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fsseg.data.embedded import generate_embedded_benchmark
 from fsseg.data.pascal import EmbeddedFewShot
-from fsseg.episode import foreground, mask_image
+from fsseg.episode import fake_batch, foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews import latent_cache as lc
 from fsseg.models.diffews.support import LatentSupport
-from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text_encoder, tiny_tokenizer
+from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer
 from fsseg.predict import precision_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +259,7 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
 def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, peak, lean=False) -> dict:
     """A, B and C at ``size`` px (see the module docstring)."""
     m.eval()
-    batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
+    batch = to(fake_batch(b=c_batch, k=1, size=size, seed=0), device)
     one = take(batch, 0)
     out_size = (size, size)
     layers = [m.pipeline.unet, m.pipeline.vae]
@@ -374,7 +374,7 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
 def predict_images_speed(m, size, repeats, device) -> dict:
     """One ``size`` px query against a cached support: today's fp32 path against ``--precision bf16``."""
     m.eval()
-    ep = to(random_episodes(b=1, k=1, size=size, seed=1), device)
+    ep = to(fake_batch(b=1, k=1, size=size, seed=1), device)
     s_img, s_mask, query = ep["support_imgs"][0], ep["support_masks"][0], ep["query_img"]
     layers = [m.pipeline.unet, m.pipeline.vae]
     states = {}
@@ -408,7 +408,7 @@ def predict_images_speed(m, size, repeats, device) -> dict:
 def compile_speed(m, size, c_batch, repeats, device) -> dict:
     """C with the UNet compiled (torch.compile, default mode): compile time and steady speed against eager C."""
     m.eval()
-    batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
+    batch = to(fake_batch(b=c_batch, k=1, size=size, seed=0), device)
     set_channels_last([m.pipeline.unet, m.pipeline.vae], True)
 
     def run():
@@ -441,7 +441,7 @@ def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
     """DiffSeg's predict_masks on the Kandinsky 2.2 architecture: fp32 batch 1 against bf16, channels-last, batched."""
     m = RandomKandinskyDiffSeg(decoder="random", prior="random", edge_source="sobel").to(device).eval()
     layers = [m.pipeline.unet, m.pipeline.movq]
-    batch = to(random_episodes(b=batch_size, k=1, size=size, seed=2), device)
+    batch = to(fake_batch(b=batch_size, k=1, size=size, seed=2), device)
     one = take(batch, 0)
     variants = {
         "fp32_b1": (lambda: set_channels_last(layers, False), lambda: m.predict_masks(one, (size, size))),

@@ -6,8 +6,6 @@ imports the other. Masks are int64 with 1 = foreground, 0 = background and `IGNO
 that draws or pools a mask counts an ignored pixel as background (`foreground`).
 """
 
-from __future__ import annotations
-
 from typing import NotRequired, TypedDict
 
 import torch
@@ -78,3 +76,60 @@ def background(mask: torch.Tensor) -> torch.Tensor:
 def mask_image(fg: torch.Tensor) -> torch.Tensor:
     """A {0, 1} mask ``[..., S, S]`` drawn as an image ``[..., 3, S, S]`` in [0, 1]: white foreground on black."""
     return fg.unsqueeze(-3).expand(*fg.shape[:-2], 3, *fg.shape[-2:])
+
+
+def fake_batch(
+    b: int = 2,
+    k: int = 1,
+    size: int = 32,
+    seed: int = 0,
+    eval_size: int | None = None,
+    device: torch.device | str | None = None,
+    **given: torch.Tensor,
+) -> EpisodeBatch:
+    """A batch of ``b`` random ``k``-shot episodes at ``size`` px with every key of the contract, for tests and
+    benchmarks: random images, masks of one random disc each with the first two columns ignored (255), classes 0,
+    episode indices ``0..b-1``. Keys in ``given`` replace the drawn values (an episode's own images or masks); the
+    draws are the same whatever is given (one generator seeded with ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def discs(n: int, s: int) -> torch.Tensor:  # [n, s, s] in {0, 1, 255}
+        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        c = torch.randint(s // 4, 3 * s // 4, (n, 2), generator=g)
+        r = torch.randint(max(1, s // 8), max(2, s // 3), (n,), generator=g)
+        m = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 < r[
+            :, None, None
+        ] ** 2
+        m = m.long()
+        m[:, :, :2] = IGNORE
+        return m
+
+    batch = {
+        "query_img": torch.rand(b, 3, size, size, generator=g),
+        "query_mask": discs(b, size),
+        "query_mask_eval": discs(b, eval_size or size),
+        "support_imgs": torch.rand(b, k, 3, size, size, generator=g),
+        "support_masks": discs(b * k, size).view(b, k, size, size),
+        "class_id": torch.zeros(b, dtype=torch.long),
+        "support_class_id": torch.zeros(b, dtype=torch.long),
+        "support_control": ["none"] * b,
+        "episode_idx": torch.arange(b),
+        "query_name": [f"q{i}" for i in range(b)],
+        "support_names": [[f"s{i}_{j}" for i in range(b)] for j in range(k)],
+    }
+    unknown = set(given) - set(EpisodeBatch.__annotations__)
+    if unknown:
+        raise KeyError(f"fake_batch: {sorted(unknown)} are not episode keys (fsseg.episode.EpisodeBatch)")
+    batch.update(given)
+    if device is not None:
+        batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+    return batch
+
+
+def unbatch(batch: EpisodeBatch) -> list[Episode]:
+    """The episodes of a batch, as a dataset returns them (the inverse of the default collate)."""
+    items: list[dict] = [{} for _ in batch["query_name"]]
+    for key, value in batch.items():
+        for i, item in enumerate(items):
+            item[key] = [names[i] for names in value] if key == "support_names" else value[i]
+    return items

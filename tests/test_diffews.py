@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _steps import decode_batch
 from diffusers.models.attention import BasicTransformerBlock
 
-from fsseg.episode import foreground, mask_image
+from fsseg.episode import fake_batch, foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.processors import FusionAttnProcessor
 from fsseg.models.diffews.support import LatentSupport
-from fsseg.models.diffews.tiny import random_episodes, write_tiny_sd
-
-
-def decode_batch(m, batch):
-    """The decoded prediction of a batch of episodes, before thresholding."""
-    return m.pipeline.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+from fsseg.models.diffews.tiny import write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +85,7 @@ def test_duplicate_support_gives_plain_unet_output(sd_dir, shots):
 
 def test_training_loss_is_mse_to_negative_mask_latent(sd_dir):
     m = DiffewsModule(pretrained=sd_dir)
-    batch = random_episodes(b=2, k=1, size=32, seed=3)
+    batch = fake_batch(b=2, k=1, size=32, seed=3)
     out = m.training_loss(batch)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -117,7 +113,7 @@ def test_training_loss_is_mse_to_negative_mask_latent(sd_dir):
 
 def test_predict_masks_postprocessing(sd_dir):
     m = DiffewsModule(pretrained=sd_dir).eval()
-    batch = random_episodes(b=2, k=2, size=32, seed=4)
+    batch = fake_batch(b=2, k=2, size=32, seed=4)
     img = decode_batch(m, batch)
     assert img.shape == (2, 3, 32, 32) and img.min() >= 0 and img.max() <= 1
     torch.testing.assert_close(img * 255, (img * 255).round())  # uint8 levels

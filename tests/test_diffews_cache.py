@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _steps import decode_batch
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write_tiny_sd
+from fsseg.models.diffews.tiny import tiny_image_encoder, write_tiny_sd
 
 STEPS = dict(num_inference_steps=2, ensemble_size=2)
 VARIANTS = [
@@ -25,11 +27,6 @@ VARIANTS = [
     {"nshot": "sample", "injection": "attention_mask", "generation": "mi2m", **STEPS},
 ]
 ids = [",".join(f"{k}={v}" for k, v in kw.items() if k not in STEPS) for kw in VARIANTS]
-
-
-def decode_batch(m, batch):
-    """The decoded prediction of a batch of episodes, before thresholding."""
-    return m.pipeline.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +47,9 @@ def build(dirs, seed: int = 0, **kw) -> DiffewsModule:
 
 def shared_support_batch(n_queries: int = 2, shots: int = 3) -> dict:
     """``n_queries`` queries with one support set (what `predict_with_support` serves)."""
-    ep = random_episodes(b=1, k=shots, size=32, seed=3)
-    return {
-        "query_img": torch.rand(n_queries, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
-        "support_imgs": ep["support_imgs"].expand(n_queries, -1, -1, -1, -1),
-        "support_masks": ep["support_masks"].expand(n_queries, -1, -1, -1),
-    }
+    ep = fake_batch(b=1, k=shots, size=32, seed=3)
+    shared = {key: ep[key].expand(n_queries, *ep[key].shape[1:]) for key in ("support_imgs", "support_masks")}
+    return fake_batch(n_queries, shots, 32, seed=1, **shared)
 
 
 def assert_same_image(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -94,7 +88,7 @@ FSA = [kw for kw in VARIANTS if kw.get("interaction", "fsa") == "fsa"]
 def test_two_pass_bank_equals_joint_call(dirs, kw):
     joint = build(dirs, **kw).eval()
     separate = build(dirs, support_pass="separate", **kw).eval()
-    batch = random_episodes(b=2, k=3, size=32, seed=5)  # each episode its own supports
+    batch = fake_batch(b=2, k=3, size=32, seed=5)  # each episode its own supports
     assert_same_image(decode_batch(separate, batch), decode_batch(joint, batch))
 
 
@@ -107,7 +101,7 @@ def test_two_pass_bank_equals_joint_call(dirs, kw):
 def test_two_pass_training_equals_joint_with_and_without_checkpointing(dirs, kw, checkpointing):
     """The fusion inputs travel with the UNet call, so a checkpoint recomputation sees the same ones: loss and
     gradients agree across the joint call, the two-pass bank, and gradient checkpointing."""
-    batch = random_episodes(b=2, k=2, size=32, seed=7)
+    batch = fake_batch(b=2, k=2, size=32, seed=7)
     grads = {}
     for support_pass in ("joint", "separate"):
         m = build(dirs, support_pass=support_pass, gradient_checkpointing=checkpointing, **kw).train()

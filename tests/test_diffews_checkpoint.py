@@ -9,19 +9,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _steps import decode_batch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from fsseg.episode import foreground
+from fsseg.episode import fake_batch, foreground, unbatch
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.support import LatentSupport
-from fsseg.models.diffews.tiny import random_episodes, tiny_unet, write_tiny_sd
-
-
-def decode_batch(m, batch):
-    """The decoded prediction of a batch of episodes, before thresholding."""
-    return m.pipeline.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+from fsseg.models.diffews.tiny import tiny_unet, write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +100,7 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
     torch.testing.assert_close(
         m.pipeline.unet.conv_in_ref.weight, saved["conv_in_ref.weight"], rtol=0, atol=0
     )
-    batch = random_episodes(b=2, k=shots, size=32, seed=5)
+    batch = fake_batch(b=2, k=shots, size=32, seed=5)
     with torch.no_grad():  # the latents, as the module computes them (posterior means)
         z_q = m.pipeline.codec.encode(batch["query_img"], sample=False)
         z_sup = m.pipeline.encode(
@@ -132,14 +128,8 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
 def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
     L.seed_everything(0)
     m = DiffewsModule(pretrained=sd_dir)
-    episodes = random_episodes(b=2, k=1, size=32, seed=6)
-    items = [
-        {
-            k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v]))
-            for k, v in episodes.items()
-        }
-        for i in range(2)
-    ]
+    episodes = fake_batch(b=2, k=1, size=32, seed=6)
+    items = unbatch(episodes)
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",
@@ -157,7 +147,7 @@ def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
     assert "unet.conv_in_ref.weight" in sd and not any(k.startswith("vae.") for k in sd)
     m.eval()
     loaded = DiffewsModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    batch = random_episodes(b=2, k=2, size=32, seed=7)
+    batch = fake_batch(b=2, k=2, size=32, seed=7)
     assert torch.equal(loaded.predict_masks(batch, (32, 32)), m.predict_masks(batch, (32, 32)))
     torch.testing.assert_close(decode_batch(loaded, batch), decode_batch(m, batch), rtol=0, atol=0)
 
@@ -165,14 +155,8 @@ def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_fit_and_predict(sd_dir, precision):
     m = DiffewsModule(pretrained=sd_dir)
-    episodes = random_episodes(b=2, k=1, size=32, seed=8)
-    items = [
-        {
-            k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v]))
-            for k, v in episodes.items()
-        }
-        for i in range(2)
-    ]
+    episodes = fake_batch(b=2, k=1, size=32, seed=8)
+    items = unbatch(episodes)
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",

@@ -16,16 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _steps import decode_batch
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews import generation as gen
 from fsseg.models.diffews.processors import FusionInputs, query_attention, support_keep, token_grid
-from fsseg.models.diffews.tiny import random_episodes, write_tiny_sd
-
-
-def decode_batch(m, batch):
-    """The decoded prediction of a batch of episodes, before thresholding."""
-    return m.pipeline.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+from fsseg.models.diffews.tiny import write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def test_default_postprocessing_is_the_released_one(sd_dir):
         "rgb_max",
         "floor",
     )
-    batch = random_episodes(b=2, k=2, size=32, seed=4)
+    batch = fake_batch(b=2, k=2, size=32, seed=4)
     g = torch.Generator().manual_seed(0)
     designed = []  # the decoder's output replaced by a fixed pattern: a real threshold decision on every run
 
@@ -87,7 +84,7 @@ def test_default_postprocessing_is_the_released_one(sd_dir):
 
 
 def test_the_papers_postprocessing_is_an_option(sd_dir):
-    batch = random_episodes(b=2, k=2, size=32, seed=4)
+    batch = fake_batch(b=2, k=2, size=32, seed=4)
     released = DiffewsModule(pretrained=sd_dir).eval()
     paper = DiffewsModule(pretrained=sd_dir, threshold_reference="mean_max", quantize="none").eval()
     paper.load_state_dict(released.state_dict())
@@ -134,7 +131,7 @@ def test_attention_mask_is_the_released_nearest_resize_and_bias(size, n_tokens):
 
 
 def test_mask_resize_option_is_recorded_and_used(sd_dir):
-    batch = random_episodes(b=1, k=2, size=32, seed=9)
+    batch = fake_batch(b=1, k=2, size=32, seed=9)
     outs = {}
     for resize in ("nearest", "any"):
         torch.manual_seed(0)

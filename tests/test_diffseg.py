@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fsseg.episode import fake_batch, unbatch
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.scm import SpatialControl
 from fsseg.models.diffseg.tiny import save_tiny_components
@@ -25,32 +26,10 @@ def make_module(tiny_dir, **kw):
     return DiffSegModule(decoder=str(tiny_dir / "decoder"), prior=str(tiny_dir / "prior"), **kw)
 
 
-def episode(i: int, k: int = 1) -> dict:
-    g = torch.Generator().manual_seed(i)
-    mask = torch.zeros(S, S, dtype=torch.long)
-    mask[8:40, 16:48] = 1
-    mask[0, :] = 255
-    return {
-        "query_img": torch.rand(3, S, S, generator=g),
-        "query_mask": mask,
-        "query_mask_eval": mask[::2, ::2].clone(),
-        "support_imgs": torch.rand(k, 3, S, S, generator=g),
-        "support_masks": mask.expand(k, S, S).clone(),
-        "class_id": torch.tensor(i % 3),
-        "episode_idx": torch.tensor(i),
-        "query_name": f"q{i}",
-        "support_names": [f"s{i}_{j}" for j in range(k)],
-    }
-
-
 def support_of(m, b: dict):
     """(L_s, E_m) of a batch's supports."""
     s = m.pipeline.encode_support(b["support_imgs"], b["support_masks"])
     return s.latent, s.embedding
-
-
-def batch_of(n: int, k: int = 1) -> dict:
-    return next(iter(DataLoader([episode(i, k) for i in range(n)], batch_size=n)))
 
 
 def test_scm_gets_gradients_through_frozen_unet_which_stays_unchanged(tiny_dir):
@@ -62,7 +41,7 @@ def test_scm_gets_gradients_through_frozen_unet_which_stays_unchanged(tiny_dir):
     assert {id(p) for p in m.trainable_parameters()} == {
         id(p) for p in [*m.pipeline.scm.parameters(), *m.pipeline.head.parameters()]
     }
-    out = m.training_loss(batch_of(2))
+    out = m.training_loss(fake_batch(2, size=S))
     out["map_loss"].backward()  # M_a depends on SCM only through the UNet's up path
     for name, p in m.pipeline.scm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -77,7 +56,7 @@ def test_zero_initialised_scm_starts_as_the_plain_unet_but_learns(tiny_dir):
     torch.manual_seed(0)
     with_scm = make_module(tiny_dir)
     without = make_module(tiny_dir, use_scm=False)
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     with torch.no_grad():
         torch.testing.assert_close(with_scm(b)[1], without(b)[1])
     with_scm.training_loss(b)["loss"].backward()
@@ -109,7 +88,7 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    trainer.fit(m, train_dataloaders=DataLoader([episode(i) for i in range(4)], batch_size=2))
+    trainer.fit(m, train_dataloaders=DataLoader(unbatch(fake_batch(4, 1, S)), batch_size=2))
     assert all(not p.requires_grad for p in m.pipeline.unet.parameters())
     assert not m.pipeline.unet.training and not m.pipeline.movq.training  # frozen parts stay in eval mode
     path = tmp_path / "diffseg.ckpt"
@@ -122,7 +101,7 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
     }
     assert ckpt["hyper_parameters"]["decoder"] == str(tiny_dir / "decoder")
     loaded = DiffSegModule.load_from_checkpoint(path, map_location="cpu")
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(b)[0], m(b)[0])
@@ -132,10 +111,10 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
 def test_ignore_pixels_do_not_enter_the_losses_and_count_as_support_background(tiny_dir):
     torch.manual_seed(0)
     m = make_module(tiny_dir)
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     base = m.training_loss(b)
     b2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
-    b2["query_mask"][:, 0, :] = 1  # only the ignore row changes
+    b2["query_mask"][:, :, :2] = 1  # only the ignored columns change
     assert b["query_mask"][0, 0, 0] == 255
     b_ign = {**b2, "query_mask": b["query_mask"]}
     torch.testing.assert_close(m.training_loss(b_ign)["map_loss"], base["map_loss"])
@@ -149,7 +128,7 @@ def test_ignore_pixels_do_not_enter_the_losses_and_count_as_support_background(t
 
 def test_k_shot_averages_embeddings_and_latents(tiny_dir):
     m = make_module(tiny_dir)
-    b = batch_of(2, k=3)
+    b = fake_batch(2, k=3, size=S)
     with torch.no_grad():
         ls, emb = support_of(m, b)
         singles = [
@@ -176,7 +155,7 @@ def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_d
         for p, q in zip(mean.trainable_parameters(), tokens.trainable_parameters()):
             p.add_(0.2 * torch.randn_like(p))
             q.copy_(p)
-        one, three = batch_of(2, k=1), batch_of(2, k=3)
+        one, three = fake_batch(2, k=1, size=S), fake_batch(2, k=3, size=S)
         torch.testing.assert_close(tokens(one)[0], mean(one)[0], rtol=0, atol=1e-6)  # K=1: the same model
         ls, _ = support_of(tokens, three)
         assert ls.shape[:2] == (2, 3)  # [B, K, C, h, w]: no shot averaged away
@@ -198,7 +177,7 @@ def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_d
 def test_prediction_shape_and_threshold(tiny_dir):
     m = make_module(tiny_dir, threshold=2.0)
     with torch.no_grad():
-        pred = m.predict_masks(batch_of(2), (40, 30))
+        pred = m.predict_masks(fake_batch(2, size=S), (40, 30))
     assert (
         pred.shape == (2, 40, 30) and pred.dtype == torch.long and pred.sum() == 0
     )  # scores are within [0, 1]
@@ -228,7 +207,7 @@ def test_latent_fg_weight_only_reweights_foreground_cells(tiny_dir):
     plain = make_module(tiny_dir)
     torch.manual_seed(0)
     weighted = make_module(tiny_dir, latent_fg_weight=3.0)
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     with torch.no_grad():
         l_plain, l_weighted = plain.training_loss(b)["latent_loss"], weighted.training_loss(b)["latent_loss"]
         assert not torch.allclose(l_plain, l_weighted)
@@ -256,7 +235,7 @@ def test_cached_support_equals_joint_forward(tiny_dir, kw):
     with torch.no_grad():  # away from the (near-zero) init, so the support matters
         for p in m.trainable_parameters():
             p.add_(0.2 * torch.randn_like(p))
-    b = batch_of(3, k=2)
+    b = fake_batch(3, k=2, size=S)
     shared = {**b, "support_imgs": b["support_imgs"][:1].expand(3, -1, -1, -1, -1)}
     shared["support_masks"] = b["support_masks"][:1].expand(3, -1, -1, -1)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fsseg.episode import fake_batch
 from fsseg.metrics import FewShotIoU
 
 ASSETS = Path(__file__).resolve().parents[1] / "fsseg" / "assets"
@@ -59,13 +60,18 @@ def two_disc_episodes(n: int, seed: int, control: str = "none") -> dict[str, tor
         s.append(s_img[None])
         sm.append((s_label == shown).long()[None])
         cls.append(target)
-    return {
-        "query_img": torch.stack(q),  # [n, 3, S, S]
-        "query_mask": torch.stack(qm),  # [n, S, S]
-        "support_imgs": torch.stack(s),  # [n, 1, 3, S, S]
-        "support_masks": torch.stack(sm),  # [n, 1, S, S]
-        "class_id": torch.tensor(cls),
-    }
+    return fake_batch(  # the contract's other keys from the one episode factory
+        n,
+        1,
+        SIZE,
+        query_img=torch.stack(q),  # [n, 3, S, S]
+        query_mask=torch.stack(qm),  # [n, S, S]
+        query_mask_eval=torch.stack(qm),
+        support_imgs=torch.stack(s),  # [n, 1, 3, S, S]
+        support_masks=torch.stack(sm),  # [n, 1, S, S]
+        class_id=torch.tensor(cls),
+        support_control=[control] * n,
+    )
 
 
 @torch.no_grad()

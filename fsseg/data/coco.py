@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fsseg.data.base import IGNORE, ClassFirstDataset, load_label
+from fsseg.data.base import ClassFirstDataset, load_label
 from fsseg.data.splits_io import read_json_gz, resolve_splits_dir
+from fsseg.episode import IGNORE
 
 NCLASS = 80
 
