@@ -25,7 +25,7 @@ model on the same shapes), then ``--repeats`` rounds that call the variants in t
 the minimum is reported (and every time, and the load average before and after each section).
 
 Latent cache: a training step (bf16 autocast ``training_loss`` + backward + an SGD update; batch 1, 1-shot, SD 2.1
-size) with live VAE encoding against one reading the cached posteriors (`fsseg.models.diffews.latent_cache`).
+size) with live VAE encoding against one reading the cached posteriors (`fsseg.data.latent_cache`).
 predict-images: a 512 px query against a cached support (`encode_support` once, then `predict_with_support`) in
 today's fp32 path (contiguous layout) and with ``--precision bf16`` (channels-last). DiffSeg: `predict_masks` of the
 Kandinsky 2.2 decoder UNet + MoVQ (random weights; a small CLIP with Kandinsky's 1280-d projection stands in for
@@ -58,11 +58,12 @@ from diffseg_speed import RandomKandinskyDiffSeg
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
+from fsseg.data import latent_cache as lc
 from fsseg.data.embedded import generate_embedded_benchmark
 from fsseg.data.pascal import EmbeddedFewShot
 from fsseg.episode import fake_batch, foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews import latent_cache as lc
+from fsseg.models.diffews.module import cached_moments
 from fsseg.models.diffews.support import LatentSupport
 from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer
 from fsseg.predict import precision_context
@@ -318,7 +319,8 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
 
 
 def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> dict:
-    """A training step (bf16 autocast) with live VAE encoding and with the latent cache."""
+    """A training step (bf16 autocast) with live VAE encoding and with the latent cache (the cached moments come
+    with the batch, as the data module's training loader gives them)."""
     root = generate_embedded_benchmark(
         workdir / f"embedded{size}", seed=0, image_size=128, n_train=40, n_val=40
     )
@@ -330,10 +332,13 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
     masks = {k: v for k, v in masks.items() if k[0] in names}
     set_channels_last([m.pipeline.unet, m.pipeline.vae], True)
     folder = lc.build(
-        workdir / f"cache{size}", m.pipeline.codec.posterior, images, masks, {"format": lc.FORMAT}
+        workdir / f"cache{size}", m.pipeline.codec.moments, images, masks, {"format": lc.FORMAT}
     )
-    cache = lc.LatentCache(folder)
-    batches = [to(default_collate([it]), device) for it in items]
+    with_moments = lc.LatentMoments(ds, lc.LatentCache(folder))
+    batches = {
+        False: [to(default_collate([it]), device) for it in items],
+        True: [to(default_collate([with_moments[i]]), device) for i in range(len(items))],
+    }
     opt = torch.optim.SGD(
         m.pipeline.unet.parameters(), lr=1e-7
     )  # no optimizer state: the update costs one pass
@@ -341,11 +346,12 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
     turn = {"i": 0}
 
     def step(cached: bool):
-        m.latent_store = cache if cached else None
-        batch = batches[turn["i"] % 2]
+        batch = batches[cached][turn["i"] % 2]
         turn["i"] += 1
+        moments = (lambda idx: cached_moments(batch, idx, "concat")) if cached else None
+        episode = (batch["query_img"], batch["query_mask"], batch["support_imgs"], batch["support_masks"])
         with autocast(device, True):
-            loss = m.training_loss(batch)["loss"]
+            loss = m.pipeline.training_loss(*episode, moments)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -358,12 +364,12 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
         device,
         cold=("cached",) if lean else (),
     )
-    m.latent_store = None
     m.eval()
     res = {k: summary(v) for k, v in times.items()}
     res["speedup_cached_over_live"] = round(res["live"]["seconds_min"] / res["cached"]["seconds_min"], 3)
     res["step"] = (
-        "bf16 autocast training_loss + backward + SGD update (AdamW adds the same to both), batch 1, 1-shot"
+        "bf16 autocast DiffewsPipeline.training_loss + backward + SGD update (AdamW adds the same to both), batch 1, "
+        "1-shot"
     )
     res["cache_entries"] = {"images": len(images), "mask_images": len(masks)}
     res["load_before_after"] = [before, load()]

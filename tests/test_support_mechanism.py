@@ -104,8 +104,8 @@ def _diffews(cut: bool):
     module = DiffewsModule(pretrained=str(ASSETS / "tiny-diffews"))
     if cut:  # every support becomes a black image with an empty mask before it is encoded
         encode = module.pipeline.encode  # the VAE encodes the queries and the support side
-        module.pipeline.encode = lambda queries, img, mask, *args: encode(
-            queries, torch.zeros_like(img), torch.zeros_like(mask), *args
+        module.pipeline.encode = lambda queries, img, mask, *args, **kw: encode(
+            queries, torch.zeros_like(img), torch.zeros_like(mask), *args, **kw
         )
     return module, [p for p in module.parameters() if p.requires_grad], 1e-3
 

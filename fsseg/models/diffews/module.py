@@ -8,10 +8,23 @@ from __future__ import annotations
 import torch
 
 from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
-from fsseg.models.diffews import latent_cache
 from fsseg.models.diffews.loading import SD21_ID, load_components
 from fsseg.models.diffews.pipeline import DiffewsPipeline
 from fsseg.models.diffews.settings import DiffewsSettings
+
+
+def cached_moments(batch: dict, idx: torch.Tensor, injection: str) -> torch.Tensor:
+    """A batch's cached posterior parameters in `DiffewsPipeline.encode`'s order: queries, query-mask images,
+    supports (episode-major, the shots ``idx`` drawn), support-mask images (``concat`` only): ``[N, 8, h, w]``."""
+    idx = idx.to(batch["support_moments"].device)
+    parts = [
+        batch["query_moments"],
+        batch["query_mask_moments"],
+        batch["support_moments"][:, idx].flatten(0, 1),
+    ]
+    if injection == "concat":
+        parts.append(batch["support_mask_moments"][:, idx].flatten(0, 1))
+    return torch.cat(parts)
 
 
 class DiffewsModule(FewShotModule):
@@ -46,7 +59,7 @@ class DiffewsModule(FewShotModule):
         gradient_checkpointing: UNet gradient checkpointing.
         latent_cache: a folder for the VAE posteriors of every training image and mask image, computed once at the
             first ``fit`` and memory-mapped; training then samples latents from them instead of encoding (the same
-            draws; `fsseg.models.diffews.latent_cache`). None: encode every step.
+            draws; `fsseg.data.latent_cache`, kept by the data module). None: encode every step.
         channels_last: keep the UNet and VAE weights in channels-last memory format (a layout, not a change of
             what is computed; faster convolutions on CPU and GPU, above all under bf16).
         seed: seeds the support-token sampling and the mn2m inference noise.
@@ -105,50 +118,45 @@ class DiffewsModule(FewShotModule):
             allow_download,
         )
         self.pipeline = DiffewsPipeline(settings, **components)
-        self.latent_store: latent_cache.LatentCache | None = (
-            None  # opened by `setup("fit")` with latent_cache
-        )
 
-    # ---- the training latent cache (``latent_cache``) ------------------------------------------------------------
-    def _train_datasets(self) -> list:
+    # ---- the training latent cache (``latent_cache``), kept by the data module ------------------------------------
+    def latent_encoder(self) -> dict:
+        """What `fsseg.data.datamodule.FewShotDataModule.use_latent_cache` needs of the VAE."""
+        return {"weights": self.pipeline.vae, "moments": self.pipeline.codec.moments}
+
+    def _use_latent_cache(self, build_missing: bool) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "train_datasets"):
+        if not hasattr(dm, "use_latent_cache"):
             raise RuntimeError("latent_cache needs a FewShotDataModule (it lists the training images)")
-        built = dm.datasets.get("trn")
-        if built is None:
-            return dm.train_datasets()
-        return list(getattr(built, "datasets", [built]))  # the in-context mix: its members
+        dm.use_latent_cache(self.hparams.latent_cache, **self.latent_encoder(), build_missing=build_missing)
 
     def prepare_data(self) -> None:
-        """Lightning calls this once per node before ``setup``: with ``latent_cache`` at ``fit``, build the cache
-        when it is missing (on the training device) or check the one there."""
-        if self.hparams.latent_cache is None or self._trainer is None or self.trainer.state.fn != "fit":
-            return
-        dm = self.trainer.datamodule
-        latent_cache.ensure(
-            self.hparams.latent_cache,
-            self,
-            self._train_datasets(),
-            device=self.trainer.strategy.root_device,
-            num_workers=dm.hparams.num_workers,
-        )
+        """Lightning calls this once per node before ``setup``: with ``latent_cache`` at ``fit``, the data module
+        builds the cache when it is missing (on the training device) or checks the one there."""
+        if (
+            self.hparams.latent_cache is not None
+            and self._trainer is not None
+            and self.trainer.state.fn == "fit"
+        ):
+            self._use_latent_cache(build_missing=True)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.hparams.latent_cache is not None:
-            self.use_latent_cache(self.hparams.latent_cache, self._train_datasets(), build_missing=False)
-
-    def use_latent_cache(self, folder, datasets: list, build_missing: bool = True) -> None:
-        """Train from the cached posteriors of ``datasets``' images in ``folder`` (built first when missing and
-        ``build_missing``; refused when it was built from other inputs)."""
-        self.latent_store = latent_cache.ensure(folder, self, datasets, build_missing=build_missing)
+        if (
+            stage == "fit" and self.hparams.latent_cache is not None
+        ):  # every process: training episodes carry it
+            self._use_latent_cache(build_missing=False)
 
     # ---- FewShotModule hooks ----------------------------------------------------------------------------------
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         moments = None
-        if self.latent_store is not None:  # the posteriors of the same images, in the same order
-            inj, dev = self.hparams.injection, batch["query_img"].device
-            moments = lambda idx: self.latent_store.episode_moments(batch, idx, inj).to(dev)  # noqa: E731
+        if self.hparams.latent_cache is not None:
+            if "query_moments" not in batch:
+                raise RuntimeError(
+                    "latent_cache is set but the batch has no cached moments: train with a FewShotDataModule "
+                    "(fsseg fit), whose use_latent_cache adds them to the training episodes"
+                )
+            moments = lambda idx: cached_moments(batch, idx, self.hparams.injection)  # noqa: E731
         return self.pipeline.training_loss(
             batch["query_img"], batch["query_mask"], batch["support_imgs"], batch["support_masks"], moments
         )
