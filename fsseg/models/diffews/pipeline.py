@@ -113,28 +113,12 @@ class DiffewsPipeline(Pipeline):
         return LatentSupport(support.x, support.shots, support.mask, banks)
 
     # ---- queries ------------------------------------------------------------------------------------------------
-    def denoiser(self, support: Support, n_queries: int) -> gen.Denoiser:
-        """The UNet call for ``n_queries`` queries against ``support`` (its banks when it has them)."""
-        prompt, training = self.prompt(train=False), self.training
-        banks = getattr(support, "banks", None)
-        if banks is None:
-            if support.episodes != n_queries:
-                support = support.repeat(n_queries)
-            return lambda x, t, g: self.unet_calls(x, support, t, prompt, training, g)
-
-        def denoise(x, t, g):
-            bank = banks[int(t.reshape(-1)[0])]  # every query of a call shares the timestep
-            return self.unet_calls.query_call(x, support, t, prompt, bank, training, g)
-
-        return denoise
-
     @torch.no_grad()
-    def predict_image(
-        self, z_q: torch.Tensor, denoiser: gen.Denoiser, first_episode: int = 0
-    ) -> torch.Tensor:
+    def predict_image(self, z_q: torch.Tensor, support: Support, first_episode: int = 0) -> torch.Tensor:
         """The decoded prediction ``[B, 3, S, S]`` in [0, 1] (ensemble mean, then `quantize`) of query latents
-        ``z_q [B, 4, h, w]``; the generation's seed is ``seed * 1_000_003 + first_episode``."""
+        ``z_q [B, 4, h, w]`` against ``support``; the generation's seed is ``seed * 1_000_003 + first_episode``."""
         st = self.settings
+        denoiser = self.unet_calls.denoiser(support, z_q.shape[0], self.prompt(train=False), self.training)
         generator = torch.Generator().manual_seed(st.seed * 1_000_003 + first_episode)
         runs = st.ensemble_size if st.generation == "mn2m" else 1
         steps, scheduler = st.num_inference_steps, self.noise_scheduler
@@ -160,8 +144,7 @@ class DiffewsPipeline(Pipeline):
 
     def decode_queries(self, support: Support, query_imgs, first_episode: int = 0) -> torch.Tensor:
         """The decoded predictions ``[B, 3, S, S]`` of ``query_imgs [B, 3, S, S]`` against ``support``."""
-        z_q = self.codec.encode(query_imgs.float(), sample=False)
-        return self.predict_image(z_q, self.denoiser(support, query_imgs.shape[0]), first_episode)
+        return self.predict_image(self.codec.encode(query_imgs.float(), sample=False), support, first_episode)
 
     def segment(self, support: Support, query_imgs, out_size, first_episode: int = 0) -> torch.Tensor:
         return self.masks(self.decode_queries(support, query_imgs, first_episode), query_imgs, out_size)
@@ -170,10 +153,9 @@ class DiffewsPipeline(Pipeline):
         self, query_imgs, support_imgs, support_masks, first_episode: int = 0
     ) -> torch.Tensor:
         """The decoded predictions ``[B, 3, S, S]`` of a batch of episodes (one VAE call for all their images)."""
-        (z_q,), support = self.encode(
-            [query_imgs.float()], support_imgs.float(), foreground(support_masks), sample=False
-        )
-        return self.predict_image(z_q, self.denoiser(support, z_q.shape[0]), first_episode)
+        s_fg = foreground(support_masks)
+        (z_q,), support = self.encode([query_imgs.float()], support_imgs.float(), s_fg, sample=False)
+        return self.predict_image(z_q, support, first_episode)
 
     def segment_episodes(self, query_imgs, support_imgs, support_masks, out_size, first_episode: int = 0):
         image = self.decode_episodes(query_imgs, support_imgs, support_masks, first_episode)
@@ -191,10 +173,8 @@ class DiffewsPipeline(Pipeline):
             shots = int(torch.randint(1, min(st.train_shots, n_given) + 1, (1,)))
             if shots < n_given:
                 idx = torch.randperm(n_given)[:shots]
-                support_imgs, support_masks = (
-                    support_imgs[:, idx.to(support_imgs.device)],
-                    support_masks[:, idx],
-                )
+                at = idx.to(support_imgs.device)
+                support_imgs, support_masks = support_imgs[:, at], support_masks[:, at]
         q_img, s_img, s_fg = query_img.float(), support_imgs.float(), foreground(support_masks)
         (z_q, z_mq), support = self.encode(
             [q_img, supervision_image(q_img, foreground(query_mask), st.supervision)],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fsseg.models.diffews.generation import Denoiser
 from fsseg.models.diffews.processors import FusionInputs
 from fsseg.models.diffews.settings import DiffewsSettings
 from fsseg.models.diffews.support import LatentSupport, Support, TokenSupport
@@ -63,6 +64,21 @@ class SupportedUNet:
         )
         hidden = prompt.expand(sample.shape[0], -1, -1)
         return self.context(call, sample, timesteps, encoder_hidden_states=hidden)[0].sample[:b]
+
+    def denoiser(self, support: Support, n_queries: int, prompt, training: bool) -> Denoiser:
+        """The UNet call for ``n_queries`` queries against ``support``: against its K/V banks when it has them (one
+        support set encoded once), else the call above (one support set repeated for every query)."""
+        banks = getattr(support, "banks", None)
+        if banks is None:
+            if support.episodes != n_queries:
+                support = support.repeat(n_queries)
+            return lambda x, t, g: self(x, support, t, prompt, training, g)
+
+        def denoise(x, t, g):
+            bank = banks[int(t.reshape(-1)[0])]  # every query of a call shares the timestep
+            return self.query_call(x, support, t, prompt, bank, training, g)
+
+        return denoise
 
     def support_bank(self, support: LatentSupport, t, prompt) -> dict:
         """The support-only call (rows ``[B_s*K]``, timesteps ``t [B_s]`` per episode): every ``attn1`` layer's K/V,
