@@ -162,7 +162,7 @@ def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_d
         swapped = {
             **three,
             "support_imgs": three["support_imgs"].flip(1),
-            "support_masks": three["support_masks"],
+            "support_masks": three["support_masks"].flip(1),
         }
         # a set of shots, not a sequence (float noise only: E_m's mean sums in another order, and M_a's min-max
         # normalisation amplifies it)

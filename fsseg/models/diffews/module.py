@@ -133,18 +133,13 @@ class DiffewsModule(FewShotModule):
     def prepare_data(self) -> None:
         """Lightning calls this once per node before ``setup``: with ``latent_cache`` at ``fit``, the data module
         builds the cache when it is missing (on the training device) or checks the one there."""
-        if (
-            self.hparams.latent_cache is not None
-            and self._trainer is not None
-            and self.trainer.state.fn == "fit"
-        ):
+        fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fit and self.hparams.latent_cache is not None:
             self._use_latent_cache(build_missing=True)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if (
-            stage == "fit" and self.hparams.latent_cache is not None
-        ):  # every process: training episodes carry it
+        if stage == "fit" and self.hparams.latent_cache is not None:  # every process's training episodes
             self._use_latent_cache(build_missing=False)
 
     # ---- FewShotModule hooks ----------------------------------------------------------------------------------
