@@ -34,9 +34,9 @@ import torch
 from diffews_speed import SD21_VAE
 from speed import environment
 
+from fsseg.episode import fake_batch
 from fsseg.files import atomic_write_text
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.tiny import random_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,12 +56,13 @@ def with_dtype(batch: dict, dtype: torch.dtype) -> dict:
 
 @torch.no_grad()
 def outputs(m: DiffewsModule, batch: dict) -> dict[str, torch.Tensor]:
-    image = m.predict_image(batch)  # [B, 3, S, S], uint8 levels / 255
+    p = m.pipeline
+    image = p.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])  # uint8 levels / 255
     size = tuple(batch["query_img"].shape[-2:])
     return {
-        "latents": m.encode(batch["query_img"], sample=False).double(),  # [B, 4, S/f, S/f]
+        "latents": p.codec.encode(batch["query_img"], sample=False).double(),  # [B, 4, S/f, S/f]
         "levels": torch.round(image.double() * 255),
-        "masks": m.masks(image, batch["query_img"], size),
+        "masks": p.masks(image, batch["query_img"], size),
     }
 
 
@@ -74,7 +75,7 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def diffews_parity(pretrained: str, episodes: int, size: int) -> dict:
-    batch = random_episodes(b=episodes, k=1, size=size, seed=0)
+    batch = fake_batch(b=episodes, k=1, size=size, seed=0)
     res: dict = {}
     for dtype in (torch.float64, torch.float32):
         mods = layouts(pretrained, dtype)
@@ -94,7 +95,7 @@ def diffews_parity(pretrained: str, episodes: int, size: int) -> dict:
 
 def diffews_float32(pretrained: str, episodes: int, size: int) -> dict:
     """The layouts against each other in float32 only (float64 at 512 px is too slow and large for a CPU run)."""
-    batch = random_episodes(b=episodes, k=1, size=size, seed=0)
+    batch = fake_batch(b=episodes, k=1, size=size, seed=0)
     out = {name: outputs(m, batch) for name, m in layouts(pretrained, torch.float32).items()}
     return {"size": size, "episodes": episodes, **compare(out["channels_last"], out["contiguous"])}
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text_encoder, tiny_tokenizer
+from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SD21_UNET = dict(  # stabilityai/stable-diffusion-2-1 unet/config.json
@@ -137,13 +138,11 @@ def build_module(pretrained: str, support_pass: str, checkpointing: bool, device
     module = DiffewsModule(
         pretrained=pretrained, support_pass=support_pass, gradient_checkpointing=checkpointing
     ).to(device)
-    module.vae.to(dtype)
+    pipe = module.pipeline
+    pipe.vae.to(dtype)
     if dtype != torch.float32:
-        module.unet.to(dtype)
-        module.prompt_train, module.prompt_infer = (
-            module.prompt_train.to(dtype),
-            module.prompt_infer.to(dtype),
-        )
+        pipe.unet.to(dtype)
+        pipe.prompt_train, pipe.prompt_infer = pipe.prompt_train.to(dtype), pipe.prompt_infer.to(dtype)
     return module
 
 
@@ -157,7 +156,7 @@ def time_module(module: DiffewsModule, batch: dict, device, iters: int, warmup: 
 
     def step():
         module.training_loss(batch)["loss"].backward()
-        module.unet.zero_grad(set_to_none=True)
+        module.pipeline.unet.zero_grad(set_to_none=True)
 
     trn = measure(step, device, iters, warmup)
     return {
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (3 if args.model == "tiny" else 1)
     batch = {
         k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in random_episodes(args.batch, args.shots, size, seed=0).items()
+        for k, v in fake_batch(args.batch, args.shots, size, seed=0).items()
     }
     results, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             module = build_module(pretrained, support_pass, args.gradient_checkpointing, device, dtype)
             module.eval()
             with torch.no_grad():
-                images[name] = module.predict_image(batch).float().cpu()
+                images[name] = (
+                    module.pipeline.decode_episodes(
+                        batch["query_img"], batch["support_imgs"], batch["support_masks"]
+                    )
+                    .float()
+                    .cpu()
+                )
             results[name] = time_module(module, batch, device, iters, warmup, args.batch)
             print(name, results[name], flush=True)
             del module

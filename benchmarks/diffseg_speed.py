@@ -28,6 +28,7 @@ import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.loading import FrozenParts
 from fsseg.models.diffseg.tiny import save_tiny_components
@@ -109,19 +110,6 @@ class RandomKandinskyDiffSeg(DiffSegModule):
         return FrozenParts(unet, movq, DDPMScheduler(), clip, processor)
 
 
-def episode(size: int, device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(1, size, size, dtype=torch.long)
-    mask[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    batch = {
-        "query_img": torch.rand(1, 3, size, size, generator=g),
-        "query_mask": mask,
-        "support_imgs": torch.rand(1, 1, 3, size, size, generator=g),
-        "support_masks": mask[:, None].clone(),
-    }
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -141,7 +129,7 @@ def timed(fn, iters: int, device) -> dict:
 
 def bench(model: DiffSegModule, size: int, iters: int, device, train: bool) -> dict:
     model.to(device)
-    batch = episode(size, device)
+    batch = fake_batch(1, 1, size, device=device)
     out = {}
     model.eval()
     with torch.no_grad():
@@ -159,7 +147,7 @@ def bench(model: DiffSegModule, size: int, iters: int, device, train: bool) -> d
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     out["trainable_params"] = sum(p.numel() for p in model.trainable_parameters())
-    out["frozen_unet_params"] = sum(p.numel() for p in model.unet.parameters())
+    out["frozen_unet_params"] = sum(p.numel() for p in model.pipeline.unet.parameters())
     return out
 
 

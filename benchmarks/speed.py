@@ -25,7 +25,7 @@ model on the same shapes), then ``--repeats`` rounds that call the variants in t
 the minimum is reported (and every time, and the load average before and after each section).
 
 Latent cache: a training step (bf16 autocast ``training_loss`` + backward + an SGD update; batch 1, 1-shot, SD 2.1
-size) with live VAE encoding against one reading the cached posteriors (`fsseg.models.diffews.latent_cache`).
+size) with live VAE encoding against one reading the cached posteriors (`fsseg.data.latent_cache`).
 predict-images: a 512 px query against a cached support (`encode_support` once, then `predict_with_support`) in
 today's fp32 path (contiguous layout) and with ``--precision bf16`` (channels-last). DiffSeg: `predict_masks` of the
 Kandinsky 2.2 decoder UNet + MoVQ (random weights; a small CLIP with Kandinsky's 1280-d projection stands in for
@@ -58,12 +58,14 @@ from diffseg_speed import RandomKandinskyDiffSeg
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
+from fsseg.data import latent_cache as lc
 from fsseg.data.embedded import generate_embedded_benchmark
 from fsseg.data.pascal import EmbeddedFewShot
+from fsseg.episode import fake_batch, foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews import latent_cache as lc
-from fsseg.models.diffews.inputs import binary_mask, mask_image
-from fsseg.models.diffews.tiny import random_episodes, save_sd_folder, tiny_text_encoder, tiny_tokenizer
+from fsseg.models.diffews.module import cached_moments
+from fsseg.models.diffews.support import LatentSupport
+from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer
 from fsseg.predict import precision_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,15 +239,20 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
     prompt = text_encoder(ids)[0]  # [1, 2, D]
     q, s = ep["query_img"], ep["support_imgs"][:, 0]
     z_q, z_s, z_ms = (
-        m.encode(x, sample=False) for x in (q, s, mask_image(binary_mask(ep["support_masks"][:, 0])))
+        m.pipeline.codec.encode(x, sample=False)
+        for x in (q, s, mask_image(foreground(ep["support_masks"][:, 0])))
     )  # three VAE calls
-    support = {"x": torch.cat([z_s, z_ms], 1), "k": 1}
+    support = LatentSupport(torch.cat([z_s, z_ms], 1), 1)
     t = torch.ones(1, dtype=torch.long, device=device)
-    bank = m.support_bank(support, t, prompt)  # pass 1: every attn1 K/V of the support
-    image = m.decode(-m.query_call(z_q, support, t, prompt, bank))  # pass 2: the query against the bank
+    calls = m.pipeline.unet_calls
+    bank = calls.support_bank(support, t, prompt)  # pass 1: every attn1 K/V of the support
+    query = calls.query_call(
+        z_q, support, t, prompt, bank, training=False
+    )  # pass 2: the query against the bank
+    image = m.pipeline.codec.decode(-query)
     u8 = (image.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # truncation, as released
     image = torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(255).to(device)
-    return m.masks(image, q, out_size)
+    return m.pipeline.masks(image, q, out_size)
 
 
 # ---- sections ----------------------------------------------------------------------------------------------------
@@ -253,10 +260,10 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
 def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, peak, lean=False) -> dict:
     """A, B and C at ``size`` px (see the module docstring)."""
     m.eval()
-    batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
+    batch = to(fake_batch(b=c_batch, k=1, size=size, seed=0), device)
     one = take(batch, 0)
     out_size = (size, size)
-    layers = [m.unet, m.vae]
+    layers = [m.pipeline.unet, m.pipeline.vae]
     outs: dict[str, torch.Tensor] = {}
 
     def run_a():
@@ -275,7 +282,7 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
         f"C_fsseg_bf16_b{c_batch}": (lambda: set_channels_last(layers, True), run_c),
     }
     names = list(variants)
-    meter = UnetMeter(m.unet, device)
+    meter = UnetMeter(m.pipeline.unet, device)
     before = load()
     try:
         times = interleaved(
@@ -312,7 +319,8 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
 
 
 def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> dict:
-    """A training step (bf16 autocast) with live VAE encoding and with the latent cache."""
+    """A training step (bf16 autocast) with live VAE encoding and with the latent cache (the cached moments come
+    with the batch, as the data module's training loader gives them)."""
     root = generate_embedded_benchmark(
         workdir / f"embedded{size}", seed=0, image_size=128, n_train=40, n_val=40
     )
@@ -322,20 +330,28 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
     images, masks = lc.entries([ds])
     images = {k: v for k, v in images.items() if k in names}
     masks = {k: v for k, v in masks.items() if k[0] in names}
-    set_channels_last([m.unet, m.vae], True)
-    folder = lc.build(workdir / f"cache{size}", m.posterior, images, masks, {"format": lc.FORMAT})
-    cache = lc.LatentCache(folder)
-    batches = [to(default_collate([it]), device) for it in items]
-    opt = torch.optim.SGD(m.unet.parameters(), lr=1e-7)  # no optimizer state: the update costs one pass
+    set_channels_last([m.pipeline.unet, m.pipeline.vae], True)
+    folder = lc.build(
+        workdir / f"cache{size}", m.pipeline.codec.moments, images, masks, {"format": lc.FORMAT}
+    )
+    with_moments = lc.LatentMoments(ds, lc.LatentCache(folder))
+    batches = {
+        False: [to(default_collate([it]), device) for it in items],
+        True: [to(default_collate([with_moments[i]]), device) for i in range(len(items))],
+    }
+    opt = torch.optim.SGD(
+        m.pipeline.unet.parameters(), lr=1e-7
+    )  # no optimizer state: the update costs one pass
     m.train()
     turn = {"i": 0}
 
     def step(cached: bool):
-        m.latent_store = cache if cached else None
-        batch = batches[turn["i"] % 2]
+        batch = batches[cached][turn["i"] % 2]
         turn["i"] += 1
+        moments = (lambda idx: cached_moments(batch, idx, "concat")) if cached else None
+        episode = (batch["query_img"], batch["query_mask"], batch["support_imgs"], batch["support_masks"])
         with autocast(device, True):
-            loss = m.training_loss(batch)["loss"]
+            loss = m.pipeline.training_loss(*episode, moments)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -348,12 +364,12 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
         device,
         cold=("cached",) if lean else (),
     )
-    m.latent_store = None
     m.eval()
     res = {k: summary(v) for k, v in times.items()}
     res["speedup_cached_over_live"] = round(res["live"]["seconds_min"] / res["cached"]["seconds_min"], 3)
     res["step"] = (
-        "bf16 autocast training_loss + backward + SGD update (AdamW adds the same to both), batch 1, 1-shot"
+        "bf16 autocast DiffewsPipeline.training_loss + backward + SGD update (AdamW adds the same to both), batch 1, "
+        "1-shot"
     )
     res["cache_entries"] = {"images": len(images), "mask_images": len(masks)}
     res["load_before_after"] = [before, load()]
@@ -364,9 +380,9 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
 def predict_images_speed(m, size, repeats, device) -> dict:
     """One ``size`` px query against a cached support: today's fp32 path against ``--precision bf16``."""
     m.eval()
-    ep = to(random_episodes(b=1, k=1, size=size, seed=1), device)
+    ep = to(fake_batch(b=1, k=1, size=size, seed=1), device)
     s_img, s_mask, query = ep["support_imgs"][0], ep["support_masks"][0], ep["query_img"]
-    layers = [m.unet, m.vae]
+    layers = [m.pipeline.unet, m.pipeline.vae]
     states = {}
     for precision, channels_last in (("fp32", False), ("bf16", True)):
         set_channels_last(layers, channels_last)
@@ -398,8 +414,8 @@ def predict_images_speed(m, size, repeats, device) -> dict:
 def compile_speed(m, size, c_batch, repeats, device) -> dict:
     """C with the UNet compiled (torch.compile, default mode): compile time and steady speed against eager C."""
     m.eval()
-    batch = to(random_episodes(b=c_batch, k=1, size=size, seed=0), device)
-    set_channels_last([m.unet, m.vae], True)
+    batch = to(fake_batch(b=c_batch, k=1, size=size, seed=0), device)
+    set_channels_last([m.pipeline.unet, m.pipeline.vae], True)
 
     def run():
         with autocast(device, True):
@@ -408,12 +424,12 @@ def compile_speed(m, size, c_batch, repeats, device) -> dict:
     t0 = time.perf_counter()
     eager = interleaved({"eager": (lambda: None, run)}, repeats, device)["eager"]
     eager_total = time.perf_counter() - t0
-    m.unet.compile()
+    m.pipeline.unet.compile()
     t0 = time.perf_counter()
     run()  # compiles
     first = time.perf_counter() - t0
     compiled = interleaved({"compiled": (lambda: None, run)}, repeats, device)["compiled"]
-    m.unet._compiled_call_impl = None  # back to eager for whatever follows
+    m.pipeline.unet._compiled_call_impl = None  # back to eager for whatever follows
     return {
         "eager": summary(eager, c_batch),
         "compiled": summary(compiled, c_batch),
@@ -430,8 +446,8 @@ def compile_speed(m, size, c_batch, repeats, device) -> dict:
 def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
     """DiffSeg's predict_masks on the Kandinsky 2.2 architecture: fp32 batch 1 against bf16, channels-last, batched."""
     m = RandomKandinskyDiffSeg(decoder="random", prior="random", edge_source="sobel").to(device).eval()
-    layers = [m.unet, m.movq]
-    batch = to(random_episodes(b=batch_size, k=1, size=size, seed=2), device)
+    layers = [m.pipeline.unet, m.pipeline.movq]
+    batch = to(fake_batch(b=batch_size, k=1, size=size, seed=2), device)
     one = take(batch, 0)
     variants = {
         "fp32_b1": (lambda: set_channels_last(layers, False), lambda: m.predict_masks(one, (size, size))),
@@ -441,7 +457,7 @@ def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
         ),
     }
     names = list(variants)
-    meter = UnetMeter(m.unet, device)
+    meter = UnetMeter(m.pipeline.unet, device)
     before = load()
     try:
         times = interleaved(variants, repeats, device, meter, count_flops=tuple(names))

@@ -2,23 +2,8 @@
 
 import torch
 
-from fsseg.models.base import FewShotModule
+from fsseg.episode import fake_batch
 from fsseg.models.baseline import PrototypeModule
-
-
-def batch(b=2, k=2, s=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q_mask = torch.zeros(b, s, s, dtype=torch.long)
-    q_mask[:, 8:20, 8:20] = 1
-    s_mask = torch.zeros(b, k, s, s, dtype=torch.long)
-    s_mask[..., 4:16, 10:26] = 1
-    s_mask[..., 0, :] = 255
-    return {
-        "query_img": torch.rand(b, 3, s, s, generator=g),
-        "query_mask": q_mask,
-        "support_imgs": torch.rand(b, k, 3, s, s, generator=g),
-        "support_masks": s_mask,
-    }
 
 
 def tiny():
@@ -28,22 +13,27 @@ def tiny():
 
 def test_predict_shapes_and_cached_support_equals_plain_path():
     m = tiny()
-    x = batch(b=1)
+    x = fake_batch(b=1, k=2)
     with torch.no_grad():
         pred = m.predict_masks(x, (40, 24))
         assert pred.shape == (1, 40, 24) and set(pred.unique().tolist()) <= {0, 1}
         state = m.encode_support(x["support_imgs"][0], x["support_masks"][0])
         queries = torch.cat([x["query_img"], torch.rand(2, 3, 32, 32)])
         cached = m.predict_with_support(state, queries, (40, 24))
-        plain = FewShotModule.predict_with_support(
-            m, FewShotModule.encode_support(m, x["support_imgs"][0], x["support_masks"][0]), queries, (40, 24)
+        shared = fake_batch(  # the same support set in every episode of a batch
+            3,
+            2,
+            query_img=queries,
+            support_imgs=x["support_imgs"].expand(3, -1, -1, -1, -1),
+            support_masks=x["support_masks"].expand(3, -1, -1, -1),
         )
+        plain = m.predict_masks(shared, (40, 24))
     assert torch.equal(cached, plain) and torch.equal(cached[:1], pred)
 
 
 def test_loss_decreases_on_a_fixed_batch():
     m = tiny().train()
-    x = batch()
+    x = fake_batch(b=2, k=2)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):

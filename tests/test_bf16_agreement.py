@@ -35,10 +35,12 @@ def run(config: str, root: Path, episodes: int, precision: str, batch_size: int)
     dm = FewShotDataModule(**data)
     dtypes, decoded = set(), []
     hooks = [
-        model.unet.register_forward_hook(lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype)),
-        (model.vae if hasattr(model, "vae") else model.movq).decoder.register_forward_hook(
-            lambda m, a, out: decoded.append(out.float())
+        model.pipeline.unet.register_forward_hook(
+            lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype)
         ),
+        (
+            model.pipeline.vae if hasattr(model.pipeline, "vae") else model.pipeline.movq
+        ).decoder.register_forward_hook(lambda m, a, out: decoded.append(out.float())),
     ]
     trainer = L.Trainer(
         accelerator="cpu",

@@ -154,7 +154,9 @@ def test_baseline_override_with_a_checkpoint_reaches_the_model(tmp_path, small_e
     cfg = write_config(tmp_path, small_embedded)
     ckpt = fit(cfg)
     cli = run_cli(["test", "--config", str(cfg), "--ckpt_path", ckpt, "--model.init_args.temperature", "5"])
-    assert cli.model.temperature == 5.0  # LightningCLI's default behaviour restored the checkpoint's 20
+    assert (
+        cli.model.pipeline.temperature == 5.0
+    )  # LightningCLI's default behaviour restored the checkpoint's 20
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert metrics["model_settings"]["init_args"]["temperature"] == 5.0
     code = run(["test", "--config", str(cfg), "--ckpt_path", ckpt, "--model.init_args.embed_dim", "8",

@@ -1,9 +1,13 @@
 """Episodes as tensors, reproducibility across loader layouts, and clear errors for bad data."""
 
+import typing
+
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from fsseg.data import FewShotDataModule, PascalFewShot
+from fsseg.episode import Episode, EpisodeBatch, fake_batch, unbatch
 
 
 def make_dm(root, **kw):
@@ -50,6 +54,30 @@ def test_episode_tensors(small_embedded):
         splits_dir=small_embedded / "splits",
     )
     assert original[0]["query_mask_eval"].shape == (64, 64)
+
+
+def test_episodes_and_fake_batches_hold_the_contracts_keys(small_embedded):
+    """A dataset's episode has every required key of `fsseg.episode.Episode` and no key it does not declare; the
+    one test factory, `fake_batch`, gives what the default collate makes of such episodes."""
+    required = {k for k in Episode.__annotations__ if k in Episode.__required_keys__}
+    dm = make_dm(small_embedded)
+    dm.setup("test")
+    ep = dm.datasets["test"][0]
+    assert required <= set(ep) <= set(Episode.__annotations__)
+    batch = next(iter(dm.test_dataloader()))
+    fake = fake_batch(3, 2, size=48)
+    assert set(fake) == set(batch) and set(fake) <= set(EpisodeBatch.__annotations__)
+    for key in fake:
+        if torch.is_tensor(batch[key]):
+            assert fake[key].dtype == batch[key].dtype and fake[key].shape[1:] == batch[key].shape[1:], key
+    collated = default_collate(unbatch(fake))  # unbatch: the episodes of a batch
+    assert all(torch.equal(collated[k], fake[k]) for k in fake if torch.is_tensor(fake[k]))
+    assert [list(names) for names in collated["support_names"]] == fake["support_names"]
+    assert typing.get_type_hints(Episode)["query_img"] is torch.Tensor
+    mine = torch.zeros(3, 48, 48, dtype=torch.long)
+    assert fake_batch(3, size=48, query_mask=mine)["query_mask"] is mine  # an episode's own tensors
+    with pytest.raises(KeyError, match="query_image"):
+        fake_batch(query_image=mine)
 
 
 def _names(loader):

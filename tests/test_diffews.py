@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _steps import decode_batch
 from diffusers.models.attention import BasicTransformerBlock
 
+from fsseg.episode import fake_batch, foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.processors import FusionAttnProcessor
-from fsseg.models.diffews.tiny import random_episodes, write_tiny_sd
+from fsseg.models.diffews.support import LatentSupport
+from fsseg.models.diffews.tiny import write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +21,10 @@ def sd_dir(tmp_path_factory):
 
 def test_fusion_processors_on_every_attn1_only(sd_dir):
     m = DiffewsModule(pretrained=sd_dir)
-    blocks = [mod for mod in m.unet.modules() if isinstance(mod, BasicTransformerBlock)]
-    procs = m.unet.attn_processors
+    blocks = [mod for mod in m.pipeline.unet.modules() if isinstance(mod, BasicTransformerBlock)]
+    procs = m.pipeline.unet.attn_processors
     fused = [n for n, p in procs.items() if isinstance(p, FusionAttnProcessor)]
-    assert m.n_fusion_layers == len(blocks) == len(fused) == 6
+    assert m.pipeline.n_fusion_layers == len(blocks) == len(fused) == 6
     assert all(n.endswith("attn1.processor") for n in fused)
     assert not any(
         isinstance(p, FusionAttnProcessor) for n, p in procs.items() if n.endswith("attn2.processor")
@@ -30,19 +33,21 @@ def test_fusion_processors_on_every_attn1_only(sd_dir):
 
 def test_conv_in_ref_init_and_text_encoder_not_kept(sd_dir):
     m = DiffewsModule(pretrained=sd_dir)
-    w, ref = m.unet.conv_in.weight, m.unet.conv_in_ref.weight
+    w, ref = m.pipeline.unet.conv_in.weight, m.pipeline.unet.conv_in_ref.weight
     assert ref.shape == (w.shape[0], 8, *w.shape[2:])
     torch.testing.assert_close(ref[:, :4], w / 2, rtol=0, atol=0)
     torch.testing.assert_close(ref[:, 4:], w / 2, rtol=0, atol=0)
-    torch.testing.assert_close(m.unet.conv_in_ref.bias, m.unet.conv_in.bias, rtol=0, atol=0)
-    assert m.unet.config.in_channels_ref == 8
+    torch.testing.assert_close(m.pipeline.unet.conv_in_ref.bias, m.pipeline.unet.conv_in.bias, rtol=0, atol=0)
+    assert m.pipeline.unet.config.in_channels_ref == 8
     assert not any("text" in n for n, _ in m.named_modules())
-    assert m.prompt_train.shape[1] == 77 and m.prompt_infer.shape[1] == 2
+    assert m.pipeline.prompt_train.shape[1] == 77 and m.pipeline.prompt_infer.shape[1] == 2
     # the text encoder is causal: the 2-token rows are the first rows of the 77-token form
-    torch.testing.assert_close(m.prompt_infer[0], m.prompt_train[0, :2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        m.pipeline.prompt_infer[0], m.pipeline.prompt_train[0, :2], rtol=1e-5, atol=1e-5
+    )
     sd = m.state_dict()
     assert "unet.conv_in_ref.weight" in sd and not any(k.startswith("prompt") for k in sd)
-    assert not any(p.requires_grad for p in m.vae.parameters())
+    assert not any(p.requires_grad for p in m.pipeline.vae.parameters())
 
 
 @pytest.mark.parametrize("shots", [1, 3])
@@ -52,23 +57,28 @@ def test_duplicate_support_gives_plain_unet_output(sd_dir, shots):
     two calls sum in other orders, and float32's rounding of that differs between CPUs' kernels."""
     m = DiffewsModule(pretrained=sd_dir).double().eval()
     with torch.no_grad():
-        m.unet.conv_in_ref.weight.zero_()
-        m.unet.conv_in_ref.weight[:, :4] = m.unet.conv_in.weight
-        m.unet.conv_in_ref.bias.copy_(m.unet.conv_in.bias)
+        m.pipeline.unet.conv_in_ref.weight.zero_()
+        m.pipeline.unet.conv_in_ref.weight[:, :4] = m.pipeline.unet.conv_in.weight
+        m.pipeline.unet.conv_in_ref.bias.copy_(m.pipeline.unet.conv_in.bias)
     torch.manual_seed(1)
     z_q = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     t = torch.ones(2, dtype=torch.long)
-    support = {
-        "x": torch.cat([z_q.repeat_interleave(shots, 0), torch.randn(2 * shots, 4, 16, 16).double()], 1),
-        "k": shots,
-    }
+    support = LatentSupport(
+        torch.cat([z_q.repeat_interleave(shots, 0), torch.randn(2 * shots, 4, 16, 16).double()], 1), shots
+    )
     with torch.no_grad():
-        fused = m.unet_call(z_q, support, t, m.prompt_infer)
+        fused = m.pipeline.unet_calls(z_q, support, t, m.pipeline.prompt_infer, training=False)
         # a plain UNet call (no fusion inputs): every processor runs plain self-attention
-        plain = m.unet(z_q, t, encoder_hidden_states=m.prompt_infer.expand(2, -1, -1)).sample
+        plain = m.pipeline.unet(
+            z_q, t, encoder_hidden_states=m.pipeline.prompt_infer.expand(2, -1, -1)
+        ).sample
         # a different support changes the output (the test above is not vacuous)
-        other = m.unet_call(
-            z_q, {"x": torch.randn(2 * shots, 8, 16, 16).double(), "k": shots}, t, m.prompt_infer
+        other = m.pipeline.unet_calls(
+            z_q,
+            LatentSupport(torch.randn(2 * shots, 8, 16, 16).double(), shots),
+            t,
+            m.pipeline.prompt_infer,
+            training=False,
         )
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-10)
     assert (other - plain).abs().max() > 1e-3
@@ -76,17 +86,18 @@ def test_duplicate_support_gives_plain_unet_output(sd_dir, shots):
 
 def test_training_loss_is_mse_to_negative_mask_latent(sd_dir):
     m = DiffewsModule(pretrained=sd_dir)
-    batch = random_episodes(b=2, k=1, size=32, seed=3)
+    batch = fake_batch(b=2, k=1, size=32, seed=3)
     out = m.training_loss(batch)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert m.unet.conv_in_ref.weight.grad is not None and m.unet.conv_in_ref.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in m.vae.parameters())
+    assert (
+        m.pipeline.unet.conv_in_ref.weight.grad is not None
+        and m.pipeline.unet.conv_in_ref.weight.grad.abs().sum() > 0
+    )
+    assert all(p.grad is None for p in m.pipeline.vae.parameters())
     # the loss is the MSE between the UNet's query output and -z_mq (z_mq: a posterior sample of the mask image)
-    from fsseg.models.diffews.inputs import binary_mask, mask_image
-
     seen = []
-    h = m.unet.register_forward_hook(lambda mod, args, out: seen.append(out.sample[:2].detach()))
+    h = m.pipeline.unet.register_forward_hook(lambda mod, args, out: seen.append(out.sample[:2].detach()))
     try:
         torch.manual_seed(7)
         loss = m.training_loss(batch)["loss"]
@@ -95,14 +106,16 @@ def test_training_loss_is_mse_to_negative_mask_latent(sd_dir):
     torch.manual_seed(
         7
     )  # the module's first random draw is the posterior sample of [query, query-mask image]
-    z = m.encode(torch.cat([batch["query_img"], mask_image(binary_mask(batch["query_mask"]))]), sample=True)
+    z = m.pipeline.codec.encode(
+        torch.cat([batch["query_img"], mask_image(foreground(batch["query_mask"]))]), sample=True
+    )
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen[0], -z[2:]), rtol=1e-5, atol=1e-7)
 
 
 def test_predict_masks_postprocessing(sd_dir):
     m = DiffewsModule(pretrained=sd_dir).eval()
-    batch = random_episodes(b=2, k=2, size=32, seed=4)
-    img = m.predict_image(batch)
+    batch = fake_batch(b=2, k=2, size=32, seed=4)
+    img = decode_batch(m, batch)
     assert img.shape == (2, 3, 32, 32) and img.min() >= 0 and img.max() <= 1
     torch.testing.assert_close(img * 255, (img * 255).round())  # uint8 levels
     pred = m.predict_masks(batch, (48, 40))
@@ -116,7 +129,7 @@ def test_predict_masks_postprocessing(sd_dir):
     assert torch.equal(m_abs.predict_masks(batch, (48, 40)), (score > 0.15).long())
     # inference is deterministic and each episode is independent of its batch neighbours
     single = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()}
-    alone = m.predict_image(single)
+    alone = decode_batch(m, single)
     assert (alone - img[:1]).abs().max() <= 1 / 255 + 1e-6  # float noise may flip one uint8 level
     assert ((alone - img[:1]).abs() > 1e-6).float().mean() < 0.01
 

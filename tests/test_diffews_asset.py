@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.embedded import fold_classes, generate_embedded_benchmark
+from fsseg.episode import foreground, mask_image
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.inputs import binary_mask, mask_image
 
 ASSET = Path(__file__).resolve().parents[1] / "fsseg/assets/tiny-diffews"
 
@@ -34,7 +34,7 @@ def test_asset_layout_and_size():
 @torch.no_grad()
 def test_asset_loads_and_vae_reconstructs(tmp_path):
     m = DiffewsModule(pretrained="fsseg/assets/tiny-diffews").eval()  # package-relative, like the demo config
-    assert m.unet.conv_in_ref.in_channels == 8  # added on load, as for SD 2.1
+    assert m.pipeline.unet.conv_in_ref.in_channels == 8  # added on load, as for SD 2.1
     root = generate_embedded_benchmark(tmp_path / "embedded", seed=1, image_size=128, n_train=40, n_val=40)
     dm = FewShotDataModule(
         root=str(root),
@@ -47,14 +47,14 @@ def test_asset_loads_and_vae_reconstructs(tmp_path):
     )
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
-    img, mask = batch["query_img"], binary_mask(batch["query_mask"])
-    latents = m.encode(img, sample=False)  # scaled, [16, 4, 32, 32]
+    img, mask = batch["query_img"], foreground(batch["query_mask"])
+    latents = m.pipeline.codec.encode(img, sample=False)  # scaled, [16, 4, 32, 32]
     assert 0.8 < float(latents.std()) < 1.25, (
         f"scaled latent spread {float(latents.std()):.3f}, SD's is about 1"
     )
-    rec = m.decode(latents)
+    rec = m.pipeline.codec.decode(latents)
     psnr = 10 * torch.log10(1 / torch.nn.functional.mse_loss(rec, img))
-    rec_mask = m.decode(m.encode(mask_image(mask), sample=False)).mean(1) > 0.5
+    rec_mask = m.pipeline.codec.decode(m.pipeline.codec.encode(mask_image(mask), sample=False)).mean(1) > 0.5
     iou = (rec_mask & (mask > 0)).sum() / (rec_mask | (mask > 0)).sum()
     assert psnr > 21, psnr
     assert iou > 0.9, iou

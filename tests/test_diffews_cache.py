@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _steps import decode_batch
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write_tiny_sd
+from fsseg.models.diffews.tiny import tiny_image_encoder, write_tiny_sd
 
 STEPS = dict(num_inference_steps=2, ensemble_size=2)
 VARIANTS = [
@@ -38,19 +40,16 @@ def build(dirs, seed: int = 0, **kw) -> DiffewsModule:
     torch.manual_seed(seed)
     m = DiffewsModule(pretrained=dirs[0], image_encoder=dirs[1], **kw)
     with torch.no_grad():  # away from the conv_in-derived init, so the supports matter
-        for p in m.unet.parameters():
+        for p in m.pipeline.unet.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return m
 
 
 def shared_support_batch(n_queries: int = 2, shots: int = 3) -> dict:
     """``n_queries`` queries with one support set (what `predict_with_support` serves)."""
-    ep = random_episodes(b=1, k=shots, size=32, seed=3)
-    return {
-        "query_img": torch.rand(n_queries, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
-        "support_imgs": ep["support_imgs"].expand(n_queries, -1, -1, -1, -1),
-        "support_masks": ep["support_masks"].expand(n_queries, -1, -1, -1),
-    }
+    ep = fake_batch(b=1, k=shots, size=32, seed=3)
+    shared = {key: ep[key].expand(n_queries, *ep[key].shape[1:]) for key in ("support_imgs", "support_masks")}
+    return fake_batch(n_queries, shots, 32, seed=1, **shared)
 
 
 def assert_same_image(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -65,11 +64,9 @@ def assert_same_image(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_cached_support_equals_joint_call(dirs, kw):
     m = build(dirs, **kw).eval()
     batch = shared_support_batch()
-    joint = m.predict_image(batch)
+    joint = decode_batch(m, batch)
     state = m.encode_support(batch["support_imgs"][0], batch["support_masks"][0])
-    from fsseg.models.diffews.support_cache import cached_denoiser
-
-    cached = m.predict_image({"query_img": batch["query_img"]}, cached_denoiser(m, state, 2))
+    cached = m.pipeline.decode_queries(state, batch["query_img"])
     assert joint.std() > 0.01
     assert_same_image(cached, joint)
     masks = m.predict_with_support(state, batch["query_img"], (40, 36))
@@ -80,7 +77,7 @@ def test_cached_support_equals_joint_call(dirs, kw):
         "support_imgs": 1 - batch["support_imgs"],
         "support_masks": batch["support_masks"].flip(-2),
     }
-    assert (m.predict_image(other) - joint).abs().max() > 1.5 / 255
+    assert (decode_batch(m, other) - joint).abs().max() > 1.5 / 255
 
 
 FSA = [kw for kw in VARIANTS if kw.get("interaction", "fsa") == "fsa"]
@@ -91,8 +88,8 @@ FSA = [kw for kw in VARIANTS if kw.get("interaction", "fsa") == "fsa"]
 def test_two_pass_bank_equals_joint_call(dirs, kw):
     joint = build(dirs, **kw).eval()
     separate = build(dirs, support_pass="separate", **kw).eval()
-    batch = random_episodes(b=2, k=3, size=32, seed=5)  # each episode its own supports
-    assert_same_image(separate.predict_image(batch), joint.predict_image(batch))
+    batch = fake_batch(b=2, k=3, size=32, seed=5)  # each episode its own supports
+    assert_same_image(decode_batch(separate, batch), decode_batch(joint, batch))
 
 
 @pytest.mark.parametrize(
@@ -106,7 +103,7 @@ def test_two_pass_training_equals_joint_with_and_without_checkpointing(dirs, kw,
     gradients agree across the joint call, the two-pass bank, and gradient checkpointing. In float64: the bank sums
     in another order, and float32's rounding of that depends on the CPU's kernels (the loss itself is computed in
     float32 from the float64 prediction, see `training_loss`)."""
-    batch = random_episodes(b=2, k=2, size=32, seed=7)
+    batch = fake_batch(b=2, k=2, size=32, seed=7)
     grads = {}
     for support_pass in ("joint", "separate"):
         m = (
@@ -117,7 +114,10 @@ def test_two_pass_training_equals_joint_with_and_without_checkpointing(dirs, kw,
         torch.manual_seed(11)
         loss = m.training_loss(batch)["loss"]
         loss.backward()
-        grads[support_pass] = (loss.detach(), {n: p.grad.clone() for n, p in m.unet.named_parameters()})
+        grads[support_pass] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in m.pipeline.unet.named_parameters()},
+        )
     reference = build(dirs, **kw).double().train()  # joint, no checkpointing
     torch.manual_seed(11)
     ref_loss = reference.training_loss(batch)["loss"]
@@ -125,7 +125,7 @@ def test_two_pass_training_equals_joint_with_and_without_checkpointing(dirs, kw,
     assert ref_loss > 0
     for loss, g in grads.values():
         torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-7)
-        for n, p in reference.unet.named_parameters():
+        for n, p in reference.pipeline.unet.named_parameters():
             torch.testing.assert_close(g[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
     if kw.get("injection", "concat") == "concat":  # the supports' input conv is trained through the bank too
-        assert reference.unet.conv_in_ref.weight.grad.abs().sum() > 0
+        assert reference.pipeline.unet.conv_in_ref.weight.grad.abs().sum() > 0

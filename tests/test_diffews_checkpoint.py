@@ -9,13 +9,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _steps import decode_batch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from fsseg.episode import fake_batch, foreground, unbatch
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.inputs import binary_mask
-from fsseg.models.diffews.tiny import random_episodes, tiny_unet, write_tiny_sd
+from fsseg.models.diffews.support import LatentSupport
+from fsseg.models.diffews.tiny import tiny_unet, write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -101,25 +103,26 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
     m = DiffewsModule(pretrained=sd_dir, unet_path=released_unet).double().eval()
     saved = load_file(f"{released_unet}/diffusion_pytorch_model.safetensors")
     torch.testing.assert_close(
-        m.unet.conv_in_ref.weight, saved["conv_in_ref.weight"].double(), rtol=0, atol=0
+        m.pipeline.unet.conv_in_ref.weight, saved["conv_in_ref.weight"].double(), rtol=0, atol=0
     )
-    batch = random_episodes(b=2, k=shots, size=32, seed=5)
+    batch = fake_batch(b=2, k=shots, size=32, seed=5)
     with torch.no_grad():  # the latents, as the module computes them (posterior means)
-        z_q = m.encode(batch["query_img"], sample=False)
-        z_sup = m.encode_episode(
-            [], batch["support_imgs"], binary_mask(batch["support_masks"]), sample=False
-        )[1]["x"]
-        one_pass = -m.unet_call(
-            z_q, {"x": z_sup, "k": shots}, torch.ones(2, dtype=torch.long), m.prompt_infer
+        z_q = m.pipeline.codec.encode(batch["query_img"], sample=False)
+        z_sup = m.pipeline.encode(
+            [], batch["support_imgs"], foreground(batch["support_masks"]), sample=False
+        )[1].x
+        t = torch.ones(2, dtype=torch.long)
+        one_pass = -m.pipeline.unet_calls(
+            z_q, LatentSupport(z_sup, shots), t, m.pipeline.prompt_infer, training=False
         )
         two_pass = two_pass_predict_latent(
-            released_unet, m.prompt_infer, z_q, z_sup.view(2, shots, 8, *z_sup.shape[-2:])
+            released_unet, m.pipeline.prompt_infer, z_q, z_sup.view(2, shots, 8, *z_sup.shape[-2:])
         )
     torch.testing.assert_close(one_pass, two_pass, rtol=0, atol=1e-10)
     assert one_pass.abs().max() > 1e-2
     # end to end: the module's thresholded prediction is the released post-processing of the two-pass latent
-    img_ref = torch.floor(m.decode(two_pass) * 255) / 255  # uint8 levels by truncation
-    img = m.predict_image(batch)
+    img_ref = torch.floor(m.pipeline.codec.decode(two_pass) * 255) / 255  # uint8 levels by truncation
+    img = decode_batch(m, batch)
     assert torch.equal(img, img_ref)
     ref_mask = (
         img_ref.mean(1) > 0.25 * img_ref.flatten(1).amax(1)[:, None, None]
@@ -130,14 +133,8 @@ def test_released_unet_one_pass_equals_two_pass(sd_dir, released_unet, shots):
 def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
     L.seed_everything(0)
     m = DiffewsModule(pretrained=sd_dir)
-    episodes = random_episodes(b=2, k=1, size=32, seed=6)
-    items = [
-        {
-            k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v]))
-            for k, v in episodes.items()
-        }
-        for i in range(2)
-    ]
+    episodes = fake_batch(b=2, k=1, size=32, seed=6)
+    items = unbatch(episodes)
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",
@@ -146,31 +143,25 @@ def test_lightning_checkpoint_round_trip(sd_dir, tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    before = m.unet.conv_in_ref.weight.detach().clone()
+    before = m.pipeline.unet.conv_in_ref.weight.detach().clone()
     trainer.fit(m, DataLoader(items, batch_size=1))
-    assert not torch.equal(before, m.unet.conv_in_ref.weight)  # it trained
+    assert not torch.equal(before, m.pipeline.unet.conv_in_ref.weight)  # it trained
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert "unet.conv_in_ref.weight" in sd and not any(k.startswith("vae.") for k in sd)
     m.eval()
     loaded = DiffewsModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    batch = random_episodes(b=2, k=2, size=32, seed=7)
+    batch = fake_batch(b=2, k=2, size=32, seed=7)
     assert torch.equal(loaded.predict_masks(batch, (32, 32)), m.predict_masks(batch, (32, 32)))
-    torch.testing.assert_close(loaded.predict_image(batch), m.predict_image(batch), rtol=0, atol=0)
+    torch.testing.assert_close(decode_batch(loaded, batch), decode_batch(m, batch), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_fit_and_predict(sd_dir, precision):
     m = DiffewsModule(pretrained=sd_dir)
-    episodes = random_episodes(b=2, k=1, size=32, seed=8)
-    items = [
-        {
-            k: (v[i] if torch.is_tensor(v) else (v[i] if k == "query_name" else [s[i] for s in v]))
-            for k, v in episodes.items()
-        }
-        for i in range(2)
-    ]
+    episodes = fake_batch(b=2, k=1, size=32, seed=8)
+    items = unbatch(episodes)
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",
@@ -183,6 +174,6 @@ def test_mixed_precision_fit_and_predict(sd_dir, precision):
     )
     trainer.fit(m, DataLoader(items, batch_size=1))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert all(torch.isfinite(p).all() for p in m.unet.parameters())
+    assert all(torch.isfinite(p).all() for p in m.pipeline.unet.parameters())
     m.eval()
     assert set(m.predict_masks(episodes, (32, 32)).unique().tolist()) <= {0, 1}

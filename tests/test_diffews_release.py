@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _steps import decode_batch
 
+from fsseg.episode import fake_batch
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews import generation as gen
 from fsseg.models.diffews.processors import FusionInputs, query_attention, support_keep, token_grid
-from fsseg.models.diffews.tiny import random_episodes, write_tiny_sd
+from fsseg.models.diffews.tiny import write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_default_postprocessing_is_the_released_one(sd_dir):
         "rgb_max",
         "floor",
     )
-    batch = random_episodes(b=2, k=2, size=32, seed=4)
+    batch = fake_batch(b=2, k=2, size=32, seed=4)
     g = torch.Generator().manual_seed(0)
     designed = []  # the decoder's output replaced by a fixed pattern: a real threshold decision on every run
 
@@ -64,10 +66,10 @@ def test_default_postprocessing_is_the_released_one(sd_dir):
             designed.append(ramp + 0.3 * torch.randn(out.shape, generator=g))
         return designed[0]
 
-    hook = m.vae.decoder.register_forward_hook(replace)
+    hook = m.pipeline.vae.decoder.register_forward_hook(replace)
     with torch.no_grad():
         pred = m.predict_masks(batch, (48, 40))
-        image = m.predict_image(batch)
+        image = decode_batch(m, batch)
     hook.remove()
     raw = designed
     decoded = raw[0].numpy()  # [2, 3, 32, 32], the decoder's output before any post-processing
@@ -82,13 +84,13 @@ def test_default_postprocessing_is_the_released_one(sd_dir):
 
 
 def test_the_papers_postprocessing_is_an_option(sd_dir):
-    batch = random_episodes(b=2, k=2, size=32, seed=4)
+    batch = fake_batch(b=2, k=2, size=32, seed=4)
     released = DiffewsModule(pretrained=sd_dir).eval()
     paper = DiffewsModule(pretrained=sd_dir, threshold_reference="mean_max", quantize="none").eval()
     paper.load_state_dict(released.state_dict())
     assert paper.hparams.threshold_reference == "mean_max" and paper.hparams.quantize == "none"
     with torch.no_grad():
-        img_r, img_p = released.predict_image(batch), paper.predict_image(batch)
+        img_r, img_p = decode_batch(released, batch), decode_batch(paper, batch)
         mask_p = paper.predict_masks(batch, (32, 32))
     assert torch.equal(img_r, torch.floor(img_p * 255) / 255) and not torch.equal(img_r, img_p)
     score = img_p.mean(1)  # the paper: channel mean > 0.25 * max(channel mean)
@@ -110,22 +112,22 @@ def test_channels_last_computes_the_released_encoding_and_prediction_in_float64(
     channels-last 5e-5; `benchmarks/channels_last_parity.py`), so float32 is not compared here."""
     from diffusers import AutoencoderKL
 
-    batch = random_episodes(b=2, k=2, size=32, seed=3)
+    batch = fake_batch(b=2, k=2, size=32, seed=3)
     m = DiffewsModule(pretrained=sd_dir).double().eval()
     assert m.hparams.channels_last
-    assert m.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert m.unet.conv_in_ref.weight.is_contiguous(memory_format=torch.channels_last)
+    assert m.pipeline.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert m.pipeline.unet.conv_in_ref.weight.is_contiguous(memory_format=torch.channels_last)
     released_vae = AutoencoderKL.from_pretrained(f"{sd_dir}/vae").double().eval()
     assert released_vae.encoder.conv_in.weight.is_contiguous()
     x = batch["query_img"].double()
     with torch.no_grad():
-        ours = m.encode(x, sample=False)
+        ours = m.pipeline.codec.encode(x, sample=False)
         released = released_vae.encode(x * 2 - 1).latent_dist.mean * released_vae.config.scaling_factor
         torch.testing.assert_close(ours, released, rtol=0, atol=1e-10)
         contiguous = DiffewsModule(pretrained=sd_dir, channels_last=False).double().eval()
-        assert contiguous.unet.conv_in_ref.weight.is_contiguous()
+        assert contiguous.pipeline.unet.conv_in_ref.weight.is_contiguous()
         contiguous.load_state_dict(m.state_dict())
-        assert torch.equal(m.predict_image(batch), contiguous.predict_image(batch))
+        assert torch.equal(decode_batch(m, batch), decode_batch(contiguous, batch))
         assert torch.equal(m.predict_masks(batch, (40, 36)), contiguous.predict_masks(batch, (40, 36)))
 
 
@@ -158,14 +160,14 @@ def test_attention_mask_is_the_released_nearest_resize_and_bias(size, n_tokens):
 
 
 def test_mask_resize_option_is_recorded_and_used(sd_dir):
-    batch = random_episodes(b=1, k=2, size=32, seed=9)
+    batch = fake_batch(b=1, k=2, size=32, seed=9)
     outs = {}
     for resize in ("nearest", "any"):
         torch.manual_seed(0)
         m = DiffewsModule(pretrained=sd_dir, injection="attention_mask", mask_resize=resize).eval()
         assert m.hparams.mask_resize == resize
         with torch.no_grad():
-            outs[resize] = m.predict_image(batch)
+            outs[resize] = decode_batch(m, batch)
     assert not torch.equal(outs["nearest"], outs["any"])
 
 
@@ -210,13 +212,15 @@ def test_mn2m_training_noise_is_annealed_by_t_over_T(sd_dir):
     assert m.hparams.multires_noise_form == "released"
     z_q, z_mq = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     query_in, t, target = gen.training_inputs(
-        "mn2m", z_q, z_mq, m.noise_scheduler, 0.9, "released", torch.Generator().manual_seed(2)
+        "mn2m", z_q, z_mq, m.pipeline.noise_scheduler, 0.9, "released", torch.Generator().manual_seed(2)
     )
     g = torch.Generator().manual_seed(2)
     t_ref = torch.randint(0, 1000, (2,), generator=g)
     noise = port_pyramid(z_mq, 0.9 * t_ref / 1000, g, 6, False)
     assert torch.equal(t, t_ref)
     torch.testing.assert_close(
-        query_in[:, 4:], m.noise_scheduler.add_noise(z_mq, noise, t), rtol=0, atol=1e-6
+        query_in[:, 4:], m.pipeline.noise_scheduler.add_noise(z_mq, noise, t), rtol=0, atol=1e-6
     )
-    torch.testing.assert_close(target, m.noise_scheduler.get_velocity(z_mq, noise, t), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        target, m.pipeline.noise_scheduler.get_velocity(z_mq, noise, t), rtol=0, atol=1e-6
+    )

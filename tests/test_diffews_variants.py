@@ -11,9 +11,10 @@ from _steps import assert_one_step_then_predict
 from lightning.pytorch.cli import LightningCLI
 
 from fsseg.data.datamodule import FewShotDataModule
+from fsseg.episode import fake_batch
 from fsseg.models.base import FewShotModule
 from fsseg.models.diffews import DiffewsModule
-from fsseg.models.diffews.tiny import random_episodes, tiny_image_encoder, write_tiny_sd
+from fsseg.models.diffews.tiny import tiny_image_encoder, write_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = sorted((ROOT / "configs/ablations/diffews").glob("*.yaml"))
@@ -120,5 +121,5 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dirs):
     )
     expected = 4 if trains_as_ablation or configs[-1].stem == "diffews_released" else 16
     assert dm.hparams.effective_batch_size == expected and dm.hparams.batch_size == 1
-    batch = random_episodes(b=1, k=dm.hparams.shot, size=32, seed=1)
+    batch = fake_batch(b=1, k=dm.hparams.shot, size=32, seed=1)
     assert_one_step_then_predict(model, optimizer, batch, (32, 32))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fsseg.episode import fake_batch, unbatch
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.scm import SpatialControl
 from fsseg.models.diffseg.tiny import save_tiny_components
@@ -28,70 +29,51 @@ def make_module(tiny_dir, *, dtype: torch.dtype = torch.float32, **kw):
     return DiffSegModule(decoder=str(tiny_dir / "decoder"), prior=str(tiny_dir / "prior"), **kw).to(dtype)
 
 
-def episode(i: int, k: int = 1) -> dict:
-    g = torch.Generator().manual_seed(i)
-    mask = torch.zeros(S, S, dtype=torch.long)
-    mask[8:40, 16:48] = 1
-    mask[0, :] = 255
-    return {
-        "query_img": torch.rand(3, S, S, generator=g),
-        "query_mask": mask,
-        "query_mask_eval": mask[::2, ::2].clone(),
-        "support_imgs": torch.rand(k, 3, S, S, generator=g),
-        "support_masks": mask.expand(k, S, S).clone(),
-        "class_id": torch.tensor(i % 3),
-        "episode_idx": torch.tensor(i),
-        "query_name": f"q{i}",
-        "support_names": [f"s{i}_{j}" for j in range(k)],
-    }
-
-
-def batch_of(n: int, k: int = 1, dtype: torch.dtype = torch.float32) -> dict:
-    batch = next(iter(DataLoader([episode(i, k) for i in range(n)], batch_size=n)))
-    return {
-        key: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for key, v in batch.items()
-    }
+def support_of(m, b: dict):
+    """(L_s, E_m) of a batch's supports."""
+    s = m.pipeline.encode_support(b["support_imgs"], b["support_masks"])
+    return s.latent, s.embedding
 
 
 def test_scm_gets_gradients_through_frozen_unet_which_stays_unchanged(tiny_dir):
     torch.manual_seed(0)
     m = make_module(tiny_dir, scm_zero_init=False)
-    unet_before = {k: v.clone() for k, v in m.unet.state_dict().items()}
-    scm_before = {k: v.clone() for k, v in m.scm.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in m.pipeline.unet.state_dict().items()}
+    scm_before = {k: v.clone() for k, v in m.pipeline.scm.state_dict().items()}
     opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
     assert {id(p) for p in m.trainable_parameters()} == {
-        id(p) for p in [*m.scm.parameters(), *m.head.parameters()]
+        id(p) for p in [*m.pipeline.scm.parameters(), *m.pipeline.head.parameters()]
     }
-    out = m.training_loss(batch_of(2))
+    out = m.training_loss(fake_batch(2, size=S))
     out["map_loss"].backward()  # M_a depends on SCM only through the UNet's up path
-    for name, p in m.scm.named_parameters():
+    for name, p in m.pipeline.scm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in m.unet.parameters())
+    assert all(p.grad is None for p in m.pipeline.unet.parameters())
     opt.step()
-    for k, v in m.unet.state_dict().items():
+    for k, v in m.pipeline.unet.state_dict().items():
         assert torch.equal(v, unet_before[k]), k
-    assert any(not torch.equal(v, scm_before[k]) for k, v in m.scm.state_dict().items())
+    assert any(not torch.equal(v, scm_before[k]) for k, v in m.pipeline.scm.state_dict().items())
 
 
 def test_zero_initialised_scm_starts_as_the_plain_unet_but_learns(tiny_dir):
     torch.manual_seed(0)
     with_scm = make_module(tiny_dir)
     without = make_module(tiny_dir, use_scm=False)
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     with torch.no_grad():
         torch.testing.assert_close(with_scm(b)[1], without(b)[1])
     with_scm.training_loss(b)["loss"].backward()
-    assert all(p.grad.abs().sum() > 0 for p in with_scm.scm.out_proj.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in with_scm.pipeline.scm.out_proj.parameters())
 
 
 def test_shared_versus_per_level_parameter_counts(tiny_dir):
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    shared = make_module(tiny_dir).scm
-    per_level = make_module(tiny_dir, scm_shared=False).scm
+    shared = make_module(tiny_dir).pipeline.scm
+    per_level = make_module(tiny_dir, scm_shared=False).pipeline.scm
     assert len(shared.cores) == 1 and len(per_level.cores) == 3
     core = count(shared.cores[0])
     assert count(per_level) - count(shared) == 2 * core
-    two_levels = make_module(tiny_dir, scm_levels=[2, 3]).scm
+    two_levels = make_module(tiny_dir, scm_levels=[2, 3]).pipeline.scm
     assert two_levels.levels == [2, 3] and count(two_levels) < count(shared)
     # the levels' channels differ, so the per-level projections differ in size
     assert shared.in_proj["1"].in_channels != shared.in_proj["3"].in_channels
@@ -109,20 +91,20 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    trainer.fit(m, train_dataloaders=DataLoader([episode(i) for i in range(4)], batch_size=2))
-    assert all(not p.requires_grad for p in m.unet.parameters())
-    assert not m.unet.training and not m.movq.training  # frozen parts stay in eval mode
+    trainer.fit(m, train_dataloaders=DataLoader(unbatch(fake_batch(4, 1, S)), batch_size=2))
+    assert all(not p.requires_grad for p in m.pipeline.unet.parameters())
+    assert not m.pipeline.unet.training and not m.pipeline.movq.training  # frozen parts stay in eval mode
     path = tmp_path / "diffseg.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert keys and all(k.startswith(("scm.", "head.")) for k in keys)
-    assert keys == {k for k, p in m.named_parameters() if p.requires_grad} | {
-        k for k, _ in m.named_buffers() if k.startswith(("scm.", "head."))
+    assert keys == {k for k, p in m.pipeline.named_parameters() if p.requires_grad} | {
+        k for k, _ in m.pipeline.named_buffers() if k.startswith(("scm.", "head."))
     }
     assert ckpt["hyper_parameters"]["decoder"] == str(tiny_dir / "decoder")
     loaded = DiffSegModule.load_from_checkpoint(path, map_location="cpu")
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(b)[0], m(b)[0])
@@ -132,10 +114,10 @@ def test_checkpoint_round_trip_holds_only_trainable_weights(tiny_dir, tmp_path):
 def test_ignore_pixels_do_not_enter_the_losses_and_count_as_support_background(tiny_dir):
     torch.manual_seed(0)
     m = make_module(tiny_dir)
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     base = m.training_loss(b)
     b2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
-    b2["query_mask"][:, 0, :] = 1  # only the ignore row changes
+    b2["query_mask"][:, :, :2] = 1  # only the ignored columns change
     assert b["query_mask"][0, 0, 0] == 255
     b_ign = {**b2, "query_mask": b["query_mask"]}
     torch.testing.assert_close(m.training_loss(b_ign)["map_loss"], base["map_loss"])
@@ -150,16 +132,17 @@ def test_ignore_pixels_do_not_enter_the_losses_and_count_as_support_background(t
 def test_k_shot_averages_embeddings_and_latents(tiny_dir):
     # one batched encode against three separate ones: in float64 (see make_module)
     m = make_module(tiny_dir, dtype=torch.float64)
-    b = batch_of(2, k=3, dtype=torch.float64)
+    b = fake_batch(2, k=3, size=S, dtype=torch.float64)
     with torch.no_grad():
-        ls, emb = m.support_inputs(b)
+        ls, emb = support_of(m, b)
         singles = [
-            m.support_inputs(
+            support_of(
+                m,
                 {
                     **b,
                     "support_imgs": b["support_imgs"][:, j : j + 1],
                     "support_masks": b["support_masks"][:, j : j + 1],
-                }
+                },
             )
             for j in range(3)
         ]
@@ -177,14 +160,14 @@ def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_d
         for p, q in zip(mean.trainable_parameters(), tokens.trainable_parameters()):
             p.add_(0.2 * torch.randn_like(p))
             q.copy_(p)
-        one, three = batch_of(2, k=1, dtype=f64), batch_of(2, k=3, dtype=f64)
+        one, three = fake_batch(2, k=1, size=S, dtype=f64), fake_batch(2, k=3, size=S, dtype=f64)
         torch.testing.assert_close(tokens(one)[0], mean(one)[0], rtol=0, atol=1e-10)  # K=1: the same model
-        ls, _ = tokens.support_inputs(three)
+        ls, _ = support_of(tokens, three)
         assert ls.shape[:2] == (2, 3)  # [B, K, C, h, w]: no shot averaged away
         swapped = {
             **three,
             "support_imgs": three["support_imgs"].flip(1),
-            "support_masks": three["support_masks"],
+            "support_masks": three["support_masks"].flip(1),
         }
         # a set of shots, not a sequence: equal up to float64 rounding (E_m's mean sums in another order, and
         # M_a's min-max normalisation amplifies it: ~1e-13 here, ~1e-2 in float32)
@@ -199,7 +182,7 @@ def test_shot_fusion_tokens_keeps_every_shot_and_equals_mean_for_one_shot(tiny_d
 def test_prediction_shape_and_threshold(tiny_dir):
     m = make_module(tiny_dir, threshold=2.0)
     with torch.no_grad():
-        pred = m.predict_masks(batch_of(2), (40, 30))
+        pred = m.predict_masks(fake_batch(2, size=S), (40, 30))
     assert (
         pred.shape == (2, 40, 30) and pred.dtype == torch.long and pred.sum() == 0
     )  # scores are within [0, 1]
@@ -229,7 +212,7 @@ def test_latent_fg_weight_only_reweights_foreground_cells(tiny_dir):
     plain = make_module(tiny_dir)
     torch.manual_seed(0)
     weighted = make_module(tiny_dir, latent_fg_weight=3.0)
-    b = batch_of(2)
+    b = fake_batch(2, size=S)
     with torch.no_grad():
         l_plain, l_weighted = plain.training_loss(b)["latent_loss"], weighted.training_loss(b)["latent_loss"]
         assert not torch.allclose(l_plain, l_weighted)
@@ -257,13 +240,13 @@ def test_cached_support_equals_joint_forward(tiny_dir, kw):
     with torch.no_grad():  # away from the (near-zero) init, so the support matters
         for p in m.trainable_parameters():
             p.add_(0.2 * torch.randn_like(p))
-    b = batch_of(3, k=2, dtype=torch.float64)
+    b = fake_batch(3, k=2, size=S, dtype=torch.float64)
     shared = {**b, "support_imgs": b["support_imgs"][:1].expand(3, -1, -1, -1, -1)}
     shared["support_masks"] = b["support_masks"][:1].expand(3, -1, -1, -1)
     with torch.no_grad():
         state = m.encode_support(shared["support_imgs"][0], shared["support_masks"][0])
         l_joint, _ = m(shared)
-        l_cached, _ = m.query_forward(shared["query_img"], *state)
+        l_cached, _ = m.pipeline(shared["query_img"], state)
         # equal up to float64 rounding: the support set is encoded alone (1 row) instead of once per episode, and
         # the attention maps' min-max normalisation amplifies the difference (~1e-2 in float32)
         torch.testing.assert_close(l_cached, l_joint, rtol=0, atol=1e-10)

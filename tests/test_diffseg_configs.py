@@ -11,9 +11,9 @@ import yaml
 from _steps import assert_one_step_then_predict
 from lightning.pytorch.cli import LightningCLI
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 
 from fsseg.data.datamodule import FewShotDataModule
+from fsseg.episode import fake_batch
 from fsseg.models.base import FewShotModule
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.hed import HED
@@ -58,23 +58,6 @@ def build(configs: list[Path], tiny: Path, edge_source: str | None = None) -> Li
     return LightningCLI(FewShotModule, FewShotDataModule, subclass_mode_model=True, args=args, run=False)
 
 
-def episodes(n: int, k: int, size: int = 32) -> dict:
-    g = torch.Generator().manual_seed(1)
-    items = []
-    for _ in range(n):
-        mask = torch.zeros(size, size, dtype=torch.long)
-        mask[size // 4 : size // 2, size // 8 : size // 2] = 1
-        items.append(
-            {
-                "query_img": torch.rand(3, size, size, generator=g),
-                "query_mask": mask,
-                "support_imgs": torch.rand(k, 3, size, size, generator=g),
-                "support_masks": mask.expand(k, -1, -1).clone(),
-            }
-        )
-    return next(iter(DataLoader(items, batch_size=n)))
-
-
 def test_every_ablation_row_has_a_config():
     names = {p.stem for p in ABLATIONS}
     assert {"full", "modules_no_unet_scm", "modules_no_scm", "modules_no_pam"} <= names  # Table 3
@@ -115,7 +98,7 @@ def test_config_instantiates_and_trains_one_step(configs, tiny_dir):
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.01
     assert isinstance(sched["scheduler"], torch.optim.lr_scheduler.StepLR) and sched["interval"] == "epoch"
     assert cli.trainer.max_epochs == 200
-    batch = episodes(2, dm.hparams.shot)
+    batch = fake_batch(2, dm.hparams.shot, seed=1)
     assert_one_step_then_predict(model, optimizer, batch, (24, 24))
 
 
@@ -140,7 +123,7 @@ def test_demo_config_runs_on_the_shipped_tiny_assets():
     model = cli.model
     assert isinstance(model, DiffSegModule) and model.hparams.edge_source == "sobel"
     optimizer = model.configure_optimizers()
-    batch = episodes(2, 1, size=cli.datamodule.hparams.img_size)
+    batch = fake_batch(2, 1, size=cli.datamodule.hparams.img_size, seed=1)
     model.train()
     loss = model.training_loss(batch)["loss"]
     loss.backward()

@@ -15,9 +15,10 @@ from diffusers import UNet2DConditionModel
 from torch.utils.data import DataLoader
 
 from fsseg.cli.trainer import RunRefused, run_cli
+from fsseg.episode import fake_batch
 from fsseg.models.base import eval_precision_conflict
 from fsseg.models.baseline import PrototypeModule
-from fsseg.models.diffews.tiny import random_episodes, write_tiny_sd
+from fsseg.models.diffews.tiny import write_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_conflict_rule():
 
 
 def _items(n: int = 2) -> list[dict]:
-    ep = random_episodes(b=n, k=1, size=32, seed=1)
+    ep = fake_batch(b=n, k=1, size=32, seed=1)
     return [{k: (v[i] if torch.is_tensor(v) or k == "query_name" else [s[i] for s in v]) for k, v in ep.items()}
             for i in range(n)]  # fmt: skip
 

@@ -416,8 +416,8 @@ def test_a_full_disk_never_truncates_or_replaces_a_checkpoint(trained, tmp_path,
 # ---- 6. a killed latent-cache build's partial folder is removed by the next build -------------------------------
 def test_the_next_cache_build_removes_partial_folders_of_killed_builds(tmp_path, small_embedded, capsys):
     from fsseg.data.datamodule import FewShotDataModule
+    from fsseg.data.latent_cache import MOMENTS
     from fsseg.models.diffews import DiffewsModule
-    from fsseg.models.diffews.latent_cache import MOMENTS
     from fsseg.models.diffews.tiny import write_tiny_sd
 
     cache = tmp_path / "cache"
@@ -436,7 +436,7 @@ def test_the_next_cache_build_removes_partial_folders_of_killed_builds(tmp_path,
     dm = FewShotDataModule(root=str(small_embedded), benchmark="embedded", img_size=64, train_episodes=4)
     dm.setup("fit")
     module = DiffewsModule(pretrained=str(write_tiny_sd(tmp_path / "sd", seed=0)), latent_cache=str(cache))
-    module.use_latent_cache(cache, dm.train_datasets())
+    dm.use_latent_cache(cache, **module.latent_encoder())
     assert (cache / MOMENTS).is_file()
     assert [p.exists() for p in stale + alive] == [
         False,

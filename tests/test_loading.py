@@ -71,10 +71,10 @@ def test_hub_id_loads_from_the_cache_offline(hub_cache, sd_dir):
     fake_cache(hub_cache, "someone/tiny-sd", sd_dir)
     m = DiffewsModule(pretrained="someone/tiny-sd", generation="mi2m")
     ref = DiffewsModule(pretrained=str(sd_dir), generation="mi2m")
-    assert torch.equal(m.unet.conv_in.weight, ref.unet.conv_in.weight)
+    assert torch.equal(m.pipeline.unet.conv_in.weight, ref.pipeline.unet.conv_in.weight)
     assert (
-        m.noise_scheduler.config.beta_end == 0.012
-        and m.noise_scheduler.config.prediction_type == "v_prediction"
+        m.pipeline.noise_scheduler.config.beta_end == 0.012
+        and m.pipeline.noise_scheduler.config.prediction_type == "v_prediction"
     )
 
 
@@ -168,7 +168,7 @@ def test_diffseg_and_baseline_share_the_loader(hub_cache, tmp_path):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights / "model.safetensors"))
     fake_cache(hub_cache, "timm/resnet18.a1_in1k", weights)
     m = PrototypeModule(backbone="resnet18", pretrained=True, out_indices=(1,))
-    torch.testing.assert_close(m.encoder.conv1.weight, net.conv1.weight)
+    torch.testing.assert_close(m.pipeline.encoder.conv1.weight, net.conv1.weight)
 
 
 def test_checkpoint_keeps_the_source_as_given_and_loads_from_elsewhere(tmp_path, monkeypatch):

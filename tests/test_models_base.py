@@ -20,7 +20,6 @@ class Toy(FewShotModule):
 
     def __init__(self, threshold: float | None = None, threshold_mode: str = "absolute") -> None:
         super().__init__(threshold=threshold, threshold_mode=threshold_mode)
-        self.save_hyperparameters()
         self.backbone = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
         self.head = nn.Linear(3, 1)
 

@@ -184,16 +184,17 @@ def test_diffews_from_checkpoint(sd_dir, images, tmp_path):
     L.seed_everything(3)
     model = DiffewsModule(pretrained=sd_dir)
     with torch.no_grad():
-        model.unet.conv_in_ref.weight.add_(
-            0.05 * torch.randn_like(model.unet.conv_in_ref.weight)
+        model.pipeline.unet.conv_in_ref.weight.add_(
+            0.05 * torch.randn_like(model.pipeline.unet.conv_in_ref.weight)
         )  # differs from a fresh init
     ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.5", *cli_args(images, 2)])
     assert done.value.code == 0
-    model.eval().hparams.threshold = 0.5  # what --threshold sets
+    with_threshold = DiffewsModule(pretrained=sd_dir, threshold=0.5).eval()  # what --threshold sets
+    with_threshold.load_state_dict(model.state_dict())
     check_outputs(
-        images, direct_predictions(model, images, 2, 32), 0.01
+        images, direct_predictions(with_threshold, images, 2, 32), 0.01
     )  # the checkpoint's weights were used
 
 
@@ -214,8 +215,9 @@ def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.45", *cli_args(images, 1)])
     assert done.value.code == 0
-    model.hparams.threshold = 0.45  # what --threshold sets
-    check_outputs(images, direct_predictions(model, images, 1, 64))
+    with_threshold = DiffSegModule(**init, threshold=0.45)  # what --threshold sets
+    with_threshold.load_state_dict(model.state_dict())
+    check_outputs(images, direct_predictions(with_threshold, images, 1, 64))
 
 
 def _write(path: Path, config: dict) -> Path:
@@ -229,9 +231,7 @@ CachedDiffews = DiffewsModule  # binds the support cache as encode_support / pre
 
 def cached_image(model: DiffewsModule, state, queries: torch.Tensor) -> torch.Tensor:
     """The decoded prediction of `predict_with_support`: `predict_image` with the stored support's UNet call."""
-    from fsseg.models.diffews.support_cache import cached_denoiser
-
-    return model.predict_image({"query_img": queries}, cached_denoiser(model, state, queries.shape[0]))
+    return model.pipeline.decode_queries(state, queries)
 
 
 def _count_rows(module: torch.nn.Module) -> list[int]:
@@ -273,7 +273,7 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     equals the joint one-pass call of `DiffewsModule.predict_masks`."""
     torch.manual_seed(0)
     model = CachedDiffews(pretrained=sd_dir, **kw).eval()
-    unet_rows, vae_rows = _count_rows(model.unet), _count_rows(model.vae.encoder)
+    unet_rows, vae_rows = _count_rows(model.pipeline.unet), _count_rows(model.pipeline.vae.encoder)
     queries = sorted(images["queries"].glob("*.*g"))
     predict_images(model, images["supports"], queries, images["out"], 32)
     steps = kw.get("num_inference_steps", 1)
@@ -295,7 +295,9 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
         "support_masks": s_masks.expand(3, -1, -1, -1),
     }
     with torch.no_grad():
-        joint = model.predict_image(batch)
+        joint = model.pipeline.decode_episodes(
+            batch["query_img"], batch["support_imgs"], batch["support_masks"]
+        )
     cached = cached_image(model, model.encode_support(s_imgs, s_masks), q)
     assert joint.std() > 0.01 and (cached - joint).abs().max() <= 1 / 255 + 1e-6
 
@@ -314,7 +316,7 @@ def test_diffseg_support_latent_and_embedding_computed_once(kandinsky_dir, image
         edge_source="sobel",
         scm_zero_init=False,
     ).eval()
-    movq_rows, clip_rows = _count_rows(model.movq.encoder), _count_rows(model.image_encoder)
+    movq_rows, clip_rows = _count_rows(model.pipeline.movq.encoder), _count_rows(model.pipeline.image_encoder)
     predict_images(model, images["supports"], sorted(images["queries"].glob("*.*g")), images["out"], 64)
     assert movq_rows == [2, 1, 1, 1] and clip_rows == [2]  # the 2 masked supports once, then each query
     check_outputs(images, direct_predictions(model, images, 2, 64))  # what the joint predict_masks gives
@@ -527,7 +529,7 @@ def test_a_truncated_query_fails_before_any_output(baseline_ckpt, images, capsys
 # ---- --precision bf16 ---------------------------------------------------------------------------------------------
 def _unet_dtypes(model) -> set:
     dtypes: set = set()
-    model.unet.register_forward_hook(lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype))
+    model.pipeline.unet.register_forward_hook(lambda m, a, out: dtypes.add(getattr(out, "sample", out).dtype))
     return dtypes
 
 

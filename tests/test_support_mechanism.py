@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fsseg.episode import fake_batch
 from fsseg.metrics import FewShotIoU
 
 ASSETS = Path(__file__).resolve().parents[1] / "fsseg" / "assets"
@@ -59,13 +60,18 @@ def two_disc_episodes(n: int, seed: int, control: str = "none") -> dict[str, tor
         s.append(s_img[None])
         sm.append((s_label == shown).long()[None])
         cls.append(target)
-    return {
-        "query_img": torch.stack(q),  # [n, 3, S, S]
-        "query_mask": torch.stack(qm),  # [n, S, S]
-        "support_imgs": torch.stack(s),  # [n, 1, 3, S, S]
-        "support_masks": torch.stack(sm),  # [n, 1, S, S]
-        "class_id": torch.tensor(cls),
-    }
+    return fake_batch(  # the contract's other keys from the one episode factory
+        n,
+        1,
+        SIZE,
+        query_img=torch.stack(q),  # [n, 3, S, S]
+        query_mask=torch.stack(qm),  # [n, S, S]
+        query_mask_eval=torch.stack(qm),
+        support_imgs=torch.stack(s),  # [n, 1, 3, S, S]
+        support_masks=torch.stack(sm),  # [n, 1, S, S]
+        class_id=torch.tensor(cls),
+        support_control=[control] * n,
+    )
 
 
 @torch.no_grad()
@@ -97,8 +103,10 @@ def _diffews(cut: bool):
     torch.manual_seed(0)
     module = DiffewsModule(pretrained=str(ASSETS / "tiny-diffews"))
     if cut:  # every support becomes a black image with an empty mask before it is encoded
-        images = module.support_images  # what the VAE encodes for the support side
-        module.support_images = lambda img, mask: images(torch.zeros_like(img), torch.zeros_like(mask))
+        encode = module.pipeline.encode  # the VAE encodes the queries and the support side
+        module.pipeline.encode = lambda queries, img, mask, *args, **kw: encode(
+            queries, torch.zeros_like(img), torch.zeros_like(mask), *args, **kw
+        )
     return module, [p for p in module.parameters() if p.requires_grad], 1e-3
 
 
@@ -118,10 +126,8 @@ def _diffseg(cut: bool):
         threshold=0.3,
     )
     if cut:  # the masked support image (source of L_s and the CLIP prompt) becomes black
-        inputs = module.support_inputs
-        module.support_inputs = lambda batch: inputs(
-            {**batch, "support_imgs": torch.zeros_like(batch["support_imgs"])}
-        )
+        encode = module.pipeline.encode_support
+        module.pipeline.encode_support = lambda imgs, masks: encode(torch.zeros_like(imgs), masks)
     return module, module.trainable_parameters(), 3e-3
 
 

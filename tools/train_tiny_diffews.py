@@ -36,7 +36,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from fsseg.data.corpus import corpus_tensors, random_object_masks, training_classes
-from fsseg.models.diffews.processors import FusionInputs, install_fusion
+from fsseg.models.diffews.processors import FusionInputs, fusion_processors
 from fsseg.models.diffews.tiny import (
     SD21_SCHEDULER,
     save_sd_folder,
@@ -45,6 +45,7 @@ from fsseg.models.diffews.tiny import (
     tiny_unet,
     tiny_vae,
 )
+from fsseg.models.latent import UNetCall, UNetContext
 
 VAE_CFG = dict(
     block_out_channels=(16, 32, 64),
@@ -142,7 +143,7 @@ def pretrain_unet(
     with torch.no_grad():
         prompt = text(ids)[0]  # [1, 77, D]: the empty prompt, as DiffewS uses
     unet = tiny_unet(seed, **UNET_CFG)
-    install_fusion(unet, "kv")
+    context = UNetContext(unet, fusion_processors(unet, "kv"))
     scheduler = DDIMScheduler(**SD21_SCHEDULER)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(steps, 200, 0.05))
@@ -168,12 +169,9 @@ def pretrain_unet(
                 refs.append(others[int(torch.randint(len(others), (1,), generator=gen))])
             sample = torch.cat([z_t, latents(torch.tensor(refs))])  # [2B, 4, h, w]
             timesteps = torch.cat([t, torch.ones(batch, dtype=torch.long)])
-            out = unet(
-                sample,
-                timesteps,
-                encoder_hidden_states=prompt.expand(2 * batch, -1, -1),
-                cross_attention_kwargs={"fusion": FusionInputs(n_query=batch, n_shot=1)},
-            ).sample[:batch]
+            call = UNetCall(attention=FusionInputs(n_query=batch, n_shot=1))
+            hidden = prompt.expand(2 * batch, -1, -1)
+            out = context(call, sample, timesteps, encoder_hidden_states=hidden)[0].sample[:batch]
         else:
             out = unet(z_t, t, encoder_hidden_states=prompt.expand(batch, -1, -1)).sample
         loss = F.mse_loss(out, target)
@@ -186,6 +184,7 @@ def pretrain_unet(
             log(
                 f"unet step {step} loss {loss.item():.4f} reference {with_ref} ({time.perf_counter() - t0:.0f}s)"
             )
+    context.remove()
     unet.set_attn_processor(AttnProcessor2_0())  # shipped as a plain SD UNet; DiffewsModule installs fusion
     return unet.eval()
 

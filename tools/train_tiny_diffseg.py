@@ -35,8 +35,8 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from fsseg.data.corpus import corpus_tensors, random_object_masks, training_classes
-from fsseg.models.diffseg.loading import clip_pixel_values
 from fsseg.models.diffseg.tiny import save_tiny_components, tiny_image_encoder, tiny_movq, tiny_scheduler
+from fsseg.models.latent import ClipPreprocess
 
 
 def log(msg: str) -> None:
@@ -160,7 +160,7 @@ def train_unet_clip(images, labels, movq, args):
         prompts = torch.stack(
             [prompt_image(i, images, labels, pairs, by_class, probs, gen) for i in idx.tolist()]
         )
-        emb = clip(pixel_values=clip_pixel_values(prompts, processor)).image_embeds  # [B, D]
+        emb = clip(pixel_values=ClipPreprocess.from_processor(processor)(prompts)).image_embeds  # [B, D]
         noise = torch.randn(latents[idx].shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
         noisy = scheduler.add_noise(latents[idx], noise, t)

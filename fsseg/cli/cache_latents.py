@@ -3,7 +3,7 @@
 
 ``fit`` builds a missing cache itself at its start; building it first is advisable before a multi-process run of a
 large dataset (the other processes wait for the build). An existing cache is opened and checked, never rebuilt.
-See `fsseg.models.diffews.latent_cache` for what the cache holds and when it is refused.
+See `fsseg.data.latent_cache` for what the cache holds and when it is refused.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ other inputs is refused with what differs. The temporary folder of a build that 
 
 def main(argv: list[str] | None = None) -> int:
     """``fsseg cache-latents [--config X] [--fold N] [--data.* / --model.* / --trainer.accelerator ...]``."""
-    from fsseg.models.diffews.latent_cache import ensure
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--overwrite" in argv:
         raise RunRefused("cache-latents never replaces a cache: delete the folder to rebuild it")
@@ -65,13 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     dm = cli.datamodule
     dm.prepare_data()
-    cache = ensure(
-        folder,
-        cli.model,
-        dm.train_datasets(),
-        device=cli.trainer.strategy.root_device,
-        num_workers=dm.hparams.num_workers,
-    )
+    cache = dm.use_latent_cache(folder, **cli.model.latent_encoder(), device=cli.trainer.strategy.root_device)
     print(
         f"fsseg cache-latents: {len(cache.image_rows)} images, {len(cache.mask_rows)} mask images in {cache.folder}"
     )

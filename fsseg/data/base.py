@@ -37,7 +37,6 @@ from fsseg.data.protocol import (
     control_episodes,
 )
 
-IGNORE = 255
 SPLITS = ("trn", "val", "test")
 IMAGE_RESIZES = ("torch", "pil")  # data.image_resize (`image_to_tensor`)
 BAD_MASKS = ("error", "warn")  # data.bad_masks (`FewShotDataset.checked_mask`)
@@ -448,6 +447,7 @@ class FewShotDataset(Dataset, ABC):
         return self.random_episode(np.random.default_rng((self.seed, int(index))), int(index))
 
     def __getitem__(self, index: int) -> dict:
+        """Episode ``index`` in the contract's form (`fsseg.episode.Episode`)."""
         ep = self.episode(index)
         s = self.img_size
         q_img = load_rgb(self.image_path(ep.query))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fsseg.data.base import IGNORE, ClassFirstDataset
+from fsseg.data.base import ClassFirstDataset
 from fsseg.data.splits_io import read_json_gz, resolve_splits_dir
+from fsseg.episode import IGNORE
 
 NCLASS = 80
 

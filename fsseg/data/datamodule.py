@@ -10,6 +10,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from fsseg.data import augment
 from fsseg.data.base import BAD_MASKS, IMAGE_RESIZES, FewShotDataset
+from fsseg.data.latent_cache import LatentCache, LatentMoments, ensure
 from fsseg.data.protocol import SUPPORT_CONTROLS
 from fsseg.data.registry import benchmark_class
 from fsseg.data.samplers import EpisodeSampler, EvalDistributedSampler, ResumableLoader
@@ -133,6 +134,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.bad_mask_scan: dict[
             str, tuple[int, list[str]]
         ] = {}  # split -> `FewShotDataset.scan_masks` (warn)
+        self.latent_cache: LatentCache | None = None  # set by `use_latent_cache`
 
     # ---- which benchmarks and splits ----------------------------------------------------------------------------
     def _uses(self, stage: str | None) -> list[tuple[str, str]]:
@@ -173,6 +175,25 @@ class FewShotDataModule(L.LightningDataModule):
         if hp.train_benchmarks:
             return [self.build("trn", b, fold=-1) for b in hp.train_benchmarks]
         return [self.build("trn")]
+
+    def use_latent_cache(
+        self, folder, weights, moments, build_missing: bool = True, device=None
+    ) -> LatentCache:
+        """Training episodes carry the cached VAE posteriors of their images (`fsseg.data.latent_cache`), for a
+        model that trains from them instead of encoding (DiffewS's ``latent_cache``: it calls this from its
+        ``prepare_data``, once per node, and from its ``setup("fit")`` with ``build_missing=False``).
+
+        Opens the cache in ``folder`` of the model's encoder (``weights``: the module the fingerprint hashes;
+        ``moments``: ``[n, 3, S, S]`` in [0, 1] -> ``[n, 8, h, w]``) and the training datasets, refusing one built
+        from other inputs; a missing one is built first when ``build_missing`` (on ``device``, default the
+        trainer's). From then on the training loader's episodes come through `LatentMoments`."""
+        built = self.datasets.get("trn")
+        members = list(getattr(built, "datasets", [built])) if built is not None else self.train_datasets()
+        if device is None and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        num_workers = self.hparams.num_workers
+        self.latent_cache = ensure(folder, weights, moments, members, build_missing, device, num_workers)
+        return self.latent_cache
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -274,6 +295,8 @@ class FewShotDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["trn"]
+        if self.latent_cache is not None:
+            ds = LatentMoments(ds, self.latent_cache)
         return ResumableLoader(
             ds,
             batch_size=self.hparams.batch_size,

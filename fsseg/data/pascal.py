@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fsseg.data.base import IGNORE, FewShotDataset
+from fsseg.data.base import FewShotDataset
 from fsseg.data.protocol import Episode, draw_random_supports, draw_supports
 from fsseg.data.splits_io import read_lines, resolve_splits_dir
+from fsseg.episode import IGNORE
 
 PASCAL_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -2,15 +2,21 @@
 
 A method implements ``training_loss(batch) -> {"loss": ..., ...}`` and
 ``predict_masks(batch, out_size) -> LongTensor [B, h, w]`` (abstract: a subclass without them cannot be built); this
-class does the rest: one ``model_step`` for all stages, one `FewShotIoU` per evaluation stage, the per-episode
-records of a test run (written to disk by the `fsseg.report.TestReport` callback), the optimiser and scheduler given by the CLI (``optimizer`` / ``scheduler`` init args, each a
-``class_path`` callable), frozen pretrained parts (`frozen_modules`), component loading (`load_component`, offline
-first: `fsseg.models.loading`) and the one threshold convention of score-thresholding methods (`binarize`).
+class does the rest: the method's init arguments saved as hyper-parameters, one ``model_step`` for all stages, one
+`FewShotIoU` per evaluation stage, the per-episode records of a test run (written to disk by the
+`fsseg.report.TestReport` callback), the optimiser and scheduler given by the CLI (``optimizer`` / ``scheduler``
+init args, each a ``class_path`` callable), frozen pretrained parts (`frozen_modules`), component loading
+(`load_component`, offline first: `fsseg.models.loading`) and the one threshold convention of score-thresholding
+methods (`binarize`). A method's model is a `fsseg.models.pipeline.Pipeline` held as ``self.pipeline``: the support
+hooks of ``fsseg predict-images`` delegate to it, and its weights are saved under their own names (``unet.*``, not
+``pipeline.unet.*``: the keys of every checkpoint written before pipelines existed).
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABCMeta, abstractmethod
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -19,13 +25,16 @@ import torch
 
 # Lightning's aliases: jsonargparse builds them from a `class_path` (e.g. torch.optim.AdamW, LinearLR) in a config.
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
 
 from fsseg.metrics import FewShotIoU, episode_inter_union
 from fsseg.models import loading
+from fsseg.models.latent.postprocess import THRESHOLD_MODES, threshold_scores
+from fsseg.models.pipeline import FrozenParts, Pipeline
 from fsseg.predictions import encode_masks
 
-THRESHOLD_MODES = ("absolute", "relative")
+__all__ = ["FewShotModule", "LRSchedulerCallable", "OptimizerCallable", "THRESHOLD_MODES", "threshold_scores"]
+PIPELINE = "pipeline."  # the state-dict prefix that checkpoints leave out
+
 #: ``eval_precision`` values (None: the trainer's precision). Each keeps fp32 weights, so any of them can evaluate
 #: a model that the trainer holds at one of these precisions.
 EVAL_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -55,36 +64,35 @@ def eval_precision_conflict(eval_precision: str | None, given) -> str | None:
     )
 
 
-def threshold_scores(
-    score: torch.Tensor, threshold: float, mode: str, reference: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[B, h, w]`` scores -> {0, 1} long: ``score > threshold`` (absolute) or ``score > threshold * reference``
-    (relative; ``reference [B]`` defaults to each image's maximum score)."""
-    if mode == "absolute":
-        return (score > threshold).long()
-    if mode != "relative":
-        raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {mode!r}")
-    if reference is None:
-        reference = score.flatten(1).amax(1)  # [B]
-    return (score > threshold * reference.view(-1, 1, 1)).long()
+def _drop_pipeline_prefix(module, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: ``<prefix>pipeline.X`` -> ``<prefix>X`` (in place, order kept)."""
+    if getattr(module, "pipeline", None) is None:
+        return
+    head = prefix + PIPELINE
+    items = [(prefix + k[len(head) :] if k.startswith(head) else k, v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        renamed = {(prefix + k[len(head) :] if k.startswith(head) else k): v for k, v in meta.items()}
+        renamed.pop(prefix + PIPELINE[:-1], None)  # the Pipeline module's own entry
+        meta.clear()
+        meta.update(renamed)
 
 
-def min_grid(*blocks: nn.Module | None) -> int:
-    """The smallest side of a coarsest feature grid that the GroupNorms of ``blocks`` (those a network runs at that
-    grid; None entries skipped) can normalise: 1 when each group holds at least two channels, else 2 (a 1x1 grid
-    would leave one value per group)."""
-    norms = [
-        m for block in blocks if block is not None for m in block.modules() if isinstance(m, nn.GroupNorm)
-    ]
-    return 1 if all(m.num_channels // m.num_groups >= 2 for m in norms) else 2
+def _outermost_init_frame(obj):
+    """The frame of the most derived ``__init__`` running on ``obj`` (a method's own init arguments)."""
+    frame = inspect.currentframe().f_back
+    while (
+        frame.f_back is not None
+        and frame.f_back.f_code.co_name == "__init__"
+        and frame.f_back.f_locals.get("self") is obj
+    ):
+        frame = frame.f_back
+    return frame
 
 
-def unet_coarsest_blocks(unet: nn.Module) -> tuple[nn.Module | None, ...]:
-    """A diffusers UNet's blocks at its coarsest grid: the last down block, the mid block, the first up block."""
-    return unet.down_blocks[-1], getattr(unet, "mid_block", None), unet.up_blocks[0]
-
-
-class FewShotModule(L.LightningModule, metaclass=ABCMeta):
+class FewShotModule(FrozenParts, L.LightningModule, metaclass=ABCMeta):
     """Base LightningModule of every fsseg method.
 
     Args:
@@ -99,10 +107,8 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
             (`evaluation_precision`); see `eval_precision_conflict` for a command line asking for another.
     """
 
-    #: attribute names of frozen pretrained sub-modules: assigning one turns its gradients off and puts it in eval
-    #: mode, ``.train()`` keeps it there, and it is never written into Lightning checkpoints (it is loaded from its
-    #: own files, e.g. ``("vae",)``).
-    frozen_modules: ClassVar[tuple[str, ...]] = ()
+    # frozen_modules (`FrozenParts`): attribute names of frozen pretrained sub-modules of the module itself; a
+    # method with a pipeline declares its frozen parts on the pipeline.
     #: whether the method takes ``threshold`` / ``threshold_mode`` init arguments (``fsseg predict-images --threshold``)
     has_threshold: ClassVar[bool] = False
     #: init arguments the trained weights depend on (they change the architecture, not a setting of it): a
@@ -124,6 +130,8 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
             raise ValueError(
                 f"eval_precision must be null or one of {EVAL_PRECISIONS}, got {eval_precision!r}"
             )
+        # the method's init arguments (of its most derived __init__), as given: what checkpoints and configs record
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], frame=_outermost_init_frame(self))
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
         if threshold_mode not in THRESHOLD_MODES:
@@ -138,6 +146,8 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         self.test_iou: FewShotIoU | None = None
         self.test_records: list[dict] = []  # one per episode of this process's test episodes
         self.test_values: dict | None = None  # the test metric's values once the test epoch is done
+        self.pipeline: Pipeline | None = None  # the method's model, when it has one (set by the subclass)
+        self.register_state_dict_post_hook(_drop_pipeline_prefix)
 
     # ---- what a method implements -------------------------------------------------------------------------
     @abstractmethod
@@ -148,20 +158,7 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         """Binary query predictions ``[B, *out_size]`` (int64, {0, 1})."""
 
-    # ---- frozen pretrained parts, components, thresholds ------------------------------------------------------
-    def __setattr__(self, name: str, value) -> None:
-        if name in type(self).frozen_modules and isinstance(value, nn.Module):
-            value.requires_grad_(False).eval()
-        super().__setattr__(name, value)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for name in self.frozen_modules:
-            module = getattr(self, name, None)
-            if module is not None:
-                module.eval()
-        return self
-
+    # ---- components, thresholds ------------------------------------------------------------------------------
     def locate_component(self, source: str, subfolder: str | None, what: str, **kwargs):
         """The local folder of a pretrained component (`fsseg.models.loading.locate`: package asset, working
         directory, Hugging Face cache; a download only when the ``allow_download`` init argument is true).
@@ -186,19 +183,26 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         return None
 
     # ---- one support set, many queries (``fsseg predict-images``) ------------------------------------------
+    @torch.no_grad()
     def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> object:
         """Prepare one support set ``[K, 3, S, S]`` in [0, 1] / ``[K, S, S]`` in {0, 1, 255} for many queries.
 
-        The default keeps the tensors; a method overrides this (with `predict_with_support`) to do the support's
-        share of the work once.
+        With a pipeline: its `Pipeline.encode_support` (the support's share of the work, done once); without, the
+        tensors themselves.
         """
+        if self.pipeline is not None:
+            return self.pipeline.encode_support(support_imgs[None], support_masks[None])
         return support_imgs, support_masks
 
+    @torch.no_grad()
     def predict_with_support(
         self, support_state, query_imgs: torch.Tensor, out_size: tuple[int, int]
     ) -> torch.Tensor:
         """Binary predictions ``[B, *out_size]`` (int64, {0, 1}) for ``query_imgs [B, 3, S, S]`` against a support
-        set from `encode_support`. The default builds an episode batch (image keys only) for `predict_masks`."""
+        set from `encode_support`: the pipeline's `Pipeline.segment`; without a pipeline, an episode batch (image
+        keys only) for `predict_masks`."""
+        if self.pipeline is not None:
+            return self.pipeline.segment(support_state, query_imgs, out_size)
         s_imgs, s_masks = support_state
         b = query_imgs.shape[0]
         batch = {
@@ -344,17 +348,34 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
 
     # ---- checkpoints hold only what is trained --------------------------------------------------------------
     def _is_frozen_key(self, key: str) -> bool:
-        return any(key == m or key.startswith(m + ".") for m in self.frozen_modules)
+        """Whether a (checkpoint) state-dict key belongs to a frozen part, of the module or of its pipeline."""
+        return self.frozen_key(key) or (self.pipeline is not None and self.pipeline.frozen_key(key))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         sd = checkpoint.get("state_dict", {})
         for key in [k for k in sd if self._is_frozen_key(k)]:
             del sd[key]
 
+    def _pipeline_keys(self, state_dict):
+        """Checkpoint keys (``unet.*``) -> the module's own (``pipeline.unet.*``), metadata included."""
+        mapped = OrderedDict(
+            (k if k.startswith(PIPELINE) else PIPELINE + k, v) for k, v in state_dict.items()
+        )
+        meta = getattr(state_dict, "_metadata", None)
+        if meta is not None:
+            mapped._metadata = type(meta)((PIPELINE + k if k else k, v) for k, v in meta.items())
+        return mapped
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if not self.frozen_modules:
+        frozen = self.frozen_modules or (self.pipeline is not None and self.pipeline.frozen_modules)
+        if self.pipeline is not None:
+            state_dict = self._pipeline_keys(state_dict)
+        if not frozen and self.pipeline is None:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if self.pipeline is not None:  # reported by the checkpoint's names
+            unprefix = lambda keys: [k[len(PIPELINE) :] if k.startswith(PIPELINE) else k for k in keys]  # noqa: E731
+            result = type(result)(unprefix(result.missing_keys), unprefix(result.unexpected_keys))
         missing = [k for k in result.missing_keys if not self._is_frozen_key(k)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(

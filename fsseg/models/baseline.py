@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsseg.episode import background, foreground
+from fsseg.models import loading
 from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
+from fsseg.models.pipeline import Pipeline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,6 +25,116 @@ def masked_average_pool(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """feats ``[N, C, h, w]``, mask ``[N, h, w]`` in [0, 1] -> prototypes ``[N, C]``."""
     mask = mask[:, None]  # [N, 1, h, w]
     return (feats * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1e-5)
+
+
+def timm_weights_file(backbone: str, allow_download: bool = False) -> str:
+    """The backbone's ImageNet weights file, located like every pretrained component (fsseg.models.loading)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(backbone)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f"timm has no Hugging Face hub weights for backbone {backbone!r} (pretrained: true)")
+    what = f"ImageNet weights of {backbone}"
+    folder = loading.locate(
+        cfg.hf_hub_id, None, what, reference=cfg.hf_hub_id, key=None, allow_download=allow_download
+    )
+    for name in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        if name and (folder / name).is_file():
+            return str(folder / name)
+    raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder} ({cfg.hf_hub_id})")
+
+
+class PrototypePipeline(Pipeline):
+    """Prototype matching on a timm backbone (see `PrototypeModule` for the arguments); its support state is the
+    prototypes ``[B_s, 2, D]`` (background, foreground)."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        out_indices: tuple[int, ...] = (1, 2),
+        embed_dim: int = 128,
+        temperature: float = 20.0,
+        freeze_backbone: bool = False,
+        allow_download: bool = False,
+    ) -> None:
+        super().__init__()
+        weights = (
+            {"pretrained_cfg_overlay": {"file": timm_weights_file(backbone, allow_download)}}
+            if pretrained
+            else {}
+        )
+        self.encoder = timm.create_model(
+            backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **weights
+        )
+        if freeze_backbone:
+            self.encoder.requires_grad_(False)
+        channels = sum(self.encoder.feature_info.channels())
+        self.proj = nn.Conv2d(channels, embed_dim, 1) if embed_dim > 0 else nn.Identity()
+        self.temperature = temperature
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``[N, 3, S, S]`` in [0, 1] -> features ``[N, D, h, w]`` at the finest chosen stage."""
+        feats = self.encoder((images - self.mean) / self.std)
+        size = feats[0].shape[-2:]
+        feats = [feats[0]] + [
+            F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
+        ]
+        return self.proj(torch.cat(feats, 1))
+
+    def prototypes(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """feats ``[B, K, D, h, w]``, masks ``[B, K, S, S]`` {0,1,255} -> ``[B, 2, D]`` (bg, fg) averaged over K."""
+        b, k, d, h, w = feats.shape
+        masks = masks.flatten(0, 1)[:, None]  # [B*K, 1, S, S]
+        fg = F.interpolate(foreground(masks), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        bg = F.interpolate(background(masks), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        flat = feats.flatten(0, 1)  # [B*K, D, h, w]
+        protos = torch.stack([masked_average_pool(flat, bg), masked_average_pool(flat, fg)], 1)  # [B*K, 2, D]
+        return protos.view(b, k, 2, d).mean(1)
+
+    def logits(self, feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+        """feats ``[B, D, h, w]``, protos ``[B, 2, D]`` -> logits ``[B, 2, h, w]``."""
+        return self.temperature * F.cosine_similarity(feats[:, None], protos[..., None, None], dim=2)
+
+    def forward(self, query_imgs, support_imgs, support_masks):
+        """A batch of episodes in one backbone call: (logits ``[B, 2, h, w]``, query features ``[B, D, h, w]``,
+        support features ``[B, K, D, h, w]``)."""
+        b, k = support_imgs.shape[:2]
+        feats = self.features(torch.cat([query_imgs, support_imgs.flatten(0, 1)]))  # [B + B*K, D, h, w]
+        q_feats, s_feats = feats[:b], feats[b:].unflatten(0, (b, k))
+        return self.logits(q_feats, self.prototypes(s_feats, support_masks)), q_feats, s_feats
+
+    def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        feats = self.features(support_imgs.flatten(0, 1)).unflatten(0, support_imgs.shape[:2])
+        return self.prototypes(feats, support_masks)  # [B_s, 2, D]
+
+    def segment(self, protos: torch.Tensor, query_imgs: torch.Tensor, out_size) -> torch.Tensor:
+        logits = self.logits(self.features(query_imgs), protos.expand(query_imgs.shape[0], -1, -1))
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)
+
+    def segment_episodes(self, query_imgs, support_imgs, support_masks, out_size) -> torch.Tensor:
+        logits, _, _ = self(query_imgs, support_imgs, support_masks)
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)
+
+    def training_loss(self, query_img, query_mask, support_imgs, support_masks, align_weight: float) -> dict:
+        """Cross-entropy of the query (255 ignored); with ``align_weight`` > 0 PANet's PAR, the query's prediction
+        as a mask segmenting each support."""
+        logits, q_feats, s_feats = self(query_img, support_imgs, support_masks)
+        size = query_mask.shape[-2:]
+        seg = F.cross_entropy(F.interpolate(logits, size=size, mode="bilinear"), query_mask, ignore_index=255)
+        out = {"loss": seg, "seg_loss": seg.detach()}
+        if align_weight > 0:
+            pred = F.interpolate(logits, size=size, mode="bilinear").argmax(1)  # [B, S, S]
+            protos = self.prototypes(q_feats[:, None], pred[:, None])  # [B, 2, D]
+            k = s_feats.shape[1]
+            s_logits = self.logits(s_feats.flatten(0, 1), protos.repeat_interleave(k, 0))
+            s_logits = F.interpolate(s_logits, size=size, mode="bilinear")
+            align = F.cross_entropy(s_logits, support_masks.flatten(0, 1), ignore_index=255)
+            out["loss"] = seg + align_weight * align
+            out["align_loss"] = align.detach()
+        return out
 
 
 class PrototypeModule(FewShotModule):
@@ -60,111 +173,25 @@ class PrototypeModule(FewShotModule):
             scheduler_interval=scheduler_interval,
             eval_precision=eval_precision,
         )
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        weights = {"pretrained_cfg_overlay": {"file": self._weights_file(backbone)}} if pretrained else {}
-        self.encoder = timm.create_model(
-            backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **weights
+        self.pipeline = PrototypePipeline(
+            backbone, pretrained, out_indices, embed_dim, temperature, freeze_backbone, allow_download
         )
-        if freeze_backbone:
-            self.encoder.requires_grad_(False)
-        channels = sum(self.encoder.feature_info.channels())
-        self.proj = nn.Conv2d(channels, embed_dim, 1) if embed_dim > 0 else nn.Identity()
-        self.temperature = temperature
-        self.align_weight = align_weight
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def _weights_file(self, backbone: str) -> str:
-        """The backbone's ImageNet weights file, located like every pretrained component (fsseg.models.loading)."""
-        from timm.models import get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(backbone)
-        if cfg is None or not cfg.hf_hub_id:
-            raise ValueError(
-                f"timm has no Hugging Face hub weights for backbone {backbone!r} (pretrained: true)"
-            )
-        folder = self.locate_component(
-            cfg.hf_hub_id,
-            None,
-            f"ImageNet weights of {backbone}",
-            reference=cfg.hf_hub_id,
-            key=None,
-        )
-        for name in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
-            if name and (folder / name).is_file():
-                return str(folder / name)
-        raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder} ({cfg.hf_hub_id})")
 
     def input_size_error(self, size: int) -> str | None:
         """At least the backbone's coarsest stride among ``out_indices``: a smaller input gives that stage's feature
         map less than one cell of image."""
-        stride = max(self.encoder.feature_info.reduction())
-        if size < stride:
+        strides = self.pipeline.encoder.feature_info.reduction()
+        if size < max(strides):
             return (
-                f"{type(self).__name__} needs at least {stride}: its {self.hparams.backbone} stage(s) "
-                f"{list(self.hparams.out_indices)} have strides {self.encoder.feature_info.reduction()}"
+                f"{type(self).__name__} needs at least {max(strides)}: its {self.hparams.backbone} stage(s) "
+                f"{list(self.hparams.out_indices)} have strides {strides}"
             )
         return None
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """images ``[N, 3, S, S]`` in [0, 1] -> features ``[N, D, h, w]`` at the finest chosen stage."""
-        feats = self.encoder((images - self.mean) / self.std)
-        size = feats[0].shape[-2:]
-        feats = [feats[0]] + [
-            F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]
-        ]
-        return self.proj(torch.cat(feats, 1))
-
-    def _prototypes(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """feats ``[B, K, D, h, w]``, masks ``[B, K, S, S]`` {0,1,255} -> ``[B, 2, D]`` (bg, fg) averaged over K."""
-        b, k, d, h, w = feats.shape
-        masks = masks.flatten(0, 1)[:, None]  # [B*K, 1, S, S]
-        fg = F.interpolate((masks == 1).float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        bg = F.interpolate((masks == 0).float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        flat = feats.flatten(0, 1)  # [B*K, D, h, w]
-        protos = torch.stack([masked_average_pool(flat, bg), masked_average_pool(flat, fg)], 1)  # [B*K, 2, D]
-        return protos.view(b, k, 2, d).mean(1)
-
-    def _logits(self, feats: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-        """feats ``[B, D, h, w]``, protos ``[B, 2, D]`` -> logits ``[B, 2, h, w]``."""
-        return self.temperature * F.cosine_similarity(feats[:, None], protos[..., None, None], dim=2)
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, s = batch["query_img"], batch["support_imgs"]  # [B, 3, S, S], [B, K, 3, S, S]
-        b, k = s.shape[:2]
-        feats = self.features(torch.cat([q, s.flatten(0, 1)]))  # [B + B*K, D, h, w]
-        q_feats, s_feats = feats[:b], feats[b:].unflatten(0, (b, k))
-        protos = self._prototypes(s_feats, batch["support_masks"])
-        return self._logits(q_feats, protos), q_feats, s_feats
-
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        logits, q_feats, s_feats = self(batch)
-        size = batch["query_mask"].shape[-2:]
-        seg = F.cross_entropy(
-            F.interpolate(logits, size=size, mode="bilinear"), batch["query_mask"], ignore_index=255
-        )
-        out = {"loss": seg, "seg_loss": seg.detach()}
-        if self.align_weight > 0:  # PAR: the query's prediction as a mask segments each support
-            pred = F.interpolate(logits, size=size, mode="bilinear").argmax(1)  # [B, S, S]
-            protos = self._prototypes(q_feats[:, None], pred[:, None])  # [B, 2, D]
-            k = s_feats.shape[1]
-            s_logits = self._logits(s_feats.flatten(0, 1), protos.repeat_interleave(k, 0))
-            s_logits = F.interpolate(s_logits, size=size, mode="bilinear")
-            align = F.cross_entropy(s_logits, batch["support_masks"].flatten(0, 1), ignore_index=255)
-            out["loss"] = seg + self.align_weight * align
-            out["align_loss"] = align.detach()
-        return out
+        args = (batch["query_img"], batch["query_mask"], batch["support_imgs"], batch["support_masks"])
+        return self.pipeline.training_loss(*args, self.hparams.align_weight)
 
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
-        logits, _, _ = self(batch)
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)
-
-    def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
-        """The support's prototypes, computed once for many queries: ``[1, 2, D]``."""
-        return self._prototypes(self.features(support_imgs)[None], support_masks[None])
-
-    def predict_with_support(
-        self, protos: torch.Tensor, query_imgs: torch.Tensor, out_size: tuple[int, int]
-    ) -> torch.Tensor:
-        logits = self._logits(self.features(query_imgs), protos.expand(query_imgs.shape[0], -1, -1))
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).argmax(1)
+        args = (batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        return self.pipeline.segment_episodes(*args, out_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fsseg.episode import foreground
 from fsseg.models.base import FewShotModule
 
 
@@ -28,5 +29,5 @@ class AllForeground(_Reference):
 
 class PasteSupportMask(_Reference):
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
-        mask = (batch["support_masks"][:, 0] == 1).float()[:, None]  # [B, 1, S, S]
+        mask = foreground(batch["support_masks"][:, 0])[:, None]  # [B, 1, S, S]
         return F.interpolate(mask, size=out_size, mode="nearest")[:, 0].long()

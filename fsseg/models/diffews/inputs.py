@@ -1,27 +1,21 @@
-"""Images in and out of DiffewS: mask images, support-mask injection, supervision targets, post-processing.
+"""Images in and out of DiffewS: support-mask injection, supervision targets, the decoded image's uint8 step and
+foreground evidence.
 
-Images here are in [0, 1] (``[B, 3, S, S]``); masks are ``{0, 1}`` floats ``[B, S, S]`` (ignore 255 already mapped
-to background). The VAE sees ``2 * x - 1``.
+Images here are in [0, 1] (``[B, 3, S, S]``); masks are ``{0, 1}`` floats ``[B, S, S]`` (`fsseg.episode.foreground`:
+ignore 255 counts as background), drawn as images by `fsseg.episode.mask_image`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fsseg.episode import mask_image
+from fsseg.models.latent.postprocess import REFERENCES
+
 INJECTIONS = ("concat", "multiply_rgb", "multiply_latent", "add", "attention_mask")
 SUPERVISIONS = ("white_fg", "real_fg", "black_fg", "overlay")
 QUANTIZE = ("floor", "none")
-THRESHOLD_REFS = ("rgb_max", "mean_max")
-
-
-def binary_mask(mask: torch.Tensor) -> torch.Tensor:
-    """{0, 1, 255} labels -> {0, 1} float (255 = ignore counts as background when drawing a mask image)."""
-    return (mask == 1).to(torch.float32)
-
-
-def mask_image(mask: torch.Tensor) -> torch.Tensor:
-    """[..., S, S] {0, 1} -> [..., 3, S, S] in [0, 1]: white foreground, black background."""
-    return mask.unsqueeze(-3).expand(*mask.shape[:-2], 3, *mask.shape[-2:])
+THRESHOLD_REFS = REFERENCES  # rgb_max (released) | mean_max (the paper)
 
 
 def inject_rgb(image: torch.Tensor, mask: torch.Tensor, injection: str) -> torch.Tensor:
@@ -73,16 +67,3 @@ def foreground_channels(pred: torch.Tensor, image: torch.Tensor, form: str) -> t
     if form == "overlay":
         return (2 * pred - image).clamp(0, 1)
     raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {form!r}")
-
-
-def score_and_reference(channels: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel evidence ``[B, 3, h, w]`` -> (score = channel mean ``[B, h, w]``, relative-threshold reference
-    ``[B]``): ``rgb_max`` = the maximum over all three channels and all pixels (the released evaluation code),
-    ``mean_max`` = the maximum of the score itself (the paper's ``max(value)``). Each image its own reference: the
-    released ``pred_mask.max()`` spans its whole batch, which is the same at its evaluation scripts' batch 1."""
-    score = channels.mean(1)
-    if reference == "rgb_max":
-        return score, channels.flatten(1).amax(1)
-    if reference == "mean_max":
-        return score, score.flatten(1).amax(1)
-    raise ValueError(f"threshold_reference must be one of {THRESHOLD_REFS}, got {reference!r}")

@@ -1,12 +1,13 @@
 """Self-attention processors that let query tokens see the support's keys/values (installed on ``attn1`` only).
 
-The processors hold no per-call state: every UNet call that fuses passes a `FusionInputs` through diffusers'
-``cross_attention_kwargs={"fusion": ...}``, which ``UNet2DConditionModel`` hands to every attention layer (gradient
-checkpointing recomputes a block with the same arguments, so a recomputation sees the same inputs). Three layouts:
+The processors hold no per-call state: every UNet call that fuses is a `fsseg.models.latent.UNetCall` whose
+``attention`` is a `FusionInputs`; the `fsseg.models.latent.UNetContext` that installed the processors hands the call
+to every attention layer (through ``cross_attention_kwargs``, so a gradient-checkpointing recomputation sees the same
+call). Three layouts:
 
 - joint (one batched call): rows ``[0, B)`` are the queries, rows ``B + b*K + j`` the j-th support of query b;
-- ``record`` (a support-only call, rows = the supports): each layer stores its K/V in the given dict and runs plain
-  self-attention — the released code's "K/V bank";
+- ``record`` (a support-only call, rows = the supports): each layer stores its K/V in the call's
+  ``record.attention[layer name]`` and runs plain self-attention — the released code's "K/V bank";
 - ``bank`` (a query-only call, rows = the queries): the supports' K/V come from a recorded bank.
 
 In all three, the query side is one function, `query_attention`: ``kv`` (FSA, the released method) lets a query's
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fsseg.models.latent.unet_context import IgnoreCall, UNetCall
+
 MASK_RESIZES = ("nearest", "any")
 
 
 @dataclass(frozen=True)
 class FusionInputs:
-    """What one UNet call's ``attn1`` layers need (``cross_attention_kwargs={"fusion": FusionInputs(...)}``)."""
+    """What one UNet call's ``attn1`` layers need (the ``attention`` of its `UNetCall`)."""
 
     n_query: int  # B: rows [0, B) are queries (0 in a `record` call)
     n_shot: int  # K supports per query
@@ -35,7 +38,7 @@ class FusionInputs:
     mask_resize: str = "nearest"  # how support_mask meets each layer's token grid (see `support_keep`)
     sample_one_shot: bool = False  # keep a random L of the K*L support tokens per query and layer
     generator: torch.Generator | None = None  # draws of sample_one_shot (inference only)
-    record: dict | None = None  # support-only call: filled with layer name -> (K, V) [B*K, H, L, d]
+    record: bool = False  # support-only call: each layer's (K, V) [B*K, H, L, d] into the call's record
     bank: dict | None = None  # query-only call: layer name -> (K, V) of the supports [B*K or K, H, L, d]
 
 
@@ -120,7 +123,7 @@ def joint_qkv_attention(q, k, v, fusion: FusionInputs) -> torch.Tensor:
 
 class FusionAttnProcessor:
     """``attn1`` self-attention with query/support fusion (``mode`` ``kv`` or ``qkv``); plain self-attention when
-    the call passes no `FusionInputs`. ``name`` keys this layer's entry in a K/V bank."""
+    no `UNetCall` with `FusionInputs` is given. ``name`` keys this layer's entry in a K/V bank."""
 
     def __init__(self, name: str, mode: str = "kv") -> None:
         if mode not in ("kv", "qkv"):
@@ -139,7 +142,7 @@ class FusionAttnProcessor:
         encoder_hidden_states=None,
         attention_mask=None,
         temb=None,
-        fusion: FusionInputs | None = None,
+        call: UNetCall | None = None,
     ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("FusionAttnProcessor is for self-attention (attn1) without an attention mask")
@@ -151,7 +154,7 @@ class FusionAttnProcessor:
         q = self._heads(attn, attn.to_q(hidden_states))  # [N, H, L, d]
         k = self._heads(attn, attn.to_k(hidden_states))
         v = self._heads(attn, attn.to_v(hidden_states))
-        out = self._attend(q, k, v, fusion)
+        out = self._attend(q, k, v, call)
         n, h, n_tok, d = out.shape
         out = out.transpose(1, 2).reshape(n, n_tok, h * d).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -159,11 +162,12 @@ class FusionAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _attend(self, q, k, v, fusion: FusionInputs | None) -> torch.Tensor:
+    def _attend(self, q, k, v, call: UNetCall | None) -> torch.Tensor:
+        fusion = call.attention if call is not None else None
         if fusion is None or fusion.n_shot == 0:
             return F.scaled_dot_product_attention(q, k, v)
-        if fusion.record is not None:  # rows are the supports
-            fusion.record[self.name] = (k, v)
+        if fusion.record:  # rows are the supports
+            call.record.attention[self.name] = (k, v)
             return F.scaled_dot_product_attention(q, k, v)
         if self.mode == "qkv":
             return joint_qkv_attention(q, k, v, fusion)
@@ -182,28 +186,13 @@ class FusionAttnProcessor:
         )
 
 
-class IgnoreFusion:
-    """Wraps another layer's processor so it accepts (and ignores) the ``fusion`` call argument: diffusers gives
-    ``cross_attention_kwargs`` to ``attn2`` too and warns about arguments a processor does not take."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, fusion=None
-    ):
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-def install_fusion(unet, mode: str = "kv") -> int:
-    """`FusionAttnProcessor` on every ``attn1``, `IgnoreFusion` around the others; returns how many were fused."""
-    procs, count = {}, 0
+def fusion_processors(unet, mode: str = "kv") -> dict:
+    """The processors to install (`fsseg.models.latent.UNetContext`): `FusionAttnProcessor` on every ``attn1``,
+    the UNet's own processors (wrapped by `IgnoreCall`) on the others."""
+    procs = {}
     for name, proc in unet.attn_processors.items():
-        inner = proc.inner if isinstance(proc, IgnoreFusion) else proc
-        if name.endswith("attn1.processor"):
-            procs[name] = FusionAttnProcessor(name, mode)
-            count += 1
-        else:
-            procs[name] = IgnoreFusion(inner)
-    unet.set_attn_processor(procs)
-    return count
+        inner = proc.inner if isinstance(proc, IgnoreCall) else proc
+        procs[name] = (
+            FusionAttnProcessor(name, mode) if name.endswith("attn1.processor") else IgnoreCall(inner)
+        )
+    return procs

@@ -11,36 +11,34 @@ code instead feeds the pooled ``image_embeds`` (docs/PROTOCOL.md §3a); the pape
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from fsseg.models.diffews.inputs import inject_rgb, mask_image
+from fsseg.episode import mask_image
+from fsseg.models.diffews.inputs import inject_rgb
 from fsseg.models.diffews.processors import support_keep
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from fsseg.models.diffews.support import TokenSupport
+from fsseg.models.latent.clip import ClipPreprocess
 
 
 @torch.no_grad()
-def clip_tokens(encoder, images: torch.Tensor) -> torch.Tensor:
+def clip_tokens(encoder, preprocess: ClipPreprocess, images: torch.Tensor) -> torch.Tensor:
     """[N, 3, S, S] in [0, 1] -> [N, T, D] projected CLIP class + patch tokens."""
-    size = encoder.config.image_size
-    x = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(
-        0, 1
-    )
-    x = (x - x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)) / x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = preprocess(images)
     hidden = encoder.vision_model(pixel_values=x).last_hidden_state
     return encoder.visual_projection(encoder.vision_model.post_layernorm(hidden))
 
 
-def support_tokens(encoder, flat_img, flat_mask, b: int, injection: str, mask_resize: str) -> dict:
-    """``[B*K, 3, S, S]`` images, ``[B*K, S, S]`` {0, 1} masks -> ``{"tokens": [B, K*T, D], "keep": [B, K*T] or None}``."""
+def support_tokens(
+    encoder, preprocess: ClipPreprocess, flat_img, flat_mask, b: int, injection: str, mask_resize: str
+) -> TokenSupport:
+    """``[B*K, 3, S, S]`` images, ``[B*K, S, S]`` {0, 1} masks -> the tokens of ``b`` episodes."""
+    encode = lambda images: clip_tokens(encoder, preprocess, images)  # noqa: E731
     if injection == "concat":  # image tokens and mask-image tokens, side by side in the sequence
-        tokens = torch.cat([clip_tokens(encoder, flat_img), clip_tokens(encoder, mask_image(flat_mask))], 1)
+        tokens = torch.cat([encode(flat_img), encode(mask_image(flat_mask))], 1)
     else:
-        tokens = clip_tokens(encoder, inject_rgb(flat_img, flat_mask, injection))
+        tokens = encode(inject_rgb(flat_img, flat_mask, injection))
     keep = None
     if injection == "attention_mask":  # class token always visible, patch tokens where the mask is
         grid = encoder.config.image_size // encoder.config.patch_size
         patch = support_keep(flat_mask[:, None], (grid, grid), mask_resize)  # [B*K, g*g]
         keep = torch.cat([torch.ones_like(patch[:, :1]), patch], 1).reshape(b, -1)  # [B, K*T]
-    return {"tokens": tokens.reshape(b, -1, tokens.shape[-1]), "keep": keep}  # [B, K*T, D]
+    return TokenSupport(tokens.reshape(b, -1, tokens.shape[-1]), keep)  # [B, K*T, D]

@@ -174,31 +174,3 @@ def write_tiny_sd(
         tiny_text_encoder(len(tok), seed + 2),
         tok,
     )
-
-
-def random_episodes(b: int = 2, k: int = 2, size: int = 32, seed: int = 0) -> dict:
-    """A batch of random episodes (random images, disc-shaped masks with a 255 border strip), episode-contract keys."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-
-    def discs(n: int) -> torch.Tensor:  # [n, size, size] in {0, 1, 255}
-        c = torch.randint(size // 4, 3 * size // 4, (n, 2), generator=g)
-        r = torch.randint(max(1, size // 8), max(2, size // 3), (n,), generator=g)
-        m = (
-            (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2
-            < r[:, None, None] ** 2
-        ).long()
-        m[:, :, :2] = 255
-        return m
-
-    return {
-        "query_img": torch.rand(b, 3, size, size, generator=g),
-        "query_mask": discs(b),
-        "query_mask_eval": discs(b),
-        "support_imgs": torch.rand(b, k, 3, size, size, generator=g),
-        "support_masks": discs(b * k).view(b, k, size, size),
-        "class_id": torch.zeros(b, dtype=torch.long),
-        "episode_idx": torch.arange(b),
-        "query_name": [f"q{i}" for i in range(b)],
-        "support_names": [[f"s{i}_{j}" for i in range(b)] for j in range(k)],
-    }

@@ -1,44 +1,49 @@
-"""Capture attention maps and features of a frozen Kandinsky-style UNet without changing what it computes.
+"""Capture attention maps and features of a frozen Kandinsky-style UNet without changing what it computes; both are
+clients of the UNet call context (`fsseg.models.latent.UNetContext`).
 
 `CaptureAddedKVProcessor` wraps the UNet's own added-KV processor: the layer output is the wrapped processor's
-output (so the UNet output is bit-identical with and without capture) and, while a `CaptureStore` is recording, the
-attention probabilities are recomputed from the same inputs with the layer's own projections. Kandinsky's added-KV
-attention takes one softmax over ``[prompt tokens, image tokens]``; the captured maps split it into
+output (so the UNet output is bit-identical with and without capture) and, when the call's ``attention`` is a
+`MapRequest` wanting this layer, the attention probabilities are recomputed from the same inputs with the layer's own
+projections and put into the call's ``record.attention``. Kandinsky's added-KV attention takes one softmax over
+``[prompt tokens, image tokens]``; the captured maps split it into
 
 - ``cross``: the probability mass each query pixel puts on the image-embedding (prompt) tokens, ``[B, HW]``;
 - ``self``: the part over the image's own tokens, rows renormalised to sum to 1, ``[B, HW, HW]``;
 
 both averaged over heads. `fuse_attention_maps` turns the records into ``M_a`` (docs/PROTOCOL.md §4).
-`FeatureCapture` records ResNet-block or attention-layer outputs (the FRB / FST ablations) with forward hooks.
+The FRB / FST ablations' features are in `fsseg.models.diffseg.features`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsseg.models.latent.unet_context import UNetCall
 
-@dataclass
-class CaptureStore:
-    """What the processors write into; ``sizes`` selects the spatial sizes (h, w) to keep (None = all)."""
+Size = tuple[int, int]
+BLOCKS = ("down", "mid", "up")
 
-    recording: bool = False
-    sizes: set[tuple[int, int]] | None = None
-    blocks: tuple[str, ...] = ("down", "mid", "up")
-    self_maps: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    cross_maps: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
-    def clear(self) -> None:
-        self.self_maps = defaultdict(list)
-        self.cross_maps = defaultdict(list)
+def block_kind(name: str) -> str:
+    """``down_blocks.1...`` -> ``down``, ``mid_block...`` -> ``mid``."""
+    return name.split(".")[0].split("_")[0]
 
-    def wants(self, name: str, size: tuple[int, int]) -> bool:
-        block = name.split(".")[0].split("_")[0]  # down_blocks.1... -> down, mid_block... -> mid
-        return self.recording and block in self.blocks and (self.sizes is None or size in self.sizes)
+
+@dataclass(frozen=True)
+class MapRequest:
+    """A UNet call's request for attention maps: the layers of ``blocks`` at the spatial ``sizes`` (None = all)."""
+
+    sizes: frozenset[Size] | None = None
+    blocks: tuple[str, ...] = BLOCKS
+
+    def wants(self, name: str, size: Size) -> bool:
+        return block_kind(name) in self.blocks and (self.sizes is None or size in self.sizes)
 
 
 def added_kv_attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask=None) -> torch.Tensor:
@@ -72,17 +77,25 @@ def fp32_attention_probs(attn, hidden_states, encoder_hidden_states, attention_m
 
 
 class CaptureAddedKVProcessor:
-    """Runs the wrapped processor unchanged; records the split attention maps while the store is recording."""
+    """Runs the wrapped processor unchanged; records the split attention maps ``(size, self, cross)`` when the call
+    asks for this layer (`MapRequest`)."""
 
-    def __init__(self, inner, store: CaptureStore, name: str) -> None:
+    def __init__(self, inner, name: str) -> None:
         self.inner = inner
-        self.store = store
         self.name = name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        call: UNetCall | None = None,
+    ):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
         size = tuple(hidden_states.shape[-2:])
-        if self.store.wants(self.name, size):
+        request = call.attention if call is not None else None
+        if isinstance(request, MapRequest) and request.wants(self.name, size):
             if attn.only_cross_attention:
                 raise ValueError(
                     f"attention layer {self.name} is cross-only: it has no self-attention part to capture"
@@ -92,13 +105,12 @@ class CaptureAddedKVProcessor:
             cross = probs[..., :n_prompt].sum(dim=-1)  # [B, HW]
             self_part = probs[..., n_prompt:]  # [B, HW, HW]
             self_part = self_part / self_part.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-            self.store.self_maps[size].append(self_part)
-            self.store.cross_maps[size].append(cross)
+            call.record.attention[self.name] = (size, self_part, cross)
         return out
 
 
-def install_capture(unet: nn.Module, store: CaptureStore) -> None:
-    """Wrap every attention processor of ``unet`` (idempotent)."""
+def capture_processors(unet: nn.Module) -> dict:
+    """Every attention processor of ``unet`` wrapped by `CaptureAddedKVProcessor` (to install with a UNetContext)."""
     procs = {}
     for name, proc in unet.attn_processors.items():
         inner = proc.inner if isinstance(proc, CaptureAddedKVProcessor) else proc
@@ -106,14 +118,19 @@ def install_capture(unet: nn.Module, store: CaptureStore) -> None:
             raise ValueError(
                 f"{name} uses {type(inner).__name__}; DiffSeg expects Kandinsky's added-KV attention"
             )
-        procs[name] = CaptureAddedKVProcessor(inner, store, name)
-    unet.set_attn_processor(procs)
+        procs[name] = CaptureAddedKVProcessor(inner, name)
+    return procs
 
 
-def remove_capture(unet: nn.Module) -> None:
-    """Put the wrapped processors back."""
-    procs = unet.attn_processors
-    unet.set_attn_processor({n: getattr(p, "inner", p) for n, p in procs.items()})
+def maps_by_size(captured: Mapping[str, tuple]) -> tuple[dict, dict]:
+    """A call's captured maps ``{layer: (size, self, cross)}`` -> (self maps, cross maps) ``{size: [maps]}``, in
+    call order."""
+    self_maps: dict[Size, list[torch.Tensor]] = defaultdict(list)
+    cross_maps: dict[Size, list[torch.Tensor]] = defaultdict(list)
+    for size, self_part, cross in captured.values():
+        self_maps[size].append(self_part)
+        cross_maps[size].append(cross)
+    return self_maps, cross_maps
 
 
 def resize_self_map(m: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
@@ -150,9 +167,9 @@ def minmax_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def fuse_attention_maps(
-    store: CaptureStore, size: tuple[int, int] | None = None, maps: str = "both"
+    captured: Mapping[str, tuple], size: tuple[int, int] | None = None, maps: str = "both"
 ) -> torch.Tensor:
-    """``M_a`` from the recorded maps: [B, 1, H, W] in [0, 1].
+    """``M_a`` from a call's captured maps (``{layer: (size, self, cross)}``): [B, 1, H, W] in [0, 1].
 
     Layers of one size are averaged, each size is resized to ``size`` (default: the largest recorded) and the sizes
     averaged. ``maps``: ``both`` = minmax(M_self @ vec(M_cross)) (the paper); ``cross`` = minmax(M_cross);
@@ -160,69 +177,24 @@ def fuse_attention_maps(
     """
     if maps not in ("both", "self", "cross"):
         raise ValueError(f"maps must be 'both', 'self' or 'cross', got {maps!r}")
-    if not store.cross_maps:
+    if not captured:
         raise RuntimeError(
             "no attention maps were captured: check attn_levels / attn_blocks against the UNet"
         )
-    sizes = sorted(store.cross_maps, key=lambda s: s[0] * s[1])
+    self_maps, cross_maps = maps_by_size(captured)
+    sizes = sorted(cross_maps, key=lambda s: s[0] * s[1])
     dst = size or sizes[-1]
-    cross = torch.stack(
-        [resize_flat_map(torch.stack(store.cross_maps[s]).mean(0), s, dst) for s in sizes]
-    ).mean(0)  # [B, HW]
+    cross = torch.stack([resize_flat_map(torch.stack(cross_maps[s]).mean(0), s, dst) for s in sizes]).mean(
+        0
+    )  # [B, HW]
     if maps == "cross":
         score = cross
     else:
         self_map = torch.stack(
-            [resize_self_map(torch.stack(store.self_maps[s]).mean(0), s, dst) for s in sizes]
+            [resize_self_map(torch.stack(self_maps[s]).mean(0), s, dst) for s in sizes]
         ).mean(0)  # [B, HW, HW]
         if maps == "both":
             score = torch.bmm(self_map, cross.unsqueeze(-1)).squeeze(-1)  # [B, HW]
         else:
             score = self_map.mean(dim=1)  # [B, HW]: attention received per pixel
     return minmax_norm(score).view(score.shape[0], 1, *dst)
-
-
-class FeatureCapture:
-    """Forward hooks that record UNet features per spatial size: ResNet-block outputs (``resnet``, FRB) or
-    attention-layer outputs (``transformer``, FST), from the down, mid and up paths."""
-
-    def __init__(self, unet: nn.Module, kind: str, blocks: tuple[str, ...] = ("down", "mid", "up")) -> None:
-        if kind not in ("resnet", "transformer"):
-            raise ValueError(f"feature kind must be 'resnet' or 'transformer', got {kind!r}")
-        self.recording = False
-        self.sizes: set[tuple[int, int]] | None = None
-        self.features: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
-        self.handles = []
-        groups = {"down": list(unet.down_blocks), "mid": [unet.mid_block], "up": list(unet.up_blocks)}
-        for block_kind in blocks:
-            for block in groups[block_kind]:
-                layers = block.resnets if kind == "resnet" else getattr(block, "attentions", [])
-                for layer in layers:
-                    self.handles.append(layer.register_forward_hook(self._hook))
-
-    def _hook(self, module, args, output) -> None:
-        if not self.recording:
-            return
-        out = output[0] if isinstance(output, tuple) else output
-        size = tuple(out.shape[-2:])
-        if self.sizes is None or size in self.sizes:
-            self.features[size].append(out)
-
-    def clear(self) -> None:
-        self.features = defaultdict(list)
-
-    def fused(self, size: tuple[int, int]) -> torch.Tensor:
-        """Per size, the mean over layers, resized to ``size`` and concatenated: [B, sum C, H, W]."""
-        if not self.features:
-            raise RuntimeError(
-                "no UNet features were captured: check attn_levels / attn_blocks against the UNet"
-            )
-        outs = []
-        for s in sorted(self.features, key=lambda s: -s[0] * s[1]):
-            per_size = self.features[s]
-            chans = {f.shape[1] for f in per_size}
-            if len(chans) != 1:
-                raise ValueError(f"UNet features at {s} have different channel counts {sorted(chans)}")
-            mean = torch.stack(per_size).mean(0)
-            outs.append(F.interpolate(mean, size=size, mode="bilinear", align_corners=False))
-        return torch.cat(outs, dim=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -65,20 +64,3 @@ def load_frozen_parts(
             f"from {decoder!r} expects encoder_hid_dim={unet.config.encoder_hid_dim}"
         )
     return FrozenParts(unet, movq, scheduler, image_encoder, image_processor)
-
-
-def clip_pixel_values(images: torch.Tensor, processor: CLIPImageProcessor) -> torch.Tensor:
-    """The processor's resize + normalisation done in torch on a batch of square [0, 1] images.
-
-    images: [N, 3, S, S] -> [N, 3, C, C] with C the processor's crop size (for square inputs, resizing the shortest
-    edge then centre-cropping equals resizing straight to the crop size).
-    """
-    crop = processor.crop_size  # a dict or a SizeDict, depending on the transformers version
-    size = (int(crop["height"]), int(crop["width"]))
-    x = torch.nn.functional.interpolate(
-        images, size=size, mode="bicubic", align_corners=False, antialias=True
-    )
-    x = x.clamp(0, 1)
-    mean = torch.tensor(processor.image_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std

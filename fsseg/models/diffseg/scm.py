@@ -5,7 +5,8 @@ Per controlled level ``i`` (UNet block index: 1, 2, 3 = 32x32, 16x16, 8x8 for a 
     down state of level i  --resize to the latent size (64x64 at 512 px)--> 1x1 in-proj (per level) --+
     edge map  --conv+ReLU blocks (stride 2 down to the latent size)--------------------------------------+-> concat
     -> linear -> x + MLP(LayerNorm(x)) -> linear out-proj (per level, zero-initialised) -> resize to the level
-    -> added to the hidden states entering the up block of that level (forward pre-hook; no UNet code copied).
+    -> added to the hidden states entering the up block of that level (a residual of the UNet call context,
+       `fsseg.models.latent.UNetContext`; no UNet code copied).
 
 ``shared=True`` (the paper's default) uses one core (edge convs, merge linear, LayerNorm, MLP) for every level;
 only the in/out projections, which must match each level's channel count, are per level. ``shared=False`` gives
@@ -128,51 +129,37 @@ def unet_level_channels(unet) -> tuple[dict[int, int], dict[int, int]]:
     return down, up
 
 
-class SCMHooks:
-    """Installs the SCM into a UNet: forward hooks record the down-path states per level, forward pre-hooks on the
-    up blocks add the SCM residual to their input hidden states. Active only while ``edges`` is set."""
+def scm_points(unet, scm: SpatialControl) -> tuple[dict, dict]:
+    """Where the SCM meets the UNet (`fsseg.models.latent.UNetContext`'s ``outputs`` and ``residuals``): every down
+    block (its states are the SCM's input) and the up block of each controlled level (its input gets the residual)."""
+    n = len(unet.down_blocks)
+    downs = {f"down_blocks.{i}": block for i, block in enumerate(unet.down_blocks)}
+    ups = {f"up_blocks.{n - 1 - level}": unet.up_blocks[n - 1 - level] for level in scm.levels}
+    return downs, ups
 
-    def __init__(self, unet, scm: SpatialControl) -> None:
-        self.scm = scm
-        self.edges: torch.Tensor | None = None
-        self.latent_size: tuple[int, int] | None = None
-        self.down_states: dict[tuple[int, int], torch.Tensor] = {}
-        self.edge_cache: dict = {}
+
+class ScmResidual:
+    """One UNet call's SCM: the residual for each controlled up block from the query's ``edges`` [B, 1, H, W] and
+    the down-path states the call kept (``record.outputs`` of the down blocks: the last state of each size is that
+    level's). The edge features of a shared core are computed once per call."""
+
+    def __init__(self, scm: SpatialControl, unet, edges: torch.Tensor, latent_size: tuple[int, int]) -> None:
+        self.scm, self.edges, self.latent_size = scm, edges, latent_size
         n = len(unet.down_blocks)
-        self.handles = [block.register_forward_hook(self._record_down) for block in unet.down_blocks]
-        for level in scm.levels:
-            up_block = unet.up_blocks[n - 1 - level]
-            self.handles.append(
-                up_block.register_forward_pre_hook(self._make_inject(level), with_kwargs=True)
-            )
+        self.downs = {f"down_blocks.{i}" for i in range(n)}
+        self.levels = {f"up_blocks.{n - 1 - level}": level for level in scm.levels}
+        self.edge_cache: dict = {}
 
-    def begin(self, edges: torch.Tensor, latent_size: tuple[int, int]) -> None:
-        self.edges, self.latent_size = edges, latent_size
-        self.down_states, self.edge_cache = {}, {}
-
-    def end(self) -> None:
-        self.edges, self.down_states, self.edge_cache = None, {}, {}
-
-    def _record_down(self, module, args, output) -> None:
-        if self.edges is None:
-            return
-        for state in output[1]:  # res samples; the last one of each size is that level's output
-            self.down_states[tuple(state.shape[-2:])] = state
-
-    def _make_inject(self, level: int):
-        def hook(module, args, kwargs):
-            if self.edges is None:
-                return None
-            hidden = kwargs["hidden_states"]  # [B, C_up, h, w]
-            size = tuple(hidden.shape[-2:])
-            if size not in self.down_states:
-                raise RuntimeError(f"SCM level {level}: no down-path state of size {size} was recorded")
-            residual = self.scm(level, self.down_states[size], self.edges, self.latent_size, self.edge_cache)
-            kwargs = dict(kwargs, hidden_states=hidden + residual.to(hidden.dtype))
-            return args, kwargs
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def __call__(self, name: str, hidden: torch.Tensor, record) -> torch.Tensor | None:
+        level = self.levels.get(name)
+        if level is None:
+            return None
+        down_states = {}
+        for key, output in record.outputs.items():
+            if key in self.downs:
+                for state in output[1]:  # res samples; the last one of each size is that level's output
+                    down_states[tuple(state.shape[-2:])] = state
+        size = tuple(hidden.shape[-2:])
+        if size not in down_states:
+            raise RuntimeError(f"SCM level {level}: no down-path state of size {size} was recorded")
+        return self.scm(level, down_states[size], self.edges, self.latent_size, self.edge_cache)

@@ -1,22 +1,24 @@
-"""DiffewS training without the VAE in the loop: the VAE posterior of every training image and mask image, computed
-once and memory-mapped (``model.init_args.latent_cache: <folder>``).
+"""Training without the VAE in the loop (DiffewS's ``model.init_args.latent_cache: <folder>``): the VAE posterior of
+every training image and mask image, computed once and memory-mapped, and a dataset wrapper (`LatentMoments`) that
+adds each training episode's posteriors to it.
 
 A DiffewS training step takes ``vae.encode(x).latent_dist.sample() * scaling_factor`` of four images per episode: the
 query, the query-mask image, the support and the support-mask image (docs/PROTOCOL.md §3). The images never change
 (no augmentation), so neither do their posteriors; only the sample's noise does. The cache keeps each posterior's
 parameters (the VAE's mean and log-variance, ``[8, h, w]`` float32, encoded in fp32) and training samples from them
 with diffusers' own ``DiagonalGaussianDistribution``: the same ``mean + std * eps`` with the same draws from the
-global generator as live encoding (`DiffewsModule.encode_episode`). Exactly so in fp32; under bf16 autocast live
+global generator as live encoding (`fsseg.models.latent.LatentCodec`). Exactly so in fp32; under bf16 autocast live
 encoding computes the moments (and draws the noise) in bf16, while the cache holds fp32 moments.
 
 Entries: one per training image (by its key) and one per (image, class) pair of the training lists: the white-
 foreground mask image of that class (ignore pixels count as background, as in training). With
 ``data.train_augment: channel_permutation`` every image also has a row per non-identity channel permutation (key
 ``<image>\t<variant name>``, e.g. ``BRG``; `fsseg.data.augment`), looked up by the episode's ``colour_variant``;
-mask images are grey, so permuting leaves them as they are. It serves
-``supervision: white_fg`` (released) with the injections whose support input is the image and the mask image
-(``concat``, released), or the image alone (``multiply_latent``, ``attention_mask``); the other supervision forms and
-injections (whose images mix image and mask) and ``interaction: tca`` are refused by name.
+mask images are grey, so permuting leaves them as they are. (DiffewS refuses by name the variants whose VAE inputs
+mix image and mask: `fsseg.models.diffews.settings`.)
+
+What the data layer needs from the model is its encoder: ``weights`` (the module whose state dict the fingerprint
+hashes, moved to the build's device) and ``moments`` (``[n, 3, S, S]`` in [0, 1] -> ``[n, 2C, h, w]`` float32).
 
 The folder::
 
@@ -25,9 +27,10 @@ The folder::
     fingerprint.json  what the moments depend on (`fingerprint`), written last
 
 A folder whose fingerprint differs from the run's (other VAE weights, image size or resize, split lists or data files) is
-refused with the fields that differ; nothing is overwritten. `DiffewsModule.prepare_data` builds a missing cache at
-the first ``fit`` (once per node, on the training device); ``fsseg cache-latents --config X.yaml`` builds it ahead of
-a run (advisable before a multi-process run of a large dataset: the other processes wait for the build).
+refused with the fields that differ; nothing is overwritten. `FewShotDataModule.use_latent_cache` (which the model
+calls from its ``prepare_data``, once per node, and ``setup("fit")``) builds a missing cache at the first ``fit`` on
+the training device and wraps the training set; ``fsseg cache-latents --config X.yaml`` builds it ahead of a run
+(advisable before a multi-process run of a large dataset: the other processes wait for the build).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fsseg.data import augment
 from fsseg.data.base import FewShotDataset, image_to_tensor, load_rgb, resize_mask
-from fsseg.models.diffews.inputs import binary_mask, mask_image
+from fsseg.episode import foreground, mask_image
 from fsseg.output_folder import process_alive
 
 FORMAT = 1
@@ -65,25 +68,10 @@ DEFAULTS = {
     "train_augment": "none",
     "image_resize": "torch",
 }  # what a cache written before the field existed holds
-SUPPORTED = {"supervision": ("white_fg",), "injection": ("concat", "multiply_latent", "attention_mask")}
 
 
 class LatentCacheMismatch(ValueError):
     """The cache folder was built from other inputs than this run's."""
-
-
-def check_supported(interaction: str, injection: str, supervision: str) -> None:
-    """Refuse, by name, the variants whose VAE inputs the cache does not hold."""
-    if interaction == "tca":
-        raise ValueError(
-            "latent_cache: interaction='tca' encodes the support with CLIP, not the VAE; unsupported"
-        )
-    for key, value in (("supervision", supervision), ("injection", injection)):
-        if value not in SUPPORTED[key]:
-            raise ValueError(
-                f"latent_cache holds image and white-foreground mask-image posteriors; {key}={value!r} needs other "
-                f"images (supported: {key} in {SUPPORTED[key]})"
-            )
 
 
 # ---- what the cache holds ----------------------------------------------------------------------------------------
@@ -137,7 +125,7 @@ def image_resize(datasets: list[FewShotDataset]) -> str:
 def load_mask_image(ds: FewShotDataset, key: str, class_id: int) -> torch.Tensor:
     """The white-foreground mask image of ``class_id`` in ``key`` as training draws it: ``[3, S, S]`` in {0, 1}."""
     mask = resize_mask(ds.load_mask(key, class_id), (ds.img_size, ds.img_size))  # [S, S] {0, 1, 255}
-    return mask_image(binary_mask(mask))
+    return mask_image(foreground(mask))
 
 
 def _sha256(items) -> str:
@@ -193,14 +181,25 @@ def fingerprint(vae: torch.nn.Module, datasets: list[FewShotDataset]) -> dict:
 
 # ---- reading ------------------------------------------------------------------------------------------------------
 class LatentCache:
-    """A built cache, memory-mapped: the rows of an episode batch (`episode_moments`)."""
+    """A built cache, memory-mapped (opened in each process at its first read): the rows of an episode
+    (`episode_moments`)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        self.moments = np.load(self.folder / MOMENTS, mmap_mode="r")  # [N, 8, h, w], nothing read yet
         index = json.loads((self.folder / INDEX).read_text())
         self.image_rows: dict[str, int] = index["images"]
         self.mask_rows: dict[str, int] = index["masks"]
+        self._moments: np.ndarray | None = None
+
+    @property
+    def moments(self) -> np.ndarray:
+        """``[N, 8, h, w]`` float32, memory-mapped: nothing is read until rows are."""
+        if self._moments is None:
+            self._moments = np.load(self.folder / MOMENTS, mmap_mode="r")
+        return self._moments
+
+    def __getstate__(self) -> dict:  # a loader worker maps the file itself instead of receiving a copy
+        return {**self.__dict__, "_moments": None}
 
     @classmethod
     def open(cls, folder: str | os.PathLike, expected: dict) -> LatentCache:
@@ -231,26 +230,40 @@ class LatentCache:
         except KeyError as e:
             raise KeyError(f"latent cache {self.folder} has no {what} {e.args[0]!r}") from None
 
-    def episode_moments(self, batch: dict, support_idx: torch.Tensor, injection: str) -> torch.Tensor:
-        """The posterior parameters ``[N, 8, h, w]`` of an episode batch's VAE images in `encode_episode`'s order:
-        queries, query-mask images, supports (episode-major, the ``support_idx`` used), support-mask images
-        (``concat`` only)."""
-        queries, b = list(batch["query_name"]), len(batch["query_name"])
-        classes = batch["class_id"].tolist()
-        s_classes = batch.get("support_class_id", batch["class_id"]).tolist()
-        picked = [int(j) for j in support_idx]
-        colour = batch["colour_variant"].tolist() if "colour_variant" in batch else [0] * b
-        supports = [batch["support_names"][j][i] for i in range(b) for j in picked]  # [B*K'], episode-major
-        s_of = [s_classes[i] for i in range(b) for _ in picked]
-        s_colour = [colour[i] for i in range(b) for _ in picked]
-        rows = self._rows(self.image_rows, [image_row_key(q, v) for q, v in zip(queries, colour)], "image")
-        rows += self._rows(self.mask_rows, [f"{q}\t{c}" for q, c in zip(queries, classes)], "mask image")
-        rows += self._rows(
-            self.image_rows, [image_row_key(k, v) for k, v in zip(supports, s_colour)], "image"
-        )
-        if injection == "concat":
-            rows += self._rows(self.mask_rows, [f"{s}\t{c}" for s, c in zip(supports, s_of)], "mask image")
-        return torch.from_numpy(self.moments[np.asarray(rows)])  # fancy indexing reads just these rows
+    def episode_moments(self, episode: dict) -> dict[str, torch.Tensor]:
+        """The posterior parameters of a (training) episode's VAE images, under the contract's keys
+        (`fsseg.episode.Episode`): ``query_moments``, ``query_mask_moments`` ``[8, h, w]``, ``support_moments``,
+        ``support_mask_moments`` ``[K, 8, h, w]`` (mask images of the class the supports show)."""
+        query, supports = episode["query_name"], list(episode["support_names"])
+        colour = int(episode.get("colour_variant", 0))
+        s_class = int(episode.get("support_class_id", episode["class_id"]))
+        rows = self._rows(self.image_rows, [image_row_key(query, colour)], "image")
+        rows += self._rows(self.mask_rows, [f"{query}\t{int(episode['class_id'])}"], "mask image")
+        rows += self._rows(self.image_rows, [image_row_key(s, colour) for s in supports], "image")
+        rows += self._rows(self.mask_rows, [f"{s}\t{s_class}" for s in supports], "mask image")
+        moments = torch.from_numpy(self.moments[np.asarray(rows)])  # fancy indexing reads just these rows
+        k = len(supports)
+        return {
+            "query_moments": moments[0],
+            "query_mask_moments": moments[1],
+            "support_moments": moments[2 : 2 + k],
+            "support_mask_moments": moments[2 + k :],
+        }
+
+
+class LatentMoments(Dataset):
+    """A training dataset whose episodes also carry their images' cached posteriors (`LatentCache.episode_moments`);
+    indices pass through unchanged (training datasets draw episode ``index`` for any index)."""
+
+    def __init__(self, dataset: Dataset, cache: LatentCache) -> None:
+        self.dataset, self.cache = dataset, cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        episode = self.dataset[index]
+        return {**episode, **self.cache.episode_moments(episode)}
 
 
 # ---- building -----------------------------------------------------------------------------------------------------
@@ -295,7 +308,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
 @torch.no_grad()
 def build(
     folder: str | os.PathLike,
-    posterior,
+    moments,
     images: dict[str, FewShotDataset],
     masks: dict[tuple[str, int], FewShotDataset],
     expected: dict,
@@ -303,8 +316,8 @@ def build(
     num_workers: int = 0,
     variants: range = range(1),
 ) -> Path:
-    """Encode the ``images`` and ``masks`` entries (`entries`) with ``posterior`` (``[n, 3, S, S]`` in [0, 1] ->
-    ``DiagonalGaussianDistribution``) into ``folder`` with the fingerprint ``expected`` (written under a temporary
+    """Encode the ``images`` and ``masks`` entries (`entries`) with ``moments`` (``[n, 3, S, S]`` in [0, 1] ->
+    posterior parameters ``[n, 8, h, w]``) into ``folder`` with the fingerprint ``expected`` (written under a temporary
     name, then renamed; an existing folder is never replaced). ``variants``: the colour variants of every image
     (`fsseg.data.augment.variants`)."""
     folder = Path(folder)
@@ -322,7 +335,7 @@ def build(
         loader = DataLoader(_Images(jobs), batch_size=batch_size, num_workers=num_workers)
         out, start, step = None, 0, max(1, len(loader) // 10)
         for i, x in enumerate(loader):
-            params = posterior(x).parameters.float().cpu().numpy()  # [n, 8, h, w]
+            params = moments(x).float().cpu().numpy()  # [n, 8, h, w]
             if out is None:
                 shape = (len(jobs), *params.shape[1:])
                 out = np.lib.format.open_memmap(tmp / MOMENTS, mode="w+", dtype=np.float32, shape=shape)
@@ -347,24 +360,26 @@ def build(
 
 def ensure(
     folder: str | os.PathLike,
-    module,
+    weights: torch.nn.Module,
+    moments,
     datasets: list[FewShotDataset],
     build_missing: bool = True,
     device: torch.device | str | None = None,
     num_workers: int = 0,
 ) -> LatentCache:
-    """The cache of ``module``'s VAE and ``datasets`` in ``folder``: opened (refused when its fingerprint differs),
-    or, when missing and ``build_missing``, built first with the VAE on ``device`` (default: where it is)."""
+    """The cache of the encoder (``weights``, ``moments``: see the module docstring) and ``datasets`` in ``folder``:
+    opened (refused when its fingerprint differs), or, when missing and ``build_missing``, built first with the
+    encoder on ``device`` (default: where it is)."""
     folder = Path(folder).expanduser()
-    expected = fingerprint(module.vae, datasets)
+    expected = fingerprint(weights, datasets)
     if not folder.exists():
         if not build_missing:
             raise FileNotFoundError(
                 f"latent cache {folder} does not exist (it is built at the start of `fsseg fit` or by "
                 f"`fsseg cache-latents`)"
             )
-        home = next(module.vae.parameters()).device
-        module.vae.to(device or home)
+        home = next(weights.parameters()).device
+        weights.to(device or home)
         variants = augment.variants(expected["train_augment"])
         try:
             colours = f" in {len(variants)} colour variants" if len(variants) > 1 else ""
@@ -372,18 +387,11 @@ def ensure(
                 f"latent cache: encoding {expected['images']} images{colours} and {expected['mask_images']} mask "
                 f"images into {folder}"
             )
-            build(
-                folder,
-                module.posterior,
-                *entries(datasets),
-                expected,
-                num_workers=num_workers,
-                variants=variants,
-            )
+            build(folder, moments, *entries(datasets), expected, num_workers=num_workers, variants=variants)
         except OSError:
             if not (folder / FINGERPRINT).is_file():  # not another process that finished first
                 raise
         finally:
-            module.vae.to(home)
+            weights.to(home)
         rank_zero_info(f"latent cache: wrote {folder}")
     return LatentCache.open(folder, expected)
