@@ -20,6 +20,24 @@ class OutputExists(FileExistsError):
     """A result the command would write already exists and ``--overwrite`` was not given."""
 
 
+CACHE_VARIABLE = "FSSEG_CACHE"
+
+
+def cache_root() -> Path:
+    """fsseg's cache folder (generated data, class indices, latent caches): ``$FSSEG_CACHE``, else ``~/.cache/fsseg``."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "fsseg").expanduser()
+
+
+def expand_path(value: str | os.PathLike) -> Path:
+    """A path as a config may give it: a leading ``$FSSEG_CACHE`` or ``${FSSEG_CACHE}`` is `cache_root` (set or
+    not), a leading ``~`` the home folder."""
+    text = str(value)
+    for var in (f"${{{CACHE_VARIABLE}}}", f"${CACHE_VARIABLE}"):
+        if text == var or text.startswith(var + "/"):
+            return cache_root() / text[len(var) + 1 :]
+    return Path(text).expanduser()
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (where the platform can open a folder)."""
     try:

@@ -589,3 +589,23 @@ def test_help_states_the_exit_statuses(capsys):
     assert run(["--help"]) == 0
     out = capsys.readouterr().out
     assert "130 interrupted (SIGINT" in out and "143 stopped by SIGTERM" in out and "2 refused" in out
+
+
+# ---- 8. one cache folder: $FSSEG_CACHE, else ~/.cache/fsseg, also in config paths ---------------------------------
+def test_cache_paths_follow_fsseg_cache(tmp_path, monkeypatch):
+    from fsseg.data.embedded import default_embedded_root
+    from fsseg.files import cache_root, expand_path
+
+    monkeypatch.setenv("FSSEG_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    assert default_embedded_root().parent == tmp_path / "c"
+    for spelled in ("$FSSEG_CACHE/latents/x", "${FSSEG_CACHE}/latents/x"):
+        assert expand_path(spelled) == tmp_path / "c/latents/x"
+    assert expand_path("$FSSEG_CACHEX/y") == Path("$FSSEG_CACHEX/y")  # another variable's name is not ours
+    monkeypatch.delenv("FSSEG_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert expand_path("$FSSEG_CACHE/latents/x") == tmp_path / "home/.cache/fsseg/latents/x"
+    assert expand_path("~/z") == tmp_path / "home/z"
+    # the shipped demo config names its latent cache under $FSSEG_CACHE, never a fixed home folder
+    demo = yaml.safe_load((Path(__file__).parents[1] / "configs/demo_diffews.yaml").read_text())
+    assert demo["model"]["init_args"]["latent_cache"].startswith("$FSSEG_CACHE/")

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from fsseg.data.base import ClassFirstDataset, load_label
+from fsseg.files import cache_root
 
 NCLASS = 150
 FORMAT = "fsseg-ade-index/1"
@@ -51,7 +52,7 @@ def index_paths(root: str | Path, folder: str) -> list[Path]:
     """Where the class index of ``folder`` is looked for, in order: beside the data, then the user cache."""
     root = Path(root)
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("FSSEG_CACHE", Path.home() / ".cache" / "fsseg")) / "ade20k"
+    cache = cache_root() / "ade20k"
     return [ade_dir(root) / f"fsseg_index_{folder}.json.gz", cache / f"index_{folder}_{tag}.json.gz"]
 
 

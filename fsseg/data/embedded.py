@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fsseg.files import cache_root
+
 GENERATOR_VERSION = 1
 MARKER_NAME = "embedded.json"
 N_CLASSES = 20
@@ -334,7 +336,7 @@ def generate_embedded_benchmark(
 
 def default_embedded_root(seed: int = 0, image_size: int = 128, n_train: int = 600, n_val: int = 300) -> Path:
     """``$FSSEG_CACHE/embedded-v1-seed{seed}`` (or under ``~/.cache/fsseg``); non-default sizes get a suffix."""
-    cache = Path(os.environ.get("FSSEG_CACHE") or Path.home() / ".cache" / "fsseg").expanduser()
+    cache = cache_root()
     name = f"embedded-v{GENERATOR_VERSION}-seed{seed}"
     if (image_size, n_train, n_val) != (128, 600, 300):
         name += f"-s{image_size}-n{n_train}-{n_val}"

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from fsseg.data import augment
 from fsseg.data.base import FewShotDataset, image_to_tensor, load_rgb, resize_mask
 from fsseg.episode import foreground, mask_image
+from fsseg.files import expand_path
 from fsseg.output_folder import process_alive
 
 FORMAT = 1
@@ -369,8 +370,8 @@ def ensure(
 ) -> LatentCache:
     """The cache of the encoder (``weights``, ``moments``: see the module docstring) and ``datasets`` in ``folder``:
     opened (refused when its fingerprint differs), or, when missing and ``build_missing``, built first with the
-    encoder on ``device`` (default: where it is)."""
-    folder = Path(folder).expanduser()
+    encoder on ``device`` (default: where it is). ``folder`` may start with ``$FSSEG_CACHE`` (`expand_path`)."""
+    folder = expand_path(folder)
     expected = fingerprint(weights, datasets)
     if not folder.exists():
         if not build_missing:
