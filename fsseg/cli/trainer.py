@@ -254,7 +254,7 @@ def holds_checkpoints(folder: Path) -> bool:
 class FssegCLI(LightningCLI):
     """LightningCLI with fsseg's rules (see the module docstring); ``overwrite`` is ``--overwrite``; ``run_dir``,
     for the commands that run tests into folders of their own layout (`fsseg.seeds`, `fsseg.demo`,
-    `fsseg.reproduce`), is the exact folder of this run (its logger arguments are given with it)."""
+    `fsseg.reproduce`), is the exact folder of this run (set as its logger's save_dir and version; a TensorBoard or CSV logger)."""
 
     def __init__(self, *args, overwrite: bool = False, run_dir: Path | None = None, **kwargs) -> None:
         self.overwrite = overwrite
@@ -422,6 +422,12 @@ class FssegCLI(LightningCLI):
             args = logger.init_args
             if self.fixed_run_dir is None:
                 self._place(sub, cfg, args)
+            else:  # exactly this folder
+                args.save_dir, args.name, args.version = (
+                    str(self.fixed_run_dir.parent),
+                    "",
+                    self.fixed_run_dir.name,
+                )
             version = args.get("version")
             if version is not None:
                 folder = version if isinstance(version, str) else f"version_{version}"
@@ -637,17 +643,8 @@ def run_cli(argv: list[str], run_dir: Path | None = None) -> FssegCLI:
         raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
 
 
-def logger_args(run_dir: Path) -> list[str]:
-    """CLI arguments that send a run's logs, checkpoints and report to ``run_dir`` exactly."""
-    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(Path(run_dir).parent), "name": "", "version": Path(run_dir).name}}  # fmt: skip
-    return ["--trainer.logger", json.dumps(logger)]
-
-
 def _run_cli(argv: list[str], run_dir: Path | None = None) -> FssegCLI:
     argv, overwrite = expand_shorthands(list(argv))
-    if run_dir is not None:
-        argv += logger_args(run_dir)
     quiet_third_party()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
     parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False, "allow_abbrev": False}
@@ -658,7 +655,7 @@ def _run_cli(argv: list[str], run_dir: Path | None = None) -> FssegCLI:
         subclass_mode_model=True,
         args=argv,
         overwrite=overwrite,
-        run_dir=run_dir,
+        run_dir=Path(run_dir) if run_dir is not None else None,
         seed_everything_default=0,
         trainer_defaults={
             "default_root_dir": SAVE_DIR,
