@@ -6,8 +6,9 @@ own support, and with a support of another class (``data.support_control: other_
 support loses most of its mIoU under the control; the difference is printed beside it. Two trivial references are
 measured on the same episodes.
 
-The test runs use ``--test-precision``. Its default, ``auto``, is a config's own ``trainer.precision`` where it sets
-one, else bf16-mixed where the test device computes in bfloat16 natively (a CPU with AVX512-BF16 or AMX, a GPU with
+The test runs use ``--test-precision`` (given to each test as ``model.init_args.eval_precision``, the precision of
+evaluation steps). Its default, ``auto``, is a config's own ``model.init_args.eval_precision`` or else its
+``trainer.precision`` where it sets one, else bf16-mixed where the test device computes in bfloat16 natively (a CPU with AVX512-BF16 or AMX, a GPU with
 bf16), else 32-true. On such a CPU bf16 evaluation takes the tiny DiffewS's 500-episode test from 44 s to 27 s and
 moves its mIoU by 0.1; training always runs at the config's precision. The precision used is printed and recorded in each
 ``metrics.json`` and in ``summary.json``.
@@ -62,11 +63,20 @@ def resolve_test_precision(config: Path, requested: str) -> tuple[str, str]:
     """The precision of ``config``'s test runs for ``--test-precision requested``, and why."""
     import yaml
 
+    from fsseg.models.base import EVAL_PRECISIONS, PRECISION_ALIASES
+
     if requested != "auto":
         return requested, "--test-precision"
-    trainer = yaml.safe_load(config.read_text()).get("trainer") or {}
-    if "precision" in trainer:
-        return str(trainer["precision"]), f"trainer.precision in {config.name}"
+    cfg = yaml.safe_load(config.read_text()) or {}
+    trainer = cfg.get("trainer") or {}
+    model_args = (cfg.get("model") or {}).get("init_args") or {}
+    for key, value in (("model.init_args.eval_precision", model_args.get("eval_precision")),
+                       ("trainer.precision", trainer.get("precision"))):  # fmt: skip
+        if value is not None:
+            value = PRECISION_ALIASES.get(str(value), str(value))
+            if value not in EVAL_PRECISIONS:
+                raise ValueError(f"{config}: {key} {value} is not one the demo tests in {EVAL_PRECISIONS}")
+            return value, f"{key} in {config.name}"
     native, why = native_bf16(str(trainer.get("accelerator", "auto")))
     return ("bf16-mixed" if native else "32-true"), f"auto: {why}"
 
@@ -83,7 +93,7 @@ def fit_and_test(config: Path, out: Path, extra: list[str], precision: str) -> d
     results = {}
     for folder, control in (("test", "none"), (f"test_{CONTROL}", CONTROL)):
         test = run_cli(["test", "--config", str(config), "--ckpt_path", ckpt, "--data.support_control", control,
-                        "--trainer.precision", precision, *extra], run_dir=out / folder)  # fmt: skip
+                        "--model.init_args.eval_precision", precision, *extra], run_dir=out / folder)  # fmt: skip
         results[control] = json.loads((test.run_dir / "metrics.json").read_text())
     own, other = results["none"], results[CONTROL]
     return {

@@ -275,6 +275,14 @@ def test_demo_test_precision_follows_the_flag_then_the_config_then_the_device(tm
     cfg.write_text("trainer: {accelerator: cpu, precision: 32-true}\n")  # a config's own setting is kept
     assert resolve_test_precision(cfg, "auto") == ("32-true", "trainer.precision in c.yaml")
     assert resolve_test_precision(cfg, "bf16-mixed")[0] == "bf16-mixed"  # the command line wins
+    cfg.write_text("trainer: {precision: bf16}\n")  # Lightning's older spelling
+    assert resolve_test_precision(cfg, "auto")[0] == "bf16-mixed"
+    # a model's evaluation precision (the DiffewS paper configs' fp32, training in 16-mixed) comes first
+    cfg.write_text("trainer: {precision: 16-mixed}\nmodel: {init_args: {eval_precision: 32-true}}\n")
+    assert resolve_test_precision(cfg, "auto") == ("32-true", "model.init_args.eval_precision in c.yaml")
+    cfg.write_text("trainer: {precision: 64-true}\n")
+    with pytest.raises(ValueError, match="trainer.precision 64-true"):
+        resolve_test_precision(cfg, "auto")
     with pytest.raises(SystemExit):
         run(["demo", str(cfg), "--test-precision", "fp16"])
 

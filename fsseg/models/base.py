@@ -41,7 +41,7 @@ EVAL_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 #: Lightning's older spellings of the precisions (``trainer.precision 16`` is ``16-mixed``)
-_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 def eval_precision_conflict(eval_precision: str | None, given) -> str | None:
@@ -54,7 +54,7 @@ def eval_precision_conflict(eval_precision: str | None, given) -> str | None:
     the two being silently replaced."""
     if given is None or eval_precision is None:
         return None
-    wanted = _PRECISION_ALIASES.get(str(given), str(given))
+    wanted = PRECISION_ALIASES.get(str(given), str(given))
     if wanted == eval_precision:
         return None
     return (
