@@ -422,23 +422,24 @@ class FssegCLI(LightningCLI):
             )
 
 
-def run_cli(argv: list[str]) -> FssegCLI:
+def run_cli(argv: list[str], cli_class: type[FssegCLI] | None = None) -> FssegCLI:
     """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`.
 
     A command line that does not parse raises `RunRefused` with jsonargparse's report condensed to one line.
+    ``cli_class``: a `FssegCLI` subclass to run instead (``fsseg plan`` parses with one that builds nothing).
     """
     try:
-        return _run_cli(argv)
+        return _run_cli(argv, cli_class or FssegCLI)
     except ArgumentError as err:
         sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
         raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
 
 
-def _run_cli(argv: list[str]) -> FssegCLI:
+def _run_cli(argv: list[str], cli_class: type[FssegCLI]) -> FssegCLI:
     argv, overwrite = expand_shorthands(list(argv))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
     parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False} for sub in SUBCOMMANDS}
-    return FssegCLI(
+    return cli_class(
         FewShotModule,
         FewShotDataModule,
         subclass_mode_model=True,
