@@ -28,7 +28,6 @@ depend on values; SD 2.1 / Kandinsky 2.2 weights cannot be downloaded here). Wri
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import sys
@@ -43,7 +42,8 @@ from diffews_speed import PeakMemory
 from fsseg.files import atomic_write_text, claim_outputs
 from fsseg.plan.build import build_module
 from fsseg.plan.cli import read_setting, versions
-from fsseg.plan.core import GIB, plan, run_steps
+from fsseg.plan.core import GIB, plan
+from fsseg.plan.measure import measure_step
 from fsseg.plan.steps import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,58 +59,14 @@ def cpu_name() -> str | None:
     return platform.processor() or None
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages of ``tensors``."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def allocator_peak(prof) -> int:
-    """The peak of the running sum of the CPU allocator's allocations and frees the profiler recorded."""
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    running = peak = 0
-    for _, n in sorted(events, key=lambda e: e[0]):  # stable: equal times keep the recorded order
-        running += n
-        peak = max(peak, running)
-    return peak
-
-
 def measure(module, setting, stage: str, device: torch.device) -> dict:
-    """The real peak of ``stage`` (``fit`` or ``test``) of ``setting`` on ``module``."""
-    gc.collect()
-    static = storage_bytes([*module.parameters(), *module.buffers()])
+    """`fsseg.plan.measure.measure_step`, and on the CPU the peak resident set size above its level before the
+    step (plus the parameters and buffers, as the other figures count them)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        out = run_steps(module, setting, (stage,), device, 512, emulate_cuda=False, notes=[])
-        torch.cuda.synchronize(device)
-        key = "train" if stage == "fit" else "eval"
-        return {
-            "measured_bytes": torch.cuda.max_memory_allocated(device),
-            "max_memory_reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "tracker_on_real_tensors_bytes": out[key]["peak_bytes"],
-            "method": "torch.cuda.max_memory_allocated",
-        }
-    from torch.profiler import ProfilerActivity, profile
-
-    with PeakMemory(device) as rss, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = run_steps(module, setting, (stage,), device, 1, emulate_cuda=False, notes=[])
-    key = "train" if stage == "fit" else "eval"
-    return {
-        "measured_bytes": static + allocator_peak(prof),
-        "rss_bytes": static + int(rss.mib * 2**20),
-        "static_bytes": static,
-        "tracker_on_real_tensors_bytes": out[key]["peak_bytes"],
-        "method": "torch.profiler CPU allocator events (running sum) + parameters and buffers",
-    }
+        return measure_step(module, setting, stage, device)
+    with PeakMemory(device) as rss:
+        row = measure_step(module, setting, stage, device)
+    return {**row, "rss_bytes": row["static_bytes"] + int(rss.mib * 2**20)}
 
 
 def main(argv: list[str]) -> int:

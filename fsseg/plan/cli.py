@@ -70,11 +70,11 @@ def versions() -> dict:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 2 else f"{n / 2**20:.1f} MiB"
 
 
 def _breakdown(at_peak: dict) -> str:
-    return ", ".join(f"{k} {v / GIB:.2f}" for k, v in at_peak.items() if v >= GIB / 200)
+    return ", ".join(f"{k} {_gib(v)}" for k, v in at_peak.items() if v > 0)
 
 
 def report(result: dict) -> str:
@@ -92,17 +92,18 @@ def report(result: dict) -> str:
         lines += [
             f"  train step: peak {_gib(t['peak_bytes'])} (in {t['peak_phase']}); batch {s['batch_size']}, "
             f"{t['optimizer']}, accumulation {s['accumulate']}, {ckpt}",
-            f"    at the peak (GiB): {_breakdown(t['at_peak_bytes'])}",
-            f"    under DDP each process also holds the gradient buckets: +{_gib(t['ddp_gradient_buckets_bytes'])}",
+            f"    at the peak: {_breakdown(t['at_peak_bytes'])}",
+            f"    under DDP each process also holds the gradient buckets: +{_gib(t['ddp_gradient_buckets_bytes'])}"
+            + (f" = {_gib(t['ddp_peak_bytes'])}" if "ddp_peak_bytes" in t else ""),
         ]
     if "eval" in result:
         e = result["eval"]
         lines += [
             f"  eval step: peak {_gib(e['peak_bytes'])} (batch {s['eval_batch_size']}, {s['eval_size']} px masks)",
-            f"    at the peak (GiB): {_breakdown(e['at_peak_bytes'])}",
+            f"    at the peak: {_breakdown(e['at_peak_bytes'])}",
         ]
     if "cards" in result:
-        stages = [st for st in ("train", "eval") if st in result]
+        stages = list(next(iter(result["cards"].values())))
         lines.append(
             "  fits: "
             + "; ".join(

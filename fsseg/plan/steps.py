@@ -4,9 +4,10 @@ module holds (fake ones for a plan, real ones for a measurement).
 Training (Lightning's automatic optimisation, ``lightning/pytorch/loops/optimization/automatic.py``): per batch,
 ``training_step`` under the precision's forward context, ``optimizer.zero_grad(set_to_none=True)`` before the
 first backward of each accumulation window, ``backward`` of the loss divided by the accumulation, then at the
-window's end gradient clipping and ``optimizer.step()``. Two optimizer steps run, with two batches per window when
-gradients accumulate, so the peak includes the optimizer states, the gradients kept across a window and the
-previous step's gradients alive during the next forward. GradScaler (``16-mixed``) is left out: it scales and
+window's end gradient clipping and ``optimizer.step()``. One window runs (two batches when gradients accumulate:
+the second one's forward and backward with the first one's gradients alive), its optimizer step (which creates
+the optimizer states), then the next window's first batch: its forward with the previous step's gradients and
+the states alive, ``zero_grad``, its backward with the states alive. Later batches and steps repeat these. GradScaler (``16-mixed``) is left out: it scales and
 unscales in place and keeps a few scalars. Evaluation: the module in eval mode, ``predict_masks`` under
 ``torch.inference_mode()`` and the precision's forward context (what ``fsseg test`` runs per batch; the metric's
 per-class counts are a few bytes).
@@ -124,10 +125,11 @@ def train_steps(
     accumulate: int = 1,
     clip_val: float | None = None,
     clip_algorithm: str = "norm",
-    steps: int = 2,
+    steps: int = 1,
     emulate_cuda: bool = False,
 ) -> None:
-    """``steps`` optimizer steps of Lightning's training loop on one device (see the module docstring)."""
+    """``steps`` optimizer steps of Lightning's training loop on one device, then the next window's first batch
+    (see the module docstring)."""
     params = [p for p in module.parameters() if p.requires_grad]
     device_type = batch["query_img"].device.type
     hooks = [
@@ -135,8 +137,9 @@ def train_steps(
     ]
     module.train()
     try:
-        for _ in range(steps):
-            for i in range(min(accumulate, 2)):
+        for window in range(steps + 1):
+            last = window == steps  # the next window's first batch: no optimizer step after it
+            for i in range(1 if last else min(accumulate, 2)):
                 tracker.phase = "forward"
                 with precision.forward_context(device_type, emulate_cuda):
                     loss = module.training_loss(batch)["loss"]
@@ -146,6 +149,8 @@ def train_steps(
                 tracker.phase = "backward"
                 (loss / accumulate if accumulate > 1 else loss).backward()
                 del loss
+            if last:
+                break
             if clip_val:
                 tracker.phase = "gradient clipping"
                 if clip_algorithm == "value":
