@@ -117,8 +117,11 @@ def tiny_diffseg(tmp: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("model", [tiny_diffews, tiny_diffseg], ids=["diffews", "diffseg"])
+@pytest.mark.parametrize(
+    "model", [tiny_diffews, pytest.param(tiny_diffseg, marks=pytest.mark.slow)], ids=["diffews", "diffseg"]
+)
 def test_plan_on_fake_tensors_matches_the_steps_on_real_tensors(model, tmp_path):
+    # a fake step costs Python time per operation, whatever the sizes: DiffSeg (more of them) is a slow test
     setting = Setting(model(tmp_path), "32-true", batch_size=2, eval_batch_size=3, shot=2, img_size=32,
                       eval_size=40, accumulate=4, clip_val=1.0, clip_algorithm="norm")  # fmt: skip
     planned = plan(setting, "cpu")

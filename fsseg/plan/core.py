@@ -221,14 +221,12 @@ def plan(setting: Setting, target: str = "cuda", stages=("fit", "test")) -> dict
             )
         )
     if target == "cuda":
-        result["cards"] = {
-            name: {
-                stage: fits(result[stage]["peak_bytes"], gib)
-                for stage in ("train", "eval")
-                if stage in result
-            }
-            for name, gib in CARDS
-        }
+        peaks = {stage: result[stage]["peak_bytes"] for stage in ("train", "eval") if stage in result}
+        if "train" in result:
+            result["train"]["ddp_peak_bytes"] = peaks["train_ddp"] = (
+                peaks["train"] + result["train"]["ddp_gradient_buckets_bytes"]
+            )
+        result["cards"] = {name: {k: fits(v, gib) for k, v in peaks.items()} for name, gib in CARDS}
         result["fits_rule"] = (
             f"yes: peak x {ALLOCATOR_MARGIN} + {CUDA_CONTEXT_GIB} GiB <= card; tight: peak + "
             f"{CUDA_CONTEXT_GIB} GiB <= card; no: otherwise (card = its nominal GiB)"

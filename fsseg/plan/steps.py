@@ -6,11 +6,11 @@ Training (Lightning's automatic optimisation, ``lightning/pytorch/loops/optimiza
 first backward of each accumulation window, ``backward`` of the loss divided by the accumulation, then at the
 window's end gradient clipping and ``optimizer.step()``. One window runs (two batches when gradients accumulate:
 the second one's forward and backward with the first one's gradients alive), its optimizer step (which creates
-the optimizer states), then the next window's first batch: its forward with the previous step's gradients and
-the states alive, ``zero_grad``, its backward with the states alive. Later batches and steps repeat these. GradScaler (``16-mixed``) is left out: it scales and
-unscales in place and keeps a few scalars. Evaluation: the module in eval mode, ``predict_masks`` under
-``torch.inference_mode()`` and the precision's forward context (what ``fsseg test`` runs per batch; the metric's
-per-class counts are a few bytes).
+the optimizer states), then the next window's first batch: its forward with the previous step's gradients and the
+states alive, ``zero_grad``, its backward with the states alive. Later batches and steps repeat these. GradScaler
+(``16-mixed``) is left out: it scales and unscales in place and keeps a few scalars. Evaluation: the module in
+eval mode, ``predict_masks`` under ``torch.inference_mode()`` and the precision's forward context
+(what ``fsseg test`` runs per batch; the metric's per-class counts are a few bytes).
 """
 
 from __future__ import annotations
