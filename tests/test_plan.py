@@ -77,6 +77,8 @@ def test_cuda_autocast_casts_by_the_cuda_lists_where_cpu_autocast_would_not():
             assert lin(x).dtype == torch.bfloat16 and len(mode._cache) == 2  # weight and bias, cast once
             with torch.autocast("cpu", enabled=False):  # a region the model switches off
                 off = lin(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), ca.CudaAutocast() as uncached:
+        assert lin(x).dtype == torch.bfloat16 and not uncached._cache  # Lightning's autocast keeps no cache
     assert cpu_norm.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
     assert norm.dtype == up.dtype == soft.dtype == total.dtype == both.dtype == off.dtype == torch.float32
 
@@ -150,6 +152,23 @@ def test_plan_builds_the_shipped_sd21_architecture_at_full_size(tmp_path):
     assert info["unet"]["from"] == "shipped architecture"
     weights = tmp_path / "unet/diffusion_pytorch_model.bin"
     assert weights.stat().st_size > 3.4e9 and weights.stat().st_blocks * 512 < 1e8  # full size, no data
+
+
+def test_plan_builds_a_released_unet_with_its_extra_input_conv(tmp_path):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from fsseg.models.diffews.tiny import tiny_unet
+
+    unet = tiny_unet(seed=1)  # saved as released DiffewS UNets are: conv_in_ref.* and in_channels_ref: 8
+    unet.add_module("conv_in_ref", torch.nn.Conv2d(8, unet.conv_in.out_channels, 3, padding=1))
+    unet.register_to_config(in_channels_ref=8)
+    unet.save_pretrained(tmp_path / "released")
+    model = tiny_diffews(tmp_path)
+    model["init_args"]["unet_path"] = str(tmp_path / "released")
+    module, components, _ = build_module(model, tmp_path / "skeleton", FakeTensorMode())
+    conv = module.unet.conv_in_ref
+    assert isinstance(conv.weight, FakeTensor) and conv.in_channels == 8
+    assert components["unet_path"]["components"]["from"] == "local"
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------

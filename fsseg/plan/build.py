@@ -2,15 +2,9 @@
 source replaced by a weight-less folder of the same architecture (`fsseg.plan.skeleton`), on fake tensors (a
 plan: nothing is allocated) or real ones (a measurement: every weight is zero).
 
-Building on fake tensors needs three accommodations, none of which changes what is built:
-
-- fake parameters are swapped, not re-assigned, by ``module.to(...)`` (``torch.nn.Module._apply``), and a swap is
-  refused while a weak reference points at the tensor; the fake mode's converter memoises every fake tensor it
-  makes by weak reference, so during construction its memo holds strong references instead (restored after);
-- transformers loads weights in a thread pool, which a fake mode (thread-local) does not reach:
-  ``HF_DEACTIVATE_ASYNC_LOAD=1`` loads them in this thread;
-- safetensors files cannot be read into fake tensors: DiffSeg's HED edge extractor (``edge_source: hed``, weights
-  from ``hed_weights``) is built as the same class with random weights.
+On fake tensors the construction runs under `fsseg.plan.fake.fake_construction`, and safetensors files cannot be
+read into fake tensors: DiffSeg's HED edge extractor (``edge_source: hed``, weights from ``hed_weights``) is built
+as the same class with random weights.
 """
 
 from __future__ import annotations
@@ -19,13 +13,13 @@ import contextlib
 import functools
 import importlib
 import inspect
-import os
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fsseg.plan import skeleton
+from fsseg.plan.fake import fake_construction
 
 SD_LAYOUT = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
 DECODER_LAYOUT = ["unet", "movq", "scheduler"]
@@ -107,24 +101,6 @@ def _quiet_loading():
         diffusers.utils.logging.set_verbosity(levels[0])
         transformers.utils.logging.set_verbosity(levels[1])
         transformers.utils.logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def fake_construction(mode: FakeTensorMode):
-    """Build modules under ``mode`` (see the module docstring)."""
-    converter = mode.fake_tensor_converter.meta_converter
-    memo, env = converter.tensor_memo, os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-    converter.tensor_memo = {}
-    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-    try:
-        with mode:
-            yield
-    finally:
-        converter.tensor_memo = memo
-        if env is None:
-            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-        else:
-            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = env
 
 
 def build_module(model_cfg: dict, folder: Path | None, fake_mode: FakeTensorMode | None, precision=None):

@@ -8,8 +8,9 @@ CPU's (CUDA runs ``group_norm``, ``layer_norm``, upsampling, ``exp``, ``pow`` ..
 ``torch.autocast(device, enabled=False)`` regions switch off as they would CUDA's), casts each call's floating
 tensors by CUDA's policy for that operation and runs the call with CPU autocast off:
 
-- lower precision: to the autocast dtype; float32 parameters that require grad are cast once per autocast region
-  and the copy is kept until the region ends (autocast's weight cache), as CUDA does;
+- lower precision: to the autocast dtype; where the region caches casts (``torch.autocast(..., cache_enabled=True)``,
+  torch's default; Lightning's precision plugin turns it off), float32 parameters that require grad are cast once
+  and the copy is kept until the region ends, as CUDA does;
 - float32: to float32; float32 output (``softmax``, ``sum``, ``cumsum``, ``norm``, ...): ``dtype=torch.float32``
   unless the call gives a dtype; promote: to the widest floating dtype among the arguments.
 
@@ -100,7 +101,14 @@ class CudaAutocast(TorchFunctionMode):
     def _cast(self, t, dtype: torch.dtype, cache: bool):
         if not _eligible(t) or t.dtype == dtype:
             return t
-        cacheable = cache and t.dtype == torch.float32 and t.requires_grad and t.is_leaf and not t._is_view()
+        cacheable = (
+            cache
+            and torch.is_autocast_cache_enabled()
+            and t.dtype == torch.float32
+            and t.requires_grad
+            and t.is_leaf
+            and not t._is_view()
+        )
         if cacheable:
             hit = self._cache.get(id(t))
             if hit is not None and hit[0] is t:

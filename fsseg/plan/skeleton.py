@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fsseg.models import loading
 from fsseg.models.diffews.unet_loading import EXTRA_CONVS, conv_like
+from fsseg.plan.fake import fake_construction
 
 ARCHITECTURES = "fsseg/assets/architectures"  # a package asset: <hub id>/<subfolder>/config.json
 
@@ -81,7 +82,7 @@ def _copy_configs(src: Path, dst: Path) -> None:
 def _build_fake(kind: str, src: Path):
     """The component built from its configuration under fake tensors (nothing allocated)."""
     cls = _model_class(kind)
-    with FakeTensorMode():
+    with fake_construction(FakeTensorMode()):
         if MODEL_CLASSES[kind][0] == "diffusers":
             model = cls.from_config(cls.load_config(src))
             for name, key in EXTRA_CONVS.items():  # a released DiffewS UNet declares its extra input convs

@@ -66,12 +66,14 @@ class Precision:
 
     @contextlib.contextmanager
     def forward_context(self, device_type: str = "cpu", emulate_cuda: bool = False):
-        """Lightning's forward context: autocast for ``*-mixed`` on ``device_type`` (with ``emulate_cuda``, CPU
-        tensors cast by CUDA's lists: `fsseg.plan.cuda_autocast`), the default dtype for ``*-true``."""
+        """Lightning's forward context: autocast for ``*-mixed`` on ``device_type``, without its weight cache as
+        Lightning's ``MixedPrecision`` (with ``emulate_cuda``, CPU tensors cast by CUDA's lists:
+        `fsseg.plan.cuda_autocast`), the default dtype for ``*-true``."""
         if self.autocast is not None:
             from fsseg.plan.cuda_autocast import CudaAutocast
 
-            with torch.autocast(device_type, dtype=self.autocast):
+            # as Lightning's MixedPrecision plugin: no cache of casted weights
+            with torch.autocast(device_type, dtype=self.autocast, cache_enabled=False):
                 with CudaAutocast() if emulate_cuda else contextlib.nullcontext():
                     yield
             return
