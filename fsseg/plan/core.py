@@ -201,9 +201,7 @@ def plan(setting: Setting, target: str = "cuda", stages=("fit", "test")) -> dict
         "method": setting.method,
         "target": target,
         "setting": {k: v for k, v in asdict(setting).items() if k not in ("model", "notes")},
-        "model_init_args": {
-            k: v for k, v in (setting.model.get("init_args") or {}).items() if not isinstance(v, dict)
-        },
+        "model_init_args": dict(setting.model.get("init_args") or {}),
         "components": components,
         "parameters": sum(p.numel() for p in params),
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
