@@ -119,6 +119,18 @@ def tiny_diffseg(tmp: Path) -> dict:
     }
 
 
+def test_plan_for_cuda_recomputes_checkpointed_blocks_by_the_cuda_lists(tmp_path):
+    # the recomputation in the backward must cast as the forward did (else torch's CheckpointError: other dtypes,
+    # group_norm's output float32 in the forward by CUDA's lists, bf16 in a recomputation by the CPU's)
+    model = tiny_diffews(tmp_path)
+    model["init_args"]["gradient_checkpointing"] = True
+    setting = Setting(model, "bf16-mixed", batch_size=1, eval_batch_size=1, shot=1, img_size=32, eval_size=32,
+                      accumulate=1, clip_val=None, clip_algorithm="norm")  # fmt: skip
+    train = plan(setting, "cuda", ("fit",))["train"]
+    at = train["at_peak_bytes"]
+    assert at["gradients"] > 0 and train["peak_bytes"] > at["parameters"] + at["gradients"]
+
+
 @pytest.mark.parametrize(
     "model", [tiny_diffews, pytest.param(tiny_diffseg, marks=pytest.mark.slow)], ids=["diffews", "diffseg"]
 )

@@ -22,6 +22,8 @@ level at which ATen's autocast kernels see it for every operation fsseg's models
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
@@ -142,3 +144,24 @@ class CudaAutocast(TorchFunctionMode):
             return func(*args, **kwargs)
         finally:
             torch.set_autocast_enabled("cpu", True)
+
+
+def recompute_under_cuda_rules(module: torch.nn.Module) -> None:
+    """Diffusers models in ``module`` that checkpoint their blocks recompute each block's forward under a
+    `CudaAutocast` of its own (``torch.utils.checkpoint``'s ``context_fn``): the recomputation runs inside the
+    backward, where no mode of the forward is on (``Tensor.backward`` passes through the mode's handler, which
+    runs with the mode off), under the CPU autocast state the checkpoint saved; without CUDA's casts there its
+    tensors' dtypes differ from the forward's and the checkpoint refuses them. Changes ``module`` (a plan's own)."""
+    from diffusers import ModelMixin
+
+    def checkpoint(block, *args):
+        return torch.utils.checkpoint.checkpoint(
+            block.__call__,
+            *args,
+            use_reentrant=False,  # diffusers' default
+            context_fn=lambda: (contextlib.nullcontext(), CudaAutocast()),
+        )
+
+    for m in module.modules():
+        if isinstance(m, ModelMixin) and m.is_gradient_checkpointing:
+            m.enable_gradient_checkpointing(checkpoint)

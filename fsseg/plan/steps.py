@@ -134,6 +134,10 @@ def train_steps(
     (see the module docstring)."""
     params = [p for p in module.parameters() if p.requires_grad]
     device_type = batch["query_img"].device.type
+    if emulate_cuda:
+        from fsseg.plan.cuda_autocast import recompute_under_cuda_rules
+
+        recompute_under_cuda_rules(module)
     hooks = [
         p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, "gradients")) for p in params
     ]
