@@ -1,5 +1,5 @@
-"""Lightning callbacks: `RunCheckpoint` (the resumable checkpoints of every ``fsseg fit``, installed by the CLI) and
-`EpisodePanels` (what the model predicts, as image panels in TensorBoard).
+"""Lightning callbacks: `RunCheckpoint` (the resumable checkpoints of every ``fsseg fit``, installed by the CLI,
+written by `AtomicCheckpointIO`) and `EpisodePanels` (what the model predicts, as image panels in TensorBoard).
 
 `EpisodePanels`:
 
@@ -15,21 +15,51 @@ Every ``every_n_steps`` training steps (and on the first validation batch of eac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fsseg.files import atomic_writer
 from fsseg.visual import column_titles, episode_row, grid
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO`, writing a local checkpoint through a temporary file in its own folder,
+    flushed, fsynced and renamed over the old one (`fsseg.files.atomic_writer`): a full disk or a kill during the
+    write leaves the previous checkpoint as it was and no temporary file.
+
+    (Lightning's own ``_atomic_save`` writes through an fsspec transaction: a temporary file in ``$TMPDIR``, then
+    moved into place, which across filesystems is a copy that a full disk or a kill cuts short at the final path.)
+    Remote paths (``s3://``...) are left to Lightning. ``fsseg fit|validate|test`` install it in place of the
+    default `TorchCheckpointIO` (a checkpoint plugin given in a config is kept).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_writer(Path(path)) as f:
+            torch.save(checkpoint, f)
 
 
 class RunCheckpoint(ModelCheckpoint):
     """``checkpoints/last.ckpt``: the newest resumable state of a fit, rewritten every ``every_n_steps`` optimizer
-    steps (in the middle of an epoch too), at the end of every epoch and at the end of fit. Resuming from it
-    (``fsseg fit ... --ckpt_path .../checkpoints/last.ckpt``) continues exactly where it was written, mid-epoch
-    included (`fsseg.data.samplers.ResumableLoader` restores the loader's position), so an interruption costs at
-    most ``every_n_steps`` steps.
+    steps (in the middle of an epoch too), at the end of every epoch, at the end of fit, and when the process gets
+    SIGTERM (a cluster's pre-emption). Resuming from it (``fsseg fit ... --ckpt_path .../checkpoints/last.ckpt``)
+    continues exactly where it was written, mid-epoch included (`fsseg.data.samplers.ResumableLoader` restores the
+    loader's position), so a crash costs at most ``every_n_steps`` steps and a SIGTERM none.
+
+    SIGTERM: Lightning's handler flags it and its loop stops after the current batch (``SIGTERMException``). A
+    checkpoint is only exact after a batch that completed an optimizer step, so a SIGTERM between accumulated
+    batches holds the stop (Lightning's flag, ``trainer._signal_connector.received_sigterm``, is cleared) until
+    the batch that steps, which is saved and then stopped after. Under DDP the ranks agree on the stop each batch.
+    A SIGINT (Ctrl-C) stops in the middle of a step: nothing is saved then, the newest checkpoint stays.
 
     Args:
         every_n_steps: optimizer steps between two writes (0: only at epoch ends and at the end of fit).
@@ -41,6 +71,9 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(save_last=True, save_top_k=0, enable_version_counter=False)
         self.every_n_steps = every_n_steps
         self._stepped_to = 0
+        self._stop_held = False  # a SIGTERM waits for the end of the optimizer step
+        self._at_step = True  # the last training batch completed an optimizer step (or none ran yet)
+        self.stopped_at: int | None = None  # the step a SIGTERM stopped the fit after (saved there)
 
     @property
     def state_key(self) -> str:
@@ -58,14 +91,35 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._stepped_to:  # this batch only accumulated gradients: not a state to resume from
-            return
-        self._stepped_to = step
-        if self.every_n_steps and step % self.every_n_steps == 0:
+        stepped = (
+            step != self._stepped_to
+        )  # False: this batch only accumulated gradients, no state to resume from
+        self._stepped_to, self._at_step = step, stepped
+        if stepped and self.every_n_steps and step % self.every_n_steps == 0:
             self._save(trainer)
+        stop = bool(trainer.received_sigterm) or self._stop_held
+        if trainer.world_size > 1:  # every rank saves (a collective) and stops after the same batch
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        signals = trainer._signal_connector  # Lightning's loops stop after this batch when its flag is set
+        if not stepped:
+            self._stop_held, signals.received_sigterm = True, False
+            return
+        self._save(trainer)  # skipped when the cadence saved this step already
+        self._stop_held, signals.received_sigterm = False, True
+        self.stopped_at = step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A SIGTERM that stopped the fit outside a training batch (during validation): save the state of the last
+        optimizer step, unless a batch was mid-accumulation."""
+        if isinstance(exception, SIGTERMException) and self.stopped_at is None and not self._stop_held:
+            if trainer.state.fn == TrainerFn.FITTING and self._at_step:
+                self._save(trainer)
+                self.stopped_at = trainer.global_step
 
     def on_validation_end(self, trainer, pl_module) -> None:
         pass  # no monitored metric: validation does not decide what is kept

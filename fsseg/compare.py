@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fsseg.reproduce.stats import TestRun, bootstrap_miou, load_run, percentile_interval, resample_indices
+from fsseg.files import atomic_write_text, check_output_file
+from fsseg.reproduce.stats import (
+    TestRun,
+    bootstrap_fbiou,
+    bootstrap_miou,
+    load_run,
+    percentile_interval,
+    resample_indices,
+)
 
 SETTING_KEYS = ("dataset", "fold", "shot", "resolution")
 EPISODE_KEYS = ("query", "supports", "class_id")
@@ -83,6 +91,11 @@ def compare_runs(a: TestRun, b: TestRun, n_boot: int = 2000, seed: int = 0, leve
                              f"{value} recomputed from episodes.jsonl; the run's files are inconsistent")  # fmt: skip
     diffs = boot_b - boot_a
     lo, hi = percentile_interval(diffs, level)
+    (pia, pua), (pib, pub) = a.pixel_counts(), b.pixel_counts()  # FB-IoU: the same resamples
+    fb_a, fb_b = float(bootstrap_fbiou(pia, pua, full)[0]), float(bootstrap_fbiou(pib, pub, full)[0])
+    fb_interval = list(
+        percentile_interval(bootstrap_fbiou(pib, pub, idx) - bootstrap_fbiou(pia, pua, idx), level)
+    )
     per_class = []
     for c, cid in enumerate(a.class_ids):
         sel = cls == c
@@ -99,6 +112,7 @@ def compare_runs(a: TestRun, b: TestRun, n_boot: int = 2000, seed: int = 0, leve
         "miou_a": miou_a, "miou_b": miou_b, "diff": miou_b - miou_a,
         "interval": [lo, hi], "level": level, "n_boot": n_boot, "seed": seed,
         "p_b_not_better": float(np.mean(diffs <= 0)),
+        "fbiou_a": fb_a, "fbiou_b": fb_b, "fbiou_diff": fb_b - fb_a, "fbiou_interval": fb_interval,
         "per_class": per_class,
     }  # fmt: skip
 
@@ -113,6 +127,8 @@ def format_comparison(r: dict) -> str:
         f"{100 * r['level']:.0f}% paired bootstrap interval [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}] "
         f"({r['n_boot']} resamples of the episodes, seed {r['seed']}; share of resamples with B <= A: "
         f"{r['p_b_not_better']:.3f})",
+        f"FB-IoU A {r['fbiou_a']:.2f}  B {r['fbiou_b']:.2f}  B - A {r['fbiou_diff']:+.2f}  interval "
+        f"[{r['fbiou_interval'][0]:+.2f}, {r['fbiou_interval'][1]:+.2f}] (the same resamples)",
         "",
         f"{'class':>6}{'episodes':>10}{'IoU A':>9}{'IoU B':>9}{'B - A':>9}",
     ]
@@ -124,7 +140,7 @@ def format_comparison(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fsseg compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="fsseg compare", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run_a", help="test run folder A (holds metrics.json and episodes.jsonl)")
     p.add_argument("run_b", help="test run folder B; the difference reported is B - A")
@@ -137,16 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_boot < 1 or not 0 < args.level < 1:
         p.error("--n-boot must be >= 1 and --level in (0, 1)")
     try:
-        if args.json is not None and args.json.exists() and not args.overwrite:
-            raise FileExistsError(f"--json {args.json} already exists: pass --overwrite to replace it")
+        if args.json is not None:  # before the work: a folder there, or an existing file without --overwrite
+            check_output_file(args.json, args.overwrite, what="--json")
         result = compare_runs(load_run(args.run_a), load_run(args.run_b), args.n_boot, args.seed, args.level)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"fsseg compare: error: {e}", file=sys.stderr)
         return 2
     print(format_comparison(result))
-    if args.json is not None:
-        from fsseg.files import atomic_write_text
-
+    if args.json is not None:  # replaced only now, with the complete new comparison
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"fsseg compare: -> {args.json}")
     return 0

@@ -6,8 +6,9 @@ own support, and with a support of another class (``data.support_control: other_
 support loses most of its mIoU under the control; the difference is printed beside it. Two trivial references are
 measured on the same episodes.
 
-The test runs use ``--test-precision``. Its default, ``auto``, is a config's own ``trainer.precision`` where it sets
-one, else bf16-mixed where the test device computes in bfloat16 natively (a CPU with AVX512-BF16 or AMX, a GPU with
+The test runs use ``--test-precision`` (given to each test as ``model.init_args.eval_precision``, the precision of
+evaluation steps). Its default, ``auto``, is a config's own ``model.init_args.eval_precision`` or else its
+``trainer.precision`` where it sets one, else bf16-mixed where the test device computes in bfloat16 natively (a CPU with AVX512-BF16 or AMX, a GPU with
 bf16), else 32-true. On such a CPU bf16 evaluation takes the tiny DiffewS's 500-episode test from 44 s to 27 s and
 moves its mIoU by 0.1; training always runs at the config's precision. The precision used is printed and recorded in each
 ``metrics.json`` and in ``summary.json``.
@@ -19,8 +20,12 @@ Everything goes to ``--out`` (default ``runs/demo``)::
     <out>/<config>/test_other_class/  the same with other-class supports
     <out>/references/<reference>/     metrics.json, episodes.jsonl
     <out>/summary.json                the table
+    <out>/report/index.html           the table as a page, each method against the baseline and against its own
+                                      other-class-support test (``fsseg report``; needs ``fsseg[report]``)
 
-An ``--out`` holding an earlier demo's results is refused unless ``--overwrite``. The default configs are the
+An ``--out`` holding an earlier demo's results is refused unless ``--overwrite``, which replaces them once the new
+demo has succeeded (they are put back if it fails or is stopped); files and folders in ``--out`` that the demo did
+not write (``<out>/.fsseg-outputs.json`` lists what it wrote) are never replaced. The default configs are the
 repository's ``configs/demo_*.yaml``, found from any folder (see ``fsseg --help``).
 """
 
@@ -35,13 +40,6 @@ DEFAULT_CONFIGS = ("demo_baseline", "demo_diffews", "demo_diffseg")
 TRIVIAL_REFS = ("all_foreground", "paste_support_mask")
 CONTROL = "other_class"
 TEST_PRECISIONS = ("auto", "32-true", "bf16-mixed")
-
-
-def logger_args(run_dir: Path) -> list[str]:
-    """CLI arguments that send a run's logs, checkpoints and report to ``run_dir`` exactly."""
-    from fsseg.seeds import logger_args as to_folder
-
-    return to_folder(run_dir.parent, run_dir.name)
 
 
 def native_bf16(accelerator: str) -> tuple[bool, str]:
@@ -65,11 +63,20 @@ def resolve_test_precision(config: Path, requested: str) -> tuple[str, str]:
     """The precision of ``config``'s test runs for ``--test-precision requested``, and why."""
     import yaml
 
+    from fsseg.models.base import EVAL_PRECISIONS, PRECISION_ALIASES
+
     if requested != "auto":
         return requested, "--test-precision"
-    trainer = yaml.safe_load(config.read_text()).get("trainer") or {}
-    if "precision" in trainer:
-        return str(trainer["precision"]), f"trainer.precision in {config.name}"
+    cfg = yaml.safe_load(config.read_text()) or {}
+    trainer = cfg.get("trainer") or {}
+    model_args = (cfg.get("model") or {}).get("init_args") or {}
+    for key, value in (("model.init_args.eval_precision", model_args.get("eval_precision")),
+                       ("trainer.precision", trainer.get("precision"))):  # fmt: skip
+        if value is not None:
+            value = PRECISION_ALIASES.get(str(value), str(value))
+            if value not in EVAL_PRECISIONS:
+                raise ValueError(f"{config}: {key} {value} is not one the demo tests in {EVAL_PRECISIONS}")
+            return value, f"{key} in {config.name}"
     native, why = native_bf16(str(trainer.get("accelerator", "auto")))
     return ("bf16-mixed" if native else "32-true"), f"auto: {why}"
 
@@ -80,14 +87,14 @@ def fit_and_test(config: Path, out: Path, extra: list[str], precision: str) -> d
     from fsseg.cli.trainer import run_cli
 
     start = time.perf_counter()
-    fit = run_cli(["fit", "--config", str(config), *logger_args(out / "fit")])
+    fit = run_cli(["fit", "--config", str(config)], run_dir=out / "fit")
     ckpt = fit.last_checkpoint
     fit_s = time.perf_counter() - start
     results = {}
     for folder, control in (("test", "none"), (f"test_{CONTROL}", CONTROL)):
         test = run_cli(["test", "--config", str(config), "--ckpt_path", ckpt, "--data.support_control", control,
-                        "--trainer.precision", precision, *extra, *logger_args(out / folder)])  # fmt: skip
-        results[control] = json.loads((Path(test.trainer.log_dir) / "metrics.json").read_text())
+                        "--model.init_args.eval_precision", precision, *extra], run_dir=out / folder)  # fmt: skip
+        results[control] = json.loads((test.run_dir / "metrics.json").read_text())
     own, other = results["none"], results[CONTROL]
     return {
         "config": str(config),
@@ -166,8 +173,19 @@ def format_table(rows: list[dict], refs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_unavailable() -> str | None:
+    """Why the demo cannot write its HTML report (the ``report`` extra is not installed), or None."""
+    from fsseg.htmlreport import MissingExtra, require_extra
+
+    try:
+        require_extra()
+    except MissingExtra as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fsseg demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="fsseg demo", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("configs", nargs="*", help=f"demo configs (default: {', '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
@@ -180,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         "where the device has native bf16, else 32-true); training uses each config's precision")  # fmt: skip
     args = p.parse_args(argv)
     from fsseg.cli.configs import resolve_config
-    from fsseg.files import atomic_write_text, claim_outputs
+    from fsseg.files import atomic_write_text
+    from fsseg.output_folder import replacing
 
     if args.test_episodes is not None and args.test_episodes < 1:
         p.error("--test-episodes must be >= 1")
@@ -189,20 +208,33 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"fsseg demo: two configs share a name ({names}); their runs would share a folder")
     out = args.out
-    claim_outputs([*(out / n for n in names), out / "references", out / "summary.json"], args.overwrite)
+    report_missing = report_unavailable()
+    if report_missing:
+        print(f"fsseg demo: no HTML report at the end: {report_missing}", flush=True)
     extra = ["--data.test_episodes", str(args.test_episodes)] if args.test_episodes else []
-    clock = time.perf_counter()
-    rows = []
-    for config in configs:
-        precision, why = resolve_test_precision(config, args.test_precision)
-        print(f"fsseg demo: {config.stem}: tests in {precision} ({why})", flush=True)
-        rows.append(fit_and_test(config, out / config.stem, extra, precision))
-    refs = references(configs[0], out / "references", args.test_episodes)
-    wall = time.perf_counter() - clock
-    table = format_table(rows, refs) + f"\nwall time {wall // 60:.0f} min {wall % 60:.0f} s"
-    print("\n" + table)
-    summary = {"table": table, "rows": rows, "references": refs, "wall_seconds": round(wall, 1)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    entries = [*names, "references", "summary.json", *([] if report_missing else ["report"])]
+    with replacing(out, "demo", entries, args.overwrite):
+        clock = time.perf_counter()
+        rows = []
+        for config in configs:
+            precision, why = resolve_test_precision(config, args.test_precision)
+            print(f"fsseg demo: {config.stem}: tests in {precision} ({why})", flush=True)
+            rows.append(fit_and_test(config, out / config.stem, extra, precision))
+        refs = references(configs[0], out / "references", args.test_episodes)
+        wall = time.perf_counter() - clock
+        table = format_table(rows, refs) + f"\nwall time {wall // 60:.0f} min {wall % 60:.0f} s"
+        print("\n" + table)
+        summary = {"table": table, "rows": rows, "references": refs, "wall_seconds": round(wall, 1)}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        index = None
+        if not report_missing:
+            from fsseg.htmlreport import write_demo_report
+
+            index = write_demo_report(out / "report", summary, command=f"fsseg demo --out {out}")
     print(f"\nfsseg demo: summary -> {out / 'summary.json'}; runs in {out}/<config>/(fit|test|test_{CONTROL})/ "
           f"and {out}/references/")  # fmt: skip
+    if index is None:
+        print(f"fsseg demo: no HTML report: {report_missing}")
+    else:
+        print(f"fsseg demo: report -> {index} (open it in a browser: file://{index.resolve()})")
     return 0

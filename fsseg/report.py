@@ -13,10 +13,12 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from fsseg.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the writers every command uses)
+from fsseg.output_folder import check_complete
 
 
 def read_test_run(run_dir: Path, ckpt: str | None) -> tuple[list[dict], dict, Path, Path]:
     """(episode records, config, config path, checkpoint path) of a test run, with errors naming what is missing."""
+    check_complete(run_dir)  # being written, or left by a run that was killed
     paths = {name: run_dir / name for name in ("episodes.jsonl", "config.yaml", "metrics.json")}
     missing = [
         str(p) for name, p in paths.items() if not p.is_file() and not (name == "metrics.json" and ckpt)
@@ -70,6 +72,15 @@ def model_settings(pl_module) -> dict:
     return {"class_path": class_path, "init_args": _plain(hp)}
 
 
+def evaluation_precision(trainer) -> str:
+    """The precision the trainer's module evaluated in (`FewShotModule.evaluation_precision`; for another module,
+    ``trainer.precision``)."""
+    module = trainer.lightning_module
+    return (
+        module.evaluation_precision() if hasattr(module, "evaluation_precision") else str(trainer.precision)
+    )
+
+
 def write_test_report(
     log_dir, trainer, values: dict, records: list[dict], class_ids: list[int], extra: dict | None = None
 ) -> Path:
@@ -88,7 +99,9 @@ def write_test_report(
         # absolute, so that tools reading the run (read_test_run) find the weights from any folder
         "ckpt_path": os.path.abspath(trainer.ckpt_path) if trainer.ckpt_path else None,
         "model_settings": model_settings(trainer.lightning_module),
-        "precision": str(trainer.precision),  # bf16-mixed changes the numbers a little (README: Speed)
+        # the precision the evaluation ran in (the model's eval_precision, else trainer.precision); bf16-mixed changes
+        # the numbers a little (README: Speed)
+        "precision": evaluation_precision(trainer),
         **(extra or {}),
     }
     atomic_write_text(log_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -7,30 +7,25 @@ reports the mean of 10 such runs, DiffewS one run (seed 0).
 
 Every argument not listed here goes to ``fsseg test``. Each seed's run is an ordinary test run in ``OUT/seed<s>/``
 (``metrics.json``, ``episodes.jsonl``); the summary is ``OUT/seeds.json``. Runs on one device (in-process). An
-``OUT`` that already holds seed runs is refused unless ``--overwrite``, which removes all of them (and the summary)
-first, so the summary never mixes old and new seeds.
+``OUT`` that holds an earlier evaluate-seeds' results is refused unless ``--overwrite``, which replaces all of them
+(the summary never mixes old and new seeds), and only once every new seed run has succeeded; a file or folder in
+``OUT`` that evaluate-seeds did not write (``OUT/.fsseg-outputs.json`` lists what it wrote) is never replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from fsseg.files import OutputExists, atomic_write_text, claim_outputs
+from fsseg.files import atomic_write_text
+from fsseg.output_folder import replacing
 
 SETTING_KEYS = ("dataset", "fold", "shot", "resolution", "episodes", "model")
-
-
-def logger_args(save_dir: str | Path, version: str) -> list[str]:
-    """CLI arguments that send a run's logs and test report to ``save_dir/version`` exactly."""
-    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(save_dir), "name": "", "version": version}}  # fmt: skip
-    return ["--trainer.logger", json.dumps(logger)]
+OWNER = "evaluate-seeds"
 
 
 def summarize_seeds(metrics: Sequence[dict], runs: Sequence[str | Path]) -> dict:
@@ -53,46 +48,34 @@ def summarize_seeds(metrics: Sequence[dict], runs: Sequence[str | Path]) -> dict
     return out
 
 
-def seed_outputs(out_dir: Path) -> list[Path]:
-    """What an earlier evaluate-seeds left in ``out_dir``: ``seeds.json`` and every ``seed<s>`` run folder."""
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for p in out_dir.iterdir() if p.name == "seeds.json" or re.fullmatch(r"seed\d+", p.name))
-
-
 def evaluate_seeds(
     test_argv: Sequence[str], seeds: Sequence[int], out_dir: str | Path, overwrite: bool = False
 ) -> dict:
     """Run ``fsseg test *test_argv --data.seed s`` for each seed into ``out_dir/seed<s>``; write ``seeds.json``.
 
-    Refuses (`OutputExists`) an ``out_dir`` holding earlier seed runs unless ``overwrite``, which removes them all.
+    Refuses (`OutputExists`) an ``out_dir`` holding an earlier call's results unless ``overwrite``; they are
+    replaced once every seed run has succeeded (`fsseg.output_folder.replacing`), and put back if one fails.
     """
     from fsseg.cli.trainer import run_cli
 
     if any(a == "--data.seed" or a.startswith("--data.seed=") for a in test_argv):
         raise ValueError("evaluate-seeds sets --data.seed itself; remove it from the test arguments")
     out_dir = Path(out_dir)
-    try:
-        claim_outputs(seed_outputs(out_dir), overwrite)
-    except OutputExists:
-        raise OutputExists(
-            f"{out_dir} already holds seed runs of an earlier evaluate-seeds: pass --overwrite to replace all of them, "
-            f"or choose another --out"
-        ) from None
-    metrics, runs = [], []
-    for s in seeds:
-        cli = run_cli(["test", *test_argv, "--data.seed", str(s), *logger_args(out_dir, f"seed{s}")])
-        run = Path(cli.trainer.log_dir)
-        metrics.append(json.loads((run / "metrics.json").read_text()))
-        runs.append(run)
-    summary = summarize_seeds(metrics, runs)
-    atomic_write_text(out_dir / "seeds.json", json.dumps(summary, indent=2) + "\n")
+    entries = [*(f"seed{s}" for s in seeds), "seeds.json"]
+    with replacing(out_dir, OWNER, entries, overwrite):
+        metrics, runs = [], []
+        for s in seeds:
+            cli = run_cli(["test", *test_argv, "--data.seed", str(s)], run_dir=out_dir / f"seed{s}")
+            metrics.append(json.loads((cli.run_dir / "metrics.json").read_text()))
+            runs.append(cli.run_dir)
+        summary = summarize_seeds(metrics, runs)
+        atomic_write_text(out_dir / "seeds.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fsseg evaluate-seeds", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # fmt: skip
     p.add_argument("--seeds", type=int, default=10, help="evaluate seeds 0..N-1 (default 10)")
     p.add_argument("--out", type=Path, required=True, help="folder for the seed runs and seeds.json")
     p.add_argument(

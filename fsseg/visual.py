@@ -1,6 +1,6 @@
 """Pictures of few-shot results, composed with PIL: mask overlays and labelled grids of panels.
 
-Shared by ``fsseg predict-images`` (overlay PNGs), the TensorBoard panel callback and
+Shared by ``fsseg predict-images`` (overlay PNGs), the TensorBoard panel callback, ``fsseg report``'s gallery and
 ``tools/qualitative_figure.py``.
 """
 

@@ -5,6 +5,7 @@ checkpoint of another method, is refused by name; an unreadable checkpoint's err
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -179,19 +180,27 @@ class NotPlainData:
     pass
 
 
+class RunsACommand:  # pickled as a call of os.system: torch's weights-only unpickler blocks its module
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
 def test_unreadable_checkpoints_are_named_and_never_unpickled(tmp_path, small_embedded, capsys):
     cfg = write_config(tmp_path, small_embedded)
     good = Path(fit(cfg))
     (tmp_path / "garbage.ckpt").write_bytes(b"this is not a checkpoint\n" * 10)
     (tmp_path / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     torch.save({"state_dict": {}, "extra": NotPlainData()}, tmp_path / "objects.ckpt")
+    torch.save({"state_dict": {}, "extra": RunsACommand()}, tmp_path / "unsafe.ckpt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.ckpt")
     with zipfile.ZipFile(tmp_path / "badpickle.ckpt", "w") as z:  # an archive whose pickle is damaged
         z.writestr("archive/data.pkl", b"not a pickle")
         z.writestr("archive/version", b"3\n")
     expected = {"garbage.ckpt": "not a complete PyTorch checkpoint archive",
                 "truncated.ckpt": "not a complete PyTorch checkpoint archive", "badpickle.ckpt": "is corrupt",
-                "objects.ckpt": "NotPlainData), which fsseg never unpickles",
+                "objects.ckpt": "NotPlainData), not only tensors and plain values; fsseg loads checkpoints with "
+                                "weights_only=True and never unpickles objects",
+                "unsafe.ckpt": "holds a Python object (posix.system), not only tensors and plain values",
                 "plain.ckpt": "not a Lightning checkpoint"}  # fmt: skip
     for name, reason in expected.items():
         with pytest.raises(CheckpointError, match=re.escape(reason)):
@@ -199,9 +208,9 @@ def test_unreadable_checkpoints_are_named_and_never_unpickled(tmp_path, small_em
         code = run(["test", "--config", str(cfg), "--ckpt_path", str(tmp_path / name)])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and str(tmp_path / name) in err and reason in err, err
-        assert "weights_only" not in err  # never a suggestion to load unsafely
+        assert "weights_only=False" not in err and "trust" not in err  # never a suggestion to load unsafely
     Image.new("RGB", (32, 32)).save(tmp_path / "q.png")
     code = run(["predict-images", "--ckpt", str(tmp_path / "garbage.ckpt"), "--config", str(cfg), "--support",
                 "s.png", "--support-mask", "m.png", "--query", str(tmp_path / "q.png"), "--out", str(tmp_path / "p")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "garbage.ckpt cannot be read" in err and "weights_only" not in err
+    assert code == 2 and "garbage.ckpt cannot be read" in err and "weights_only=False" not in err

@@ -58,6 +58,18 @@ def test_incontext_is_an_overlay_on_the_paper_recipe():
     assert base["trainer"]["max_steps"] == sched(base)["total_iters"] == 10000
 
 
+@pytest.mark.parametrize(
+    "overlays",
+    [(), ("diffews_incontext.yaml",), ("diffews_released.yaml",)],
+    ids=["paper", "incontext", "released"],
+)
+def test_diffews_paper_configs_train_in_16_mixed_and_evaluate_in_fp32(overlays):
+    cfg = parse("diffews.yaml", *overlays)
+    assert (
+        cfg["trainer"]["precision"] == "16-mixed" and cfg["model"]["init_args"]["eval_precision"] == "32-true"
+    )
+
+
 def test_released_recipe():
     cfg = parse("diffews.yaml", "diffews_released.yaml")
     assert cfg["seed_everything"] == 42 and cfg["data"]["seed"] == 0  # published evaluation episodes

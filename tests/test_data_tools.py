@@ -197,9 +197,21 @@ def test_lvis_lists_bad_input_named(tmp_path):
 
 
 # ---- check ----------------------------------------------------------------------------------------------------------
-def touch_image(path: Path, png: bool = False) -> None:
+def touch_image(path: Path, png: bool = False, values: tuple[int, ...] = (), size: int = 8) -> None:
+    """An RGB image, or a mode-L mask (``png``) showing each of ``values`` (the classes its lists give it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("L" if png else "RGB", (4, 4)).save(path)
+    if not png:
+        Image.new("RGB", (size, size)).save(path)
+        return
+    label = np.zeros(size * size, np.uint8)
+    label[: len(values)] = values
+    Image.fromarray(label.reshape(size, size), mode="L").save(path)
+
+
+COCO_VALUES = {
+    i: tuple(c + 1 for c in range(80) if c % 3 == i) for i in range(3)
+}  # image i holds classes c % 3 == i
+VOC_VALUES = {i: tuple(c for c in range(1, 21) if c % 2 == i) for i in range(2)}
 
 
 def coco_image(c: int, folder: str) -> str:
@@ -231,14 +243,16 @@ def fake_root(tmp_path: Path) -> tuple[Path, Path]:
         for c in range(3):
             im = coco_image(c, folder)
             touch_image(root / "COCO2014" / im)
-            touch_image(root / "COCO2014" / "annotations" / Path(im).with_suffix(".png"), png=True)
-    for name in ("2007_000030", "2007_000031"):
+            touch_image(
+                root / "COCO2014" / "annotations" / Path(im).with_suffix(".png"), True, COCO_VALUES[c]
+            )
+    for i, name in enumerate(("2007_000030", "2007_000031")):
         touch_image(root / "VOC2012" / "JPEGImages" / f"{name}.jpg")
-        touch_image(root / "VOC2012" / "SegmentationClassAug" / f"{name}.png", png=True)
+        touch_image(root / "VOC2012" / "SegmentationClassAug" / f"{name}.png", True, VOC_VALUES[i])
     for cat in ("ab_wheel", "bus", "zucchini"):
         for n in range(1, 11):
             touch_image(root / "FSS-1000" / cat / f"{n}.jpg")
-            touch_image(root / "FSS-1000" / cat / f"{n}.png", png=True)
+            touch_image(root / "FSS-1000" / cat / f"{n}.png", True, (255,))
     return root, splits
 
 
@@ -267,7 +281,7 @@ def test_check_fake_root_complete_then_missing(tmp_path, capsys):
     assert "COCO-20i: INCOMPLETE (1 missing)" in out and "PASCAL-5i: INCOMPLETE (1 missing)" in out
     for p in gone:
         assert f"missing: {p}" in out
-    assert "incomplete or unreadable: COCO-20i, PASCAL-5i, FSS-1000" in out
+    assert "incomplete, unreadable or with bad masks: COCO-20i, PASCAL-5i, FSS-1000" in out
 
 
 def test_check_reads_lists_through_the_benchmark_classes(tmp_path, capsys):
@@ -301,17 +315,17 @@ def test_check_verify_names_truncated_and_mis_sized_files(tmp_path, capsys):
     rng = np.random.default_rng(0)
     jpg = root / "VOC2012" / "JPEGImages" / "2007_000030.jpg"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=95)
-    Image.new("L", (64, 64)).save(root / "VOC2012" / "SegmentationClassAug" / "2007_000030.png")
+    touch_image(root / "VOC2012" / "SegmentationClassAug" / "2007_000030.png", True, VOC_VALUES[0], size=64)
     png = root / "COCO2014" / "annotations" / "val2014" / "COCO_val2014_000000000002.png"
-    Image.fromarray(rng.integers(0, 3, (64, 64), dtype=np.uint8), mode="L").save(png)
-    touch_image(root / "COCO2014" / "val2014" / "COCO_val2014_000000000002.jpg")  # 4x4 image, 64x64 mask
+    touch_image(png, True, COCO_VALUES[2], size=64)
+    touch_image(root / "COCO2014" / "val2014" / "COCO_val2014_000000000002.jpg")  # 8x8 image, 64x64 mask
     args = ["check", "--root", str(root), "--splits-dir", str(splits), *CHECK_THREE]
     assert main(args) == 0  # every file is there: without --verify nothing is opened
     out = capsys.readouterr().out
-    assert main([*args, "--verify"]) == 1  # the 64x64 mask of a 4x4 image
+    assert main([*args, "--verify"]) == 1  # the 64x64 mask of an 8x8 image
     out = capsys.readouterr().out
     assert f"unreadable: mask file {png} differs in size" in out and "PASCAL-5i: OK" in out
-    Image.fromarray(rng.integers(0, 3, (4, 4), dtype=np.uint8), mode="L").save(png)
+    touch_image(png, True, COCO_VALUES[2])
     assert main([*args, "--verify"]) == 0
     assert "opened" in capsys.readouterr().out
     truncate(jpg)  # a JPEG cut in half: its header still parses, the decode fails

@@ -14,6 +14,7 @@ import torch
 
 from fsseg.cli import main as fsseg_main
 from fsseg.cli.trainer import run_cli
+from fsseg.data.base import image_to_tensor, load_rgb
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews import latent_cache as lc
@@ -124,6 +125,12 @@ def test_cache_refuses_other_inputs(built, sd_dir, small_embedded, tmp_path):
         m.use_latent_cache(folder, datamodule(small_embedded, fold=1).train_datasets())
     with pytest.raises(lc.LatentCacheMismatch, match="img_size"):
         m.use_latent_cache(folder, datamodule(small_embedded, img_size=32).train_datasets())
+    pil = datamodule(small_embedded, image_resize="pil").train_datasets()  # the released DiffewS input resize
+    with pytest.raises(lc.LatentCacheMismatch, match="image_resize: cache 'torch', this run 'pil'"):
+        m.use_latent_cache(folder, pil)
+    (ds48,) = datamodule(small_embedded, img_size=48, image_resize="pil").train_datasets()
+    key = ds48.keys()[0]
+    assert torch.equal(lc.load_image(ds48, key), image_to_tensor(load_rgb(ds48.image_path(key)), 48, "pil"))
     ds = dm.datasets["trn"]
     image = ds.image_path(ds.keys()[0])
     st = image.stat()

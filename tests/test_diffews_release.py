@@ -100,6 +100,35 @@ def test_the_papers_postprocessing_is_an_option(sd_dir):
         DiffewsModule(pretrained=sd_dir, threshold_reference="max")
 
 
+# ---- memory layout ---------------------------------------------------------------------------------------------------
+def test_channels_last_computes_the_released_encoding_and_prediction_in_float64(sd_dir):
+    """``channels_last: true`` (the default) keeps the UNet and VAE weights channels-last; the released code keeps
+    them contiguous. The same function: in float64 the latents equal the released encoding (the VAE as
+    ``from_pretrained`` loads it, ``latent_dist.mean * scaling_factor``) to float64 rounding, and the prediction is
+    the contiguous layout's. In float32 the convolutions run other kernels that round differently, by a CPU-dependent
+    amount (tiny VAE at 512 px on an AVX2 CPU: latents 5e-5 apart, contiguous within 1e-5 of the float64 result,
+    channels-last 5e-5; `benchmarks/channels_last_parity.py`), so float32 is not compared here."""
+    from diffusers import AutoencoderKL
+
+    batch = random_episodes(b=2, k=2, size=32, seed=3)
+    m = DiffewsModule(pretrained=sd_dir).double().eval()
+    assert m.hparams.channels_last
+    assert m.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert m.unet.conv_in_ref.weight.is_contiguous(memory_format=torch.channels_last)
+    released_vae = AutoencoderKL.from_pretrained(f"{sd_dir}/vae").double().eval()
+    assert released_vae.encoder.conv_in.weight.is_contiguous()
+    x = batch["query_img"].double()
+    with torch.no_grad():
+        ours = m.encode(x, sample=False)
+        released = released_vae.encode(x * 2 - 1).latent_dist.mean * released_vae.config.scaling_factor
+        torch.testing.assert_close(ours, released, rtol=0, atol=1e-10)
+        contiguous = DiffewsModule(pretrained=sd_dir, channels_last=False).double().eval()
+        assert contiguous.unet.conv_in_ref.weight.is_contiguous()
+        contiguous.load_state_dict(m.state_dict())
+        assert torch.equal(m.predict_image(batch), contiguous.predict_image(batch))
+        assert torch.equal(m.predict_masks(batch, (40, 36)), contiguous.predict_masks(batch, (40, 36)))
+
+
 # ---- attention-mask injection --------------------------------------------------------------------------------------
 def released_layer_bias(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """[K, h, w] {0, 1} -> additive bias [K * gh * gw]: 0 where the nearest-resized mask is 1, else -10000."""

@@ -64,15 +64,17 @@ def cli_args(images: dict, shots: int = 1) -> list[str]:
     return args + ["--query", str(images["queries"]), "--out", str(images["out"])]
 
 
-def direct_predictions(model, images: dict, shots: int, img_size: int) -> dict[str, np.ndarray]:
+def direct_predictions(
+    model, images: dict, shots: int, img_size: int, resize: str = "torch"
+) -> dict[str, np.ndarray]:
     """The method's own `predict_masks` on an episode batch built by hand, per query."""
-    pairs = [load_support(i, m, img_size) for i, m in images["supports"][:shots]]
+    pairs = [load_support(i, m, img_size, image_resize=resize) for i, m in images["supports"][:shots]]
     s_imgs, s_masks = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     out = {}
     for name in QUERY_SIZES:
         img = load_rgb(images["queries"] / name)
         batch = {
-            "query_img": image_to_tensor(img, img_size)[None],
+            "query_img": image_to_tensor(img, img_size, resize)[None],
             "support_imgs": s_imgs[None],
             "support_masks": s_masks[None],
         }
@@ -395,9 +397,131 @@ def test_cli_errors_are_one_line_naming_the_file(baseline_ckpt, images, capsys):
         },
     )
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--config", str(config), *cli_args(images)])
+        fsseg_main(["predict-images", "--config", str(config), "--no_ckpt", *cli_args(images)])
     err = capsys.readouterr().err
     assert done.value.code == 2 and "no_sd_here" in err and "Stable Diffusion" in err
+
+
+# ---- weights, config names, sizes, masks with transparency, broken queries --------------------------------------
+def test_config_without_checkpoint_needs_no_ckpt(baseline_ckpt, images, capsys):
+    config = baseline_ckpt.parent.parent / "config.yaml"
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--config", str(config), *cli_args(images)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "no checkpoint given" in err and "--no_ckpt" in err
+    assert not images["out"].exists()
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), "--no_ckpt", *cli_args(images)])
+    assert done.value.code == 2 and "--no_ckpt contradicts --ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--config", str(config), "--no_ckpt", *cli_args(images)])
+    assert done.value.code == 0 and "no checkpoint (--no_ckpt" in capsys.readouterr().out
+    torch.manual_seed(
+        0
+    )  # the model as the config builds it: its initialisation, seeded as predict-images seeds it
+    assert len(list(images["out"].glob("*_mask.png"))) == 3
+
+
+def test_config_names_resolve_as_for_every_command(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the repository: `demo_diffews` is a name, not a file here
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--config", "demo_diffews", "--no_ckpt", *cli_args(images)])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "input 128 px (torch resize)" in out
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(
+            ["predict-images", "--config", "demo_difews", "--no_ckpt", *cli_args(images), "--overwrite"]
+        )
+    assert done.value.code == 2 and "did you mean: demo_diffews" in capsys.readouterr().err
+
+
+def test_sizes_the_model_cannot_take_are_refused_by_name(images, capsys):
+    for size, expected in (("7", "--img-size 7: DiffewsModule needs a multiple of 8, at least 16"),
+                           ("0", "--img-size must be a positive integer, got 0")):  # fmt: skip
+        with pytest.raises(SystemExit) as done:
+            fsseg_main(["predict-images", "--config", "demo_diffews", "--no_ckpt", "--img-size", size,
+                        *cli_args(images)])  # fmt: skip
+        (line,) = [
+            x for x in capsys.readouterr().err.splitlines() if x.startswith("fsseg")
+        ]  # (diffusers warns)
+        assert done.value.code == 2 and line.startswith(f"fsseg predict-images: error: {expected}")
+        assert not images["out"].exists()
+
+
+def test_the_runs_image_resize_is_used(baseline_ckpt, images):
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(
+            ["predict-images", "--ckpt", str(baseline_ckpt), "--image-resize", "pil", *cli_args(images)]
+        )
+    assert done.value.code == 0
+    model, _ = load_model(ckpt=baseline_ckpt)
+    check_outputs(images, direct_predictions(model, images, 1, 48, "pil"))
+
+
+def _rgba(path: Path, alpha: np.ndarray, colour_opaque, colour_clear) -> Path:
+    """An RGBA mask: ``colour_opaque`` where ``alpha`` is set, ``colour_clear`` elsewhere."""
+    rgba = np.zeros(alpha.shape + (4,), np.uint8)
+    rgba[...] = (*colour_clear, 0)
+    rgba[alpha > 0] = (*colour_opaque, 255)
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def test_masks_with_transparency_are_read_from_alpha_or_refused_as_ambiguous(tmp_path):
+    obj = np.zeros((32, 32), np.uint8)
+    obj[4:20, 6:12] = 1
+    # the object opaque in one colour, the rest transparent: read from the alpha, whatever the colours
+    for name, opaque, clear in (("black_on_clear_white", (0, 0, 0), (255, 255, 255)),  # luminance would invert it
+                                ("white_on_clear_white", (255, 255, 255), (255, 255, 255)),  # luminance: all object
+                                ("black_on_clear_black", (0, 0, 0), (0, 0, 0)),  # luminance: empty
+                                ("red_on_clear_black", (255, 0, 0), (0, 0, 0))):  # fmt: skip
+        np.testing.assert_array_equal(
+            read_support_mask(_rgba(tmp_path / f"{name}.png", obj, opaque, clear)), obj
+        )
+    # colours that vary where it is opaque, and mark other pixels than the alpha: refused, naming the file
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = obj * 255
+    rgba[:16, :, :3] = 255  # the top half white, across object and background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ambiguous.png")
+    with pytest.raises(
+        ValueError,
+        match=r"support mask .*ambiguous\.png is ambiguous: its alpha channel and its colours mark different",
+    ):
+        read_support_mask(tmp_path / "ambiguous.png")
+    # colours that mark the same pixels as the alpha (a label map with transparency): its values, as without alpha
+    rgba[..., :3] = 0
+    rgba[4:20, 6:9, :3], rgba[4:20, 9:12, :3] = 100, 200  # two objects, opaque, on transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "labels.png")
+    with pytest.raises(ValueError, match=r"labels\.png is not binary.*100, 200"):
+        read_support_mask(tmp_path / "labels.png")
+    second = np.zeros_like(obj)
+    second[4:20, 9:12] = 1
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "labels.png", mask_value=200), second)
+    # fully opaque RGBA and grey+alpha: the colours, as before
+    opaque = np.zeros((32, 32, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[obj > 0, :3] = 255
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "opaque.png"), obj)
+    la = np.stack([np.full((32, 32), 90, np.uint8), obj * 255], -1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_support_mask(tmp_path / "la.png"), obj)
+
+
+def test_a_truncated_query_fails_before_any_output(baseline_ckpt, images, capsys):
+    good = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(good).save(images["queries"] / "z.jpg", quality=95)
+    data = (images["queries"] / "z.jpg").read_bytes()
+    (images["queries"] / "z.jpg").write_bytes(data[: len(data) // 2])  # its header parses, its pixels do not
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "z.jpg is unreadable" in err and "truncated" in err
+    assert not images["out"].exists()  # a.png, b.jpg, c.png (sorted before z.jpg) not written either
+    (images["queries"] / "z.jpg").unlink()
+    with pytest.raises(SystemExit) as done:  # the rerun needs no --overwrite
+        fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images)])
+    assert done.value.code == 0
 
 
 # ---- --precision bf16 ---------------------------------------------------------------------------------------------
@@ -442,12 +566,32 @@ def test_precision_flag(kandinsky_dir, images, tmp_path, capsys):
         },
     )
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--config", str(config), "--precision", "bf16", *cli_args(images, 1)])
+        fsseg_main(
+            [
+                "predict-images",
+                "--config",
+                str(config),
+                "--no_ckpt",
+                "--precision",
+                "bf16",
+                *cli_args(images, 1),
+            ]
+        )
     assert done.value.code == 0
     assert "precision bf16" in capsys.readouterr().out and len(_masks(images["out"])) == 3
     with pytest.raises(SystemExit) as done:
-        fsseg_main(["predict-images", "--config", str(config), "--precision", "fp16", *cli_args(images, 1)])
-    assert done.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+        fsseg_main(
+            [
+                "predict-images",
+                "--config",
+                str(config),
+                "--no_ckpt",
+                "--precision",
+                "fp8",
+                *cli_args(images, 1),
+            ]
+        )
+    assert done.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -457,3 +601,27 @@ def test_diffews_bf16_on_gpu(images, tmp_path):
     queries = sorted(images["queries"].glob("*.*g"))
     predict_images(model, images["supports"], queries, tmp_path, 128, device="cuda", precision="bf16")
     assert dtypes == {torch.bfloat16} and len(_masks(tmp_path)) == 3
+
+
+# ---- the model's evaluation precision -----------------------------------------------------------------------------
+def test_precision_follows_the_models_eval_precision_and_a_conflict_is_refused(baseline_ckpt, images, capsys):
+    from fsseg.predict import resolve_precision
+
+    assert resolve_precision(None, None) == "fp32"
+    assert resolve_precision(None, "bf16-mixed") == "bf16" and resolve_precision("bf16", None) == "bf16"
+    assert resolve_precision("fp32", "32-true") == "fp32"
+    with pytest.raises(
+        ValueError, match="--precision bf16 conflicts with the model's eval_precision 32-true"
+    ):
+        resolve_precision("bf16", "32-true")
+    cfg = yaml.safe_load((baseline_ckpt.parent.parent / "config.yaml").read_text())
+    cfg["model"]["init_args"]["eval_precision"] = "32-true"
+    config = _write(images["out"].parent / "fp32_eval.yaml", cfg)
+    args = ["predict-images", "--config", str(config), "--ckpt", str(baseline_ckpt), *cli_args(images)]
+    with pytest.raises(SystemExit) as done:
+        fsseg_main([*args, "--precision", "bf16"])
+    assert done.value.code == 2 and "eval_precision 32-true" in capsys.readouterr().err
+    assert not images["out"].exists()  # refused before anything was written
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(args)
+    assert done.value.code == 0 and "precision fp32" in capsys.readouterr().out

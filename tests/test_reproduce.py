@@ -99,7 +99,11 @@ def test_a_second_reproduction_into_the_same_folder_is_refused_unless_overwrite(
     (out / "runs/mini/stray.txt").write_text("from the first run")
     assert reproduce_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{out} already holds results of mini" in err and "--overwrite" in err
+    assert (
+        err.count("\n") == 1
+        and f"{out} already holds results of an earlier fsseg reproduce mini" in err
+        and "--overwrite" in err
+    )
     assert first.stat().st_mtime_ns == stamp  # nothing ran
     assert reproduce_main([*argv, "--overwrite"]) == 0
     assert first.is_file() and not (out / "runs/mini/stray.txt").exists()  # replaced as a whole

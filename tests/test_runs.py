@@ -22,7 +22,6 @@ from fsseg.demo import resolve_test_precision
 from fsseg.files import atomic_write_text
 from fsseg.models.baseline import PrototypeModule
 from fsseg.report import read_test_run
-from fsseg.seeds import logger_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,7 +208,8 @@ def test_evaluate_seeds_refuses_a_used_out_folder(trained, tmp_path, capsys):
     assert run([*base, "--seeds", "2"]) == 0
     assert f"-> {out / 'seeds.json'}" in capsys.readouterr().out
     assert run([*base, "--seeds", "1"]) == 2
-    assert "already holds seed runs" in capsys.readouterr().err and (out / "seed1").is_dir()
+    assert "already holds results of an earlier fsseg evaluate-seeds" in capsys.readouterr().err
+    assert (out / "seed1").is_dir()
     assert run([*base, "--seeds", "1", "--overwrite"]) == 0
     assert json.loads((out / "seeds.json").read_text())["seeds"] == [0] and not (out / "seed1").exists()
 
@@ -218,7 +218,7 @@ def test_metrics_record_the_checkpoint_as_an_absolute_path(trained, tmp_path, mo
     """A test run given a relative --ckpt_path records it absolute: its readers (tools/) work from any folder."""
     cfg, ckpt = trained
     monkeypatch.chdir(Path(ckpt).parent)
-    run_cli(["test", "--config", str(cfg), "--ckpt_path", Path(ckpt).name, *logger_args(tmp_path, "rel")])
+    run_cli(["test", "--config", str(cfg), "--ckpt_path", Path(ckpt).name], run_dir=tmp_path / "rel")
     assert json.loads((tmp_path / "rel/metrics.json").read_text())["ckpt_path"] == str(ckpt)
     monkeypatch.chdir(tmp_path.parent)
     assert read_test_run(tmp_path / "rel", None)[3] == Path(ckpt)
@@ -237,6 +237,8 @@ def test_demo_tests_each_method_with_own_and_other_class_supports(
     assert run(["demo", str(cfg), "--out", str(out), "--test-episodes", "10"]) == 0
     printed = capsys.readouterr().out
     assert "other-class" in printed and f"summary -> {out / 'summary.json'}" in printed
+    assert f"report -> {out / 'report/index.html'}" in printed  # the table as a page, with the control's page
+    assert (out / "report/tiny_demo_support/index.html").is_file()
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["rows"]
     assert row["model"] == "PrototypeModule" and row["setting"]["episodes"] == 10
@@ -257,7 +259,7 @@ def test_demo_tests_each_method_with_own_and_other_class_supports(
         assert refs[name.replace("_", " ")]["miou"] == metrics["miou"]
     assert refs["all foreground"]["miou"] != refs["paste support mask"]["miou"]
     assert run(["demo", str(cfg), "--out", str(out), "--test-episodes", "10"]) == 2  # no silent overwrite
-    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert "already holds results of an earlier fsseg demo" in capsys.readouterr().err
 
 
 def test_demo_test_precision_follows_the_flag_then_the_config_then_the_device(tmp_path, monkeypatch):
@@ -273,6 +275,14 @@ def test_demo_test_precision_follows_the_flag_then_the_config_then_the_device(tm
     cfg.write_text("trainer: {accelerator: cpu, precision: 32-true}\n")  # a config's own setting is kept
     assert resolve_test_precision(cfg, "auto") == ("32-true", "trainer.precision in c.yaml")
     assert resolve_test_precision(cfg, "bf16-mixed")[0] == "bf16-mixed"  # the command line wins
+    cfg.write_text("trainer: {precision: bf16}\n")  # Lightning's older spelling
+    assert resolve_test_precision(cfg, "auto")[0] == "bf16-mixed"
+    # a model's evaluation precision (the DiffewS paper configs' fp32, training in 16-mixed) comes first
+    cfg.write_text("trainer: {precision: 16-mixed}\nmodel: {init_args: {eval_precision: 32-true}}\n")
+    assert resolve_test_precision(cfg, "auto") == ("32-true", "model.init_args.eval_precision in c.yaml")
+    cfg.write_text("trainer: {precision: 64-true}\n")
+    with pytest.raises(ValueError, match="trainer.precision 64-true"):
+        resolve_test_precision(cfg, "auto")
     with pytest.raises(SystemExit):
         run(["demo", str(cfg), "--test-precision", "fp16"])
 

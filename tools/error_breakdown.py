@@ -18,77 +18,22 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from fsseg.breakdown import breakdown, embedded_name, shared
+from fsseg.breakdown import summarise as summarise_rows
 from fsseg.data.base import load_label, resize_mask
 from fsseg.data.datamodule import FewShotDataModule
-from fsseg.data.embedded import EMBEDDED_CLASS_NAMES
-from fsseg.files import atomic_write_text, claim_outputs
+from fsseg.episodes import check_item
+from fsseg.files import atomic_write_text, check_output_file
 from fsseg.predict import load_model
 from fsseg.report import read_test_run
 
-ATTRIBUTES = ("colour", "texture", "shape")
-
-
-def shared(a: int, b: int) -> str:
-    """What classes ``a`` and ``b`` (1-based labels) share: ``colour``, ``texture+shape``, ... or ``nothing``."""
-    pa, pb = EMBEDDED_CLASS_NAMES[a - 1].split("-"), EMBEDDED_CLASS_NAMES[b - 1].split("-")
-    return "+".join(n for n, x, y in zip(ATTRIBUTES, pa, pb) if x == y) or "nothing"
-
-
-def breakdown(pred: np.ndarray, label: np.ndarray, target: int) -> dict:
-    """Pixel counts of one episode: prediction ``pred`` (bool) against the label map (0 background, 1..20, 255)."""
-    valid = label != 255
-    p = pred & valid
-    objects = [int(k) for k in np.unique(label) if k not in (0, 255, target)]
-    return {
-        "target": target,
-        "predicted": int(p.sum()),
-        "on_target": int((p & (label == target)).sum()),
-        "target_area": int((label == target).sum()),
-        "on_background": int((p & (label == 0)).sum()),
-        "on_objects": {k: int((p & (label == k)).sum()) for k in objects},
-        "object_areas": {k: int((label == k).sum()) for k in objects},
-    }
-
 
 def summarise(rows: list[dict]) -> dict:
-    predicted = sum(r["predicted"] for r in rows)
-    on_target = sum(r["on_target"] for r in rows)
-    on_objects = sum(sum(r["on_objects"].values()) for r in rows)
-    coverage: dict[str, list[float]] = {}
-    per_class: dict[str, list[int]] = {}
-    for r in rows:
-        for k, n in r["on_objects"].items():
-            coverage.setdefault(shared(r["target"], k), []).append(n / max(1, r["object_areas"][k]))
-        c = per_class.setdefault(EMBEDDED_CLASS_NAMES[r["target"] - 1], [0, 0])
-        c[0] += r["on_target"]
-        c[1] += r["predicted"] + r["target_area"] - r["on_target"]
-    recall = [r["on_target"] / r["target_area"] for r in rows if r["target_area"]]
-    return {
-        "episodes": len(rows),
-        "pixels": {
-            "predicted": predicted,
-            "on_target": on_target,
-            "target": sum(r["target_area"] for r in rows),
-        },
-        "precision": on_target / max(1, predicted),
-        "recall": on_target / max(1, sum(r["target_area"] for r in rows)),
-        "share_of_prediction": {
-            "target": on_target / max(1, predicted),
-            "other_objects": on_objects / max(1, predicted),
-            "background": sum(r["on_background"] for r in rows) / max(1, predicted),
-        },
-        "other_object_coverage_by_shared_attribute": {
-            k: {"mean_covered": float(np.mean(v)), "objects": len(v)} for k, v in sorted(coverage.items())
-        },
-        "episode_recall_quartiles": [float(q) for q in np.quantile(recall, [0.25, 0.5, 0.75])]
-        if recall
-        else [],
-        "iou_per_class": {k: 100.0 * i / max(1, u) for k, (i, u) in sorted(per_class.items())},
-    }
+    """The summary of `breakdown` rows of the embedded benchmark: classes by name, other objects by shared attribute."""
+    return summarise_rows(rows, embedded_name, shared)
 
 
 @torch.no_grad()
@@ -105,10 +50,7 @@ def run(run_dir: Path, n: int, ckpt: str | None = None, device: str = "cpu") -> 
     rows = []
     for r in records[:n]:
         item = dataset[r["episode"]]
-        if item["query_name"] != r["query"]:
-            raise ValueError(
-                f"episode {r['episode']}: rebuilt query {item['query_name']!r}, recorded {r['query']!r}"
-            )
+        check_item(item, r, config_path)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in default_collate([item]).items()}
         hw = tuple(item["query_mask_eval"].shape)
         pred = model.predict_masks(batch, hw)[0].cpu().numpy() > 0
@@ -120,7 +62,9 @@ def run(run_dir: Path, n: int, ckpt: str | None = None, device: str = "cpu") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/error_breakdown.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="tools/error_breakdown.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("run_dir", type=Path, help="log folder of an `fsseg test` run on the embedded benchmark")
     p.add_argument("--n", type=int, default=200, help="episodes (the run's first N)")
     p.add_argument("--ckpt", help="checkpoint (default: the one metrics.json records)")
@@ -131,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error("--n must be >= 1")
     try:
-        if args.out and not args.overwrite:
-            claim_outputs([args.out], overwrite=False)  # refused before the predictions, not after
+        if args.out:
+            check_output_file(args.out, args.overwrite)  # refused before the predictions, not after
         res = run(args.run_dir, args.n, args.ckpt, args.device)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as e:
         print(f"error_breakdown: error: {e}", file=sys.stderr)
         return 2
     s = res["share_of_prediction"]

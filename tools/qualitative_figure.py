@@ -22,30 +22,11 @@ from torch.utils.data import default_collate
 
 from fsseg.callbacks import foreground_iou
 from fsseg.data.datamodule import FewShotDataModule
-from fsseg.files import claim_outputs
+from fsseg.episodes import PICKS, check_item, pick_episodes, record_iou
+from fsseg.files import check_output_file
 from fsseg.predict import load_model, save_png
 from fsseg.report import read_test_run
 from fsseg.visual import column_titles, episode_row, grid
-
-PICKS = ("spread", "best", "worst", "first")
-
-
-def record_iou(r: dict) -> float:
-    """Foreground IoU (percent) of one episodes.jsonl record; nan when prediction and truth are both empty."""
-    return 100.0 * r["inter"][1] / r["union"][1] if r["union"][1] else float("nan")
-
-
-def pick_episodes(records: list[dict], n: int, how: str) -> list[dict]:
-    if how == "first":
-        return records[:n]
-    scored = sorted((r for r in records if not math.isnan(record_iou(r))), key=record_iou)
-    if how == "best":
-        return scored[::-1][:n]
-    if how == "worst":
-        return scored[:n]
-    if n >= len(scored):
-        return scored
-    return [scored[round(i * (len(scored) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
 @torch.no_grad()
@@ -65,11 +46,7 @@ def qualitative_figure(
     rows, labels = [], []
     for r in pick_episodes(records, n, pick):
         item = dataset[r["episode"]]
-        if item["query_name"] != r["query"] or list(item["support_names"]) != r["supports"]:
-            raise ValueError(
-                f"episode {r['episode']}: the dataset rebuilt from {config_path} gives query {item['query_name']!r} with supports "
-                f"{item['support_names']}, episodes.jsonl has {r['query']!r} with {r['supports']} (data root or split lists changed?)"
-            )
+        check_item(item, r, config_path)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in default_collate([item]).items()}
         gt = item["query_mask_eval"]
         pred = model.predict_masks(batch, tuple(gt.shape))[0].cpu()  # [h, w]
@@ -89,7 +66,9 @@ def qualitative_figure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/qualitative_figure.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="tools/qualitative_figure.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("run_dir", type=Path, help="log folder of an `fsseg test` run")
     p.add_argument("--n", type=int, default=6, help="episodes (rows)")
     p.add_argument("--pick", choices=PICKS, default="spread")
@@ -102,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.cell < 8:
         p.error("--n must be >= 1 and --cell >= 8")
     try:
-        if not args.overwrite:
-            claim_outputs([args.out], overwrite=False)  # refused before the predictions, not after
+        check_output_file(args.out, args.overwrite)  # refused before the predictions, not after
         fig = qualitative_figure(args.run_dir, args.n, args.pick, args.ckpt, args.cell, args.device)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as e:
         print(f"qualitative_figure: error: {e}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

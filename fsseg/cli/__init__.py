@@ -2,16 +2,21 @@
 
 Only the standard library is imported here, so ``fsseg --help`` answers at once; a subcommand's module (and torch,
 Lightning, diffusers with it) is imported when that subcommand runs. The subcommand modules never import this one.
-An error ends the command with one line on stderr (exit status 2 for bad input, 1 for a run that did nothing or
-failed); ``--traceback`` or ``FSSEG_TRACEBACK=1`` shows the full traceback instead.
+An error ends the command with one line on stderr; ``--traceback`` or ``FSSEG_TRACEBACK=1`` shows the full
+traceback instead. Exit statuses, the same for every command (`fsseg.interrupts`): 0 done, 1 a run that failed or
+did nothing, 2 refused (bad input, an existing result, a folder another process writes), 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import os
 import sys
+
+from fsseg.cli.noise import quiet_third_party
+from fsseg.interrupts import Interrupted, sigterm_raises
 
 # name -> (module with main(argv), one line of help). fit/validate/test receive their own name as argv[0].
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict-images": ("fsseg.predict", "segment your own images from one (or K) annotated example(s)"),
     "evaluate-seeds": ("fsseg.seeds", "one test per protocol seed (data.seed 0..N-1), then mean and std"),
     "compare": ("fsseg.compare", "two test runs on identical episodes: paired mIoU difference and interval"),
+    "report": ("fsseg.htmlreport", "an HTML report of one test run or of two (pictures, paired numbers)"),
     "demo": ("fsseg.demo", "train and test every method on the embedded benchmark (CPU, minutes)"),
     "data": (
         "fsseg.data.tools",
@@ -69,10 +75,25 @@ def usage() -> str:
         "",
         "configs: --config takes a file or a shipped config's name (diffews, ablations/diffews/fusion_qkv),",
         f"  looked up in {', '.join(map(str, config_dirs())) or '$FSSEG_CONFIGS (no repository configs/ found)'}",
-        "results: every command prints where it wrote; an existing result is replaced only with --overwrite.",
+        "results: every command prints where it wrote; an existing result is replaced only with --overwrite, and",
+        "  only once the new one is complete; one command at a time writes a folder (a lock file names it).",
         "errors: one line; --traceback (or FSSEG_TRACEBACK=1) shows the full traceback.",
+        "exit status: 0 done; 1 a run that failed or did nothing; 2 refused (bad input, an existing result, a",
+        "  folder another process writes); 130 interrupted (SIGINT, Ctrl-C); 143 stopped by SIGTERM (fit saves a",
+        "  resumable checkpoints/last.ckpt first).",
     ]
     return "\n".join(lines)
+
+
+def _os_error_text(err: OSError) -> str:
+    """``[Errno 17] File exists: 'x'`` as ``x: File exists (a file is where a folder is needed)``."""
+    text = f"{err.filename}: {err.strerror}"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        text += " (a file is where a folder is needed)"
+    cache = os.environ.get("FSSEG_CACHE")
+    if cache and os.path.abspath(str(err.filename)).startswith(os.path.abspath(cache)):
+        text += f"; FSSEG_CACHE is {cache}"
+    return text
 
 
 def _error(command: str, err: BaseException) -> int:
@@ -80,6 +101,8 @@ def _error(command: str, err: BaseException) -> int:
     code = getattr(err, "exit_code", None)
     expected = code is not None or isinstance(err, USER_ERRORS)
     text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename and err.strerror and text.startswith("[Errno"):
+        text = _os_error_text(err)  # the bare message of a failed mkdir/open: name the path first
     if not expected:  # not an error fsseg raises on purpose: name it and say how to see where it came from
         text = f"{type(err).__name__}: {text} (--traceback shows where)"
     print(f"fsseg {command}: error: {text}", file=sys.stderr)
@@ -104,16 +127,27 @@ def run(argv: list[str]) -> int:
         print(f"fsseg: unknown command {command!r}{hint} (fsseg --help lists them)", file=sys.stderr)
         return 2
     module, _ = COMMANDS[command]
-    try:
-        main = importlib.import_module(module).main
-        return int(main([command, *rest] if command in PASS_NAME else rest) or 0)
-    except KeyboardInterrupt:
-        print(f"fsseg {command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if traceback:
+    quiet_third_party()
+    with sigterm_raises() as sigterms:
+        try:
+            main = importlib.import_module(module).main
+            return int(main([command, *rest] if command in PASS_NAME else rest) or 0)
+        except KeyboardInterrupt:
+            print(f"fsseg {command}: interrupted (SIGINT)", file=sys.stderr)
+            return 130
+        except Interrupted as err:
+            print(f"fsseg {command}: {err}", file=sys.stderr)
+            return err.exit_code
+        except SystemExit:
+            # e.g. Lightning's SIGTERMException (exit code None) out of a Trainer that fsseg does not wrap
+            if sigterms:
+                print(f"fsseg {command}: stopped by SIGTERM", file=sys.stderr)
+                return 143
             raise
-        return _error(command, err)
+        except Exception as err:
+            if traceback:
+                raise
+            return _error(command, err)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import warnings
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
+from fsseg.cli.noise import quiet_third_party
 from fsseg.cli.trainer import RunRefused, _HelpFormatter, condense_parse_error, expand_shorthands
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.models.base import FewShotModule
@@ -22,8 +23,9 @@ HELP = """Encode every training image and mask image of a DiffewS run once, into
 
   fsseg cache-latents --config diffews --fold 0 --model.init_args.latent_cache cache/coco_fold0_512
 
-Writes the folder (moments.npy, index.json, fingerprint.json); an existing folder built from the same VAE, image
-size, split lists and data files is only checked, one built from other inputs is refused with what differs."""
+Writes the folder (moments.npy, index.json, fingerprint.json) under a temporary name, renamed when complete; an
+existing folder built from the same VAE, image size, split lists and data files is only checked, one built from
+other inputs is refused with what differs. The temporary folder of a build that was killed is removed by the next."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--overwrite" in argv:
         raise RunRefused("cache-latents never replaces a cache: delete the folder to rebuild it")
     args, _ = expand_shorthands(argv)
+    quiet_third_party()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         cli = LightningCLI(
@@ -43,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             args=args,
             run=False,
             trainer_defaults={"logger": False},
-            parser_kwargs={"exit_on_error": False, "formatter_class": _HelpFormatter, "description": HELP},
+            parser_kwargs={
+                "exit_on_error": False,
+                "allow_abbrev": False,
+                "formatter_class": _HelpFormatter,
+                "description": HELP,
+            },  # fmt: skip
             auto_configure_optimizers=False,
             save_config_callback=None,
         )

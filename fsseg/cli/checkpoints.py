@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 # keys of a model's saved hyper-parameters that are not init arguments, or do not matter when evaluating
 _INTERNAL = ("_class_path", "_instantiator")
@@ -27,13 +28,18 @@ class CheckpointError(ValueError):
 def _load_error(err: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in words that never suggest loading unsafely."""
     text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if (
+        "Weights only load failed" in text and found
+    ):  # an unsupported or blocked global: an object, not corruption
+        return (
+            f"it holds a Python object ({found.group(1)}), not only tensors and plain values; fsseg loads "
+            f"checkpoints with weights_only=True and never unpickles objects"
+        )
     if "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
-        found = re.search(r"GLOBAL (\S+)", detail)
-        if "Unsupported global" in detail:
-            what = f" ({found.group(1)})" if found else ""
-            return f"it holds a Python object{what}, which fsseg never unpickles (expected tensors and plain values)"
-        detail = detail.split(".")[0].strip()
+        detail = (
+            text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip().split(".")[0].strip()
+        )
     else:
         detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     if "weights_only" in detail:
@@ -129,3 +135,80 @@ def compare_state_dict(ckpt: dict, path: str | Path, model: torch.nn.Module, ski
         + ", ".join(parts)
         + "; was it trained with other model settings?"
     )
+
+
+def trained_class_overlap(trained: dict, dm, split: str) -> tuple[str, int, list[int], list[int]] | None:
+    """(benchmark, training fold, the evaluated classes, those among the checkpoint's training classes) for a data
+    module ``dm`` set up for ``split`` (``val`` | ``test``) and a checkpoint's ``datamodule_hyper_parameters``
+    ``trained``; None when the checkpoint was trained on another benchmark (class indices of two benchmarks are not
+    comparable). Training fold -1: every class (the in-context mix ``train_benchmarks``)."""
+    from fsseg.data.registry import benchmark_class
+
+    hp = dm.hparams
+    mix = trained.get("train_benchmarks") or []
+    if hp.benchmark not in (mix or [trained.get("benchmark")]):
+        return None
+    fold = -1 if mix else int(trained.get("fold", 0))
+    cls = benchmark_class(hp.benchmark)
+    train = cls(
+        root=cls.resolve_root(hp.root), split="trn", fold=fold, splits_dir=hp.splits_dir, index_only=True
+    )
+    evaluated = list(dm.datasets[split].class_ids())
+    seen = set(train.class_ids())
+    return hp.benchmark, fold, evaluated, [c for c in evaluated if c in seen]
+
+
+class TrainedClassesCheck(Callback):
+    """Refuse to evaluate a checkpoint on classes it was trained on (a fold-0 checkpoint tested with ``--fold 1``):
+    its result would not be few-shot. ``allow`` (``--allow_trained_classes``) evaluates anyway; it is recorded in
+    ``config.yaml`` and, with the classes concerned, in ``metrics.json`` (through ``report``, the `TestReport`). A
+    checkpoint trained on every class (the in-context setting, ``data.train_benchmarks``) is evaluated on them by
+    design: said and recorded, not refused. A checkpoint without ``datamodule_hyper_parameters`` cannot be checked:
+    said, and evaluated. Checked after the data module's setup, before the first episode."""
+
+    def __init__(self, trained: dict | None, ckpt_path, allow: bool, report) -> None:
+        self.trained, self.ckpt_path, self.allow, self.report = trained, ckpt_path, allow, report
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn
+        if stage not in ("test", "validate"):
+            return
+        say = print if trainer.is_global_zero else (lambda line: None)
+        extra = self.report.extra
+        if self.allow:
+            extra["allow_trained_classes"] = True
+        if self.trained is None:
+            say(
+                f"fsseg {stage}: cannot check whether the evaluated classes were among the training classes of "
+                f"{self.ckpt_path}: it records no datamodule_hyper_parameters (evaluated anyway)"
+            )
+            return
+        try:
+            found = trained_class_overlap(
+                self.trained, trainer.datamodule, "test" if stage == "test" else "val"
+            )
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            say(f"fsseg {stage}: cannot check the checkpoint's training classes ({err}); evaluated anyway")
+            return
+        if found is None or not found[3]:
+            return
+        benchmark, fold, evaluated, overlap = found
+        extra["trained_classes_evaluated"] = overlap
+        listed = ", ".join(map(str, overlap[:10])) + (" ..." if len(overlap) > 10 else "")
+        what = f"{len(overlap)} of the {len(evaluated)} classes that {stage} fold {trainer.datamodule.hparams.fold} evaluates ({listed})"
+        if fold == -1:
+            say(
+                f"fsseg {stage}: {self.ckpt_path} was trained on every class of {benchmark} (data.train_benchmarks, "
+                f"the in-context setting), so on {what} (recorded in metrics.json)"
+            )
+            return
+        if not self.allow:
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} was trained on {benchmark} fold {fold}, whose training classes include "
+                f"{what}: not a few-shot result. Evaluate it with --fold {fold}, or pass --allow_trained_classes to "
+                f"evaluate anyway (recorded)"
+            )
+        say(
+            f"fsseg {stage}: {self.ckpt_path} was trained on {benchmark} fold {fold}, whose training classes include "
+            f"{what}; evaluated as --allow_trained_classes asks (recorded in config.yaml and metrics.json)"
+        )

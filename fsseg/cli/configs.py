@@ -55,6 +55,29 @@ def known_configs(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder).with_suffix("")) for s in SUFFIXES for p in folder.rglob(f"*{s}"))
 
 
+def _shared_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def closest_names(query: str, known: list[str], n: int = 5) -> list[str]:
+    """The known config names ``query`` most likely meant: first those sharing its start up to a separator
+    (``demo_nonexist`` -> the ``demo_*`` configs), longest shared start first; then `difflib`'s close matches of the
+    whole name and of its last part (typos: ``difews`` -> ``diffews``), only near-identical ones beside a family."""
+    cut = max((i + 1 for i, ch in enumerate(query) if ch in "_/-"), default=0)  # "demo_nonexist" -> "demo_"
+    prefix = [c for c in known if cut and _shared_prefix(c, query) >= cut]
+    prefix.sort(
+        key=lambda c: (-_shared_prefix(c, query), -difflib.SequenceMatcher(None, c, query).ratio(), c)
+    )
+    by_stem: dict[str, list[str]] = {}
+    for c in known:
+        by_stem.setdefault(Path(c).name, []).append(c)
+    cutoff = 0.8 if prefix else 0.6  # beside names of the same family, only near-identical others
+    close = difflib.get_close_matches(query, known, n=n, cutoff=cutoff)
+    for s in difflib.get_close_matches(Path(query).name, list(by_stem), n=n, cutoff=cutoff):
+        close += by_stem[s]
+    return list(dict.fromkeys(prefix + close))[:n]
+
+
 def resolve_config(name: str | os.PathLike) -> Path:
     """The config file ``name`` means; `ConfigNotFound` lists where it looked and the closest names."""
     path = Path(name).expanduser()
@@ -74,10 +97,7 @@ def resolve_config(name: str | os.PathLike) -> Path:
     known = {c: folder for folder in dirs for c in known_configs(folder)}
     stem = Path(str(name)).with_suffix("") if Path(str(name)).suffix in SUFFIXES else Path(str(name))
     query = str(Path(*stem.parts[1:])) if stem.parts and stem.parts[0] == "configs" else str(stem)
-    by_stem = {Path(c).name: c for c in known}
-    close = difflib.get_close_matches(query, list(known), n=5, cutoff=0.6)
-    close += [by_stem[s] for s in difflib.get_close_matches(Path(query).name, list(by_stem), n=5, cutoff=0.6)]
-    close = list(dict.fromkeys(close))[:5]
+    close = closest_names(query, list(known))
     top = sorted(c for c in known if "/" not in c)
     hint = f"; did you mean: {', '.join(close)}?" if close else f"; the configs there: {', '.join(top)}"
     raise ConfigNotFound(

@@ -8,33 +8,54 @@
 - ``test`` / ``validate`` need a checkpoint, or ``--no_ckpt`` (recorded) to evaluate the model as its config builds
   it (e.g. a released DiffewS UNet given as ``model.init_args.unet_path``);
 - runs are named after the config files and fold, or after the logger name a config gives plus the configs given
-  after it (`run_name`); evaluation runs go to
-  ``<save_dir>/<name>/<stage>_<benchmark>_fold<F>_<K>shot[_<control>][_seed<S>]``, never a training version folder;
-  an existing result is refused unless ``--overwrite``; a run that failed before doing anything leaves no folder;
-- ``fit`` writes a resumable ``last.ckpt`` every ``--checkpoint_every_n_steps`` optimizer steps (`RunCheckpoint`);
+  after it (`run_name`); evaluation runs always go to
+  ``<save_dir>/<name>/<stage>_<benchmark>_fold<F>_<K>shot[_<control>][_seed<S>]`` (`evaluation_version`), and
+  when the config is a training run's saved ``config.yaml`` (``--ckpt`` without ``--config``) beside that run,
+  wherever the command runs (`training_run_of`); no command writes into a folder that holds checkpoints, nor
+  removes a checkpoint;
+- one writer per run folder, earlier results (``--overwrite``) set aside until the run has succeeded and put back
+  when it fails or is stopped (`fsseg.output_folder`); a run that failed before doing anything leaves no folder;
+- ``fit`` writes a resumable ``last.ckpt`` every ``--checkpoint_every_n_steps`` optimizer steps, and when stopped
+  by SIGTERM (`RunCheckpoint`), atomically (`AtomicCheckpointIO`); a stopped run raises `Interrupted` (SIGTERM) or
+  `KeyboardInterrupt` (SIGINT), never a success;
+- a checkpoint tested on classes it was trained on is refused unless ``--allow_trained_classes`` (recorded;
+  `TrainedClassesCheck`);
 - a run with nothing to do (no training step, no episode) is an error; each command prints where it wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fsseg.callbacks import RunCheckpoint
-from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read_checkpoint
+from fsseg.callbacks import AtomicCheckpointIO, RunCheckpoint
+from fsseg.cli.checkpoints import (
+    TrainedClassesCheck,
+    compare_model_config,
+    compare_state_dict,
+    read_checkpoint,
+)
 from fsseg.cli.configs import find_run_config, resolve_config
+from fsseg.cli.noise import quiet_third_party
 from fsseg.data.datamodule import FewShotDataModule, accumulation_steps
-from fsseg.files import claim_outputs
-from fsseg.models.base import FewShotModule
+from fsseg.files import OutputExists
+from fsseg.interrupts import Interrupted
+from fsseg.models.base import FewShotModule, eval_precision_conflict
+from fsseg.output_folder import IncompleteFolder, OutputFolder, check_complete
 from fsseg.report import TestReport
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -45,7 +66,8 @@ METHODS = (
     "fsseg.models.diffseg.DiffSegModule",
     "fsseg.models.baseline.PrototypeModule",
 )
-RUN_FILES = ("metrics.json", "episodes.jsonl", "config.yaml", "hparams.yaml", "checkpoints")
+# what a run writes into its folder besides checkpoints/ (names and glob patterns)
+RUN_FILES = ("metrics.json", "episodes.jsonl", "config.yaml", "hparams.yaml", "events.out.tfevents.*")
 _LOGGERS_WITH_VERSION = ("TensorBoardLogger", "CSVLogger")
 
 _COMMON_HELP = f"""
@@ -59,7 +81,9 @@ fsseg shorthands and rules:
                   Settings given with a checkpoint (configs, overlays, command line) win over the ones saved in
                   it; a checkpoint of another method, or trained with another value of an architecture setting,
                   is refused by name
-  --overwrite     replace an earlier run's results in the same folder (otherwise refused)
+  --overwrite     replace an earlier run's results in the same folder (otherwise refused); they are kept aside
+                  until this run has succeeded, and put back if it fails or is stopped
+  --allow_trained_classes  test/validate a checkpoint on classes it was trained on (refused otherwise; recorded)
   --traceback     the full traceback of an error (also FSSEG_TRACEBACK=1); otherwise errors are one line"""
 
 HELP = {
@@ -71,8 +95,8 @@ HELP = {
 
 Writes {SAVE_DIR}/<name>/version_N/ (name: <config names>_fold<F>, or a config's logger name + <later configs>):
 config.yaml, TensorBoard logs, and checkpoints/last.ckpt, rewritten every --checkpoint_every_n_steps optimizer
-steps (default {CHECKPOINT_EVERY_N_STEPS}), at every epoch end and at the end; resuming from it continues exactly,
-mid-epoch too.
+steps (default {CHECKPOINT_EVERY_N_STEPS}), at every epoch end, at the end, and when stopped by SIGTERM (then the
+exit status is 143); resuming from it continues exactly, mid-epoch too, into a new version folder.
 """
     + _COMMON_HELP,
     "validate": f"""Evaluate a checkpoint on the validation episodes (val/miou, val/fbiou).
@@ -87,6 +111,7 @@ Writes {SAVE_DIR}/<name>/validate_<benchmark>_fold<F>_<K>shot/ (config.yaml, log
 
 Writes {SAVE_DIR}/<name>/test_<benchmark>_fold<F>_<K>shot[_<support control>][_seed<S>]/: metrics.json (mIoU,
 FB-IoU, per-class IoU, the setting, the model settings used), episodes.jsonl (one line per episode), config.yaml.
+With --ckpt alone (the training run's config.yaml), the folder is beside that training run: <run>/../test_.../.
 A checkpoint is required; --no_ckpt evaluates the model as its config builds it instead (e.g. a released
 DiffewS UNet given as model.init_args.unet_path), and is recorded.
 """
@@ -123,7 +148,7 @@ def expand_shorthands(argv: list[str]) -> tuple[list[str], bool]:
 
     ``--fold N`` -> ``--data.fold N``; ``--ckpt PATH`` -> ``--ckpt_path PATH``; ``--config NAME`` -> the config
     file it names (`resolve_config`); a checkpoint without ``--config`` adds the run's ``config.yaml``;
-    ``--no_ckpt`` / ``--no-ckpt`` alone -> ``--no_ckpt true``. ``--overwrite`` is taken out (it is an instruction
+    ``--no_ckpt`` / ``--no-ckpt`` alone -> ``--no_ckpt true`` (``--allow_trained_classes`` likewise). ``--overwrite`` is taken out (it is an instruction
     for this invocation, not a setting a saved config should carry).
     """
     out: list[str] = []
@@ -145,15 +170,16 @@ def expand_shorthands(argv: list[str]) -> tuple[list[str], bool]:
                 out += ["--config", value if _is_inline_config(value) else str(resolve_config(value))]
         elif name == "--overwrite" and not eq:
             overwrite = True
-        elif name in ("--no_ckpt", "--no-ckpt"):
+        elif name in ("--no_ckpt", "--no-ckpt", "--allow_trained_classes", "--allow-trained-classes"):
+            flag = name.replace("-", "_").replace("__", "--", 1)
             nxt = argv[i + 1].lower() if i + 1 < len(argv) else ""
             if eq:
-                out += ["--no_ckpt", value]
+                out += [flag, value]
             elif nxt in ("true", "false"):
-                out += ["--no_ckpt", nxt]
+                out += [flag, nxt]
                 i += 1
             else:
-                out += ["--no_ckpt", "true"]
+                out += [flag, "true"]
         else:
             out.append(arg)
         i += 1
@@ -209,19 +235,42 @@ def evaluation_version(stage: str, data: Namespace) -> str:
     return name + (f"_seed{data.seed}" if data.seed else "")
 
 
-class FssegCLI(LightningCLI):
-    """LightningCLI with fsseg's rules (see the module docstring); ``overwrite`` is ``--overwrite``."""
+def training_run_of(cfg: Namespace) -> Path | None:
+    """The training run whose saved ``config.yaml`` is the first config given (``--ckpt`` without ``--config`` adds
+    it): its folder, which holds ``checkpoints/``; None otherwise."""
+    configs = list(cfg.get("config") or [])
+    if not configs:
+        return None
+    first = Path(str(configs[0]))
+    return first.parent if first.name == "config.yaml" and (first.parent / "checkpoints").is_dir() else None
 
-    def __init__(self, *args, overwrite: bool = False, **kwargs) -> None:
+
+def holds_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` is a training run's: it holds a checkpoint (``checkpoints/`` with a file in it)."""
+    ckpts = folder / "checkpoints"
+    return ckpts.is_dir() and any(ckpts.iterdir())
+
+
+class FssegCLI(LightningCLI):
+    """LightningCLI with fsseg's rules (see the module docstring); ``overwrite`` is ``--overwrite``; ``run_dir``,
+    for the commands that run tests into folders of their own layout (`fsseg.seeds`, `fsseg.demo`,
+    `fsseg.reproduce`), is the exact folder of this run (its logger arguments are given with it)."""
+
+    def __init__(self, *args, overwrite: bool = False, run_dir: Path | None = None, **kwargs) -> None:
         self.overwrite = overwrite
+        self.fixed_run_dir = run_dir
         self.checkpoint: dict | None = None  # read from --ckpt_path until it has been checked
+        self.trained_data: dict | None = (
+            None  # the checkpoint's datamodule_hyper_parameters (None: not saved)
+        )
         self.start_step = 0  # the global step the checkpoint was saved at
         self.setting_notes: list[str] = []
         self.run_dir: Path | None = None
-        self._created: list[Path] = []
+        self.output: OutputFolder | None = None  # this run's hold on run_dir (rank 0)
         self.given_accumulation: int | None = (
             None  # trainer.accumulate_grad_batches as given, None when unset
         )
+        self.given_precision: str | None = None  # --trainer.precision on a validate/test command line
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -235,6 +284,12 @@ class FssegCLI(LightningCLI):
             type=bool,
             default=False,
             help="test/validate without a checkpoint: the model as its config builds it (recorded)",
+        )
+        parser.add_argument(
+            "--allow_trained_classes",
+            type=bool,
+            default=False,
+            help="test/validate a checkpoint on classes it was trained on (refused otherwise; recorded)",
         )
         parser.add_argument(
             "--checkpoint_every_n_steps",
@@ -251,6 +306,11 @@ class FssegCLI(LightningCLI):
             # is not the Trainer's default 1 (see `_check_accumulation`)
             given = parser.parse_args(args, defaults=False)[sub]
             self.given_accumulation = given.get("trainer.accumulate_grad_batches")
+        if sub in ("validate", "test") and isinstance(args, list):  # see `eval_precision_conflict`
+            for i, arg in enumerate(args):
+                name, eq, value = arg.partition("=")
+                if name == "--trainer.precision" and (eq or i + 1 < len(args)):
+                    self.given_precision = value if eq else args[i + 1]
 
     def _check_accumulation(self) -> None:
         """``data.effective_batch_size`` derives the accumulation at fit: an explicit, different
@@ -291,89 +351,214 @@ class FssegCLI(LightningCLI):
                 f"--ckpt_path {path}: give the checkpoint file (e.g. runs/x/version_0/checkpoints/last.ckpt)"
             )
         self.checkpoint = read_checkpoint(path)
+        self.trained_data = self.checkpoint.get("datamodule_hyper_parameters")
         model = cfg.model
         init_args = model.init_args.as_dict() if isinstance(model.get("init_args"), Namespace) else {}
         cls = _import(model.class_path)
         self.setting_notes = compare_model_config(
             self.checkpoint, path, model.class_path, init_args, getattr(cls, "architecture_args", ())
         )
+        run = Path(path).absolute().parent.parent  # <run>/checkpoints/<file>
+        try:
+            check_complete(run)
+        except IncompleteFolder as err:
+            if not err.running:  # the run that wrote it was killed: say so, use the checkpoint anyway
+                _say(
+                    f"fsseg {sub}: note: {run}, the run that wrote {Path(path).name}, stopped before finishing "
+                    f"(killed?); the checkpoint itself is complete (fsseg writes checkpoints atomically)"
+                )
 
     def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except ValueError as err:  # a class failed to build; jsonargparse wraps its error in a long report
-            if not str(err).startswith("Does not validate against any of the Union subtypes"):
-                raise
-            raise RunRefused(condense_parse_error(str(err))) from err
+        with self._released_on_error():
+            try:
+                super().instantiate_classes()
+            # a class failed to build; jsonargparse wraps its error in a long report
+            except ValueError as err:
+                if not str(err).startswith("Does not validate against any of the Union subtypes"):
+                    raise
+                raise RunRefused(condense_parse_error(str(err))) from err
 
     # ---- naming, output policy, callbacks ------------------------------------------------------------------------
+    def _place(self, sub: str, cfg: Namespace, args: Namespace) -> None:
+        """Set the logger's save_dir / name / version by fsseg's rule (README: Where results go)."""
+        trained = training_run_of(cfg)
+        given = args.get("version")
+        args.name = run_name(cfg, args.get("name"))
+        if trained is not None:  # a training run's config.yaml: beside that run, wherever the command runs
+            later = [Path(str(c)).stem for c in list(cfg.config)[1:]]
+            args.save_dir = str(trained.parent.parent)
+            args.name = trained.parent.name + "".join(f"+{s}" for s in dict.fromkeys(later) if s != "config")
+        if sub != "fit":  # an evaluation: always its own folder, named by what was evaluated
+            args.version = evaluation_version(sub, cfg.data)
+            if given is not None and str(given) != args.version:
+                _say(
+                    f"fsseg {sub}: the config's logger version {given!r} is not used: an evaluation always goes "
+                    f"to {Path(args.save_dir) / args.name / args.version} (never into a training run's folder)"
+                )
+        elif (
+            trained is not None and (given if isinstance(given, str) else f"version_{given}") == trained.name
+        ):
+            args.version = (
+                None  # the saved version is the checkpoint's own run: a new version folder beside it
+            )
+            _say(
+                f"fsseg fit: a new version folder beside {trained}, the run of the checkpoint (never into it)"
+            )
+
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub]
+        init_args = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+        conflict = eval_precision_conflict(
+            init_args.get("eval_precision") if isinstance(init_args, Namespace) else None,
+            self.given_precision,
+        )
+        if conflict is not None:  # before the run folder is claimed and the model built
+            raise RunRefused(conflict)
         for note in self.setting_notes:
             _say(f"fsseg {sub}: setting differs from the checkpoint's run, used as given: {note}")
         logger = cfg.trainer.get("logger")
         if isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(_LOGGERS_WITH_VERSION):
             args = logger.init_args
-            args.name = run_name(cfg, args.get("name"))
-            if sub != "fit" and args.get("version") is None:
-                args.version = evaluation_version(sub, cfg.data)
+            if self.fixed_run_dir is None:
+                self._place(sub, cfg, args)
             version = args.get("version")
             if version is not None:
                 folder = version if isinstance(version, str) else f"version_{version}"
                 self.run_dir = Path(args.save_dir) / (args.name or "") / folder
+        elif self.fixed_run_dir is not None:
+            raise RunRefused(f"{self.fixed_run_dir}: this run's folder needs a TensorBoard or CSV logger")
         if self.run_dir is not None:
             self._claim()  # before the (slow) model build
-        extra = {"no_ckpt": True} if cfg.no_ckpt else {}
-        callbacks = [TestReport(extra)]
+        report = TestReport({"no_ckpt": True} if cfg.no_ckpt else {})
+        callbacks: list = [report]
         if sub == "fit":
             callbacks.append(RunCheckpoint(cfg.checkpoint_every_n_steps))
+        elif self.checkpoint is not None:
+            callbacks.append(
+                TrainedClassesCheck(self.trained_data, cfg.ckpt_path, cfg.allow_trained_classes, report)
+            )
         self.trainer_defaults["callbacks"] = callbacks
 
     def after_instantiate_classes(self) -> None:
-        self._check_accumulation()
-        if self.checkpoint is not None:
-            skip = getattr(self.model, "_is_frozen_key", lambda key: False)
-            compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)
-            self.start_step = int(self.checkpoint.get("global_step", 0))
-            self.checkpoint = None  # Lightning loads it again to restore; do not hold the mapped file
-        loggers = self.trainer.loggers
-        if self.run_dir is None:  # rank-local (no collective): the folder the logger will write
-            self.run_dir = Path(
-                loggers[0].log_dir if loggers and loggers[0].log_dir else self.trainer.default_root_dir
-            )
-            self._claim()
-        absolute = self.run_dir.absolute()
-        self._created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # this run makes them
+        with self._released_on_error():
+            self._check_accumulation()
+            if self.checkpoint is not None:
+                skip = getattr(self.model, "_is_frozen_key", lambda key: False)
+                compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)
+                self.start_step = int(self.checkpoint.get("global_step", 0))
+                self.checkpoint = None  # Lightning loads it again to restore; do not hold the mapped file
+            strategy = self.trainer.strategy
+            if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a plugin given in the config is kept
+                strategy.checkpoint_io = AtomicCheckpointIO()
+            loggers = self.trainer.loggers
+            if self.run_dir is None:  # rank-local (no collective): the folder the logger will write
+                self.run_dir = Path(
+                    loggers[0].log_dir if loggers and loggers[0].log_dir else self.trainer.default_root_dir
+                )
+                self._claim()
         _say(f"fsseg {self.subcommand}: writing to {self.run_dir}")
 
     def _claim(self) -> None:
-        """Refuse (or, with ``--overwrite``, remove) results of an earlier run in this run's folder."""
-        if rank_zero_only.rank == 0:  # other ranks start after rank 0 has checked, and never write these
-            d = self.run_dir
-            claim_outputs(
-                [d / f for f in RUN_FILES] + sorted(d.glob("events.out.tfevents.*")), self.overwrite
-            )
+        """Hold this run's folder (one writer; a stale lock taken over) and refuse what it must not write over: a
+        training run's checkpoints (never, by any command), an earlier run's results (unless ``--overwrite``, which
+        sets them aside until this run has succeeded; for ``fit`` it removes them: they are those of a run that
+        saved no checkpoint)."""
+        if rank_zero_only.rank != 0:  # other ranks start after rank 0 has checked, and never write these
+            return
+        sub, d = self.subcommand, self.run_dir
+        self.output = OutputFolder(d, f"fsseg {sub}", what="run folder", say=_say).acquire()
+        with self._released_on_error():
+            if holds_checkpoints(d):
+                what = "a fit never writes into another run's folder"
+                if sub != "fit":
+                    what = "evaluation results never go into a training run's folder"
+                raise OutputExists(
+                    f"{d} holds the checkpoints of a training run: {what}, and no fsseg command removes "
+                    f"checkpoints (--overwrite included); give another trainer.logger version, or move it away"
+                )
+            earlier = self.output.present(RUN_FILES)
+            if earlier and not self.overwrite:
+                more = f" (and {len(earlier) - 1} more)" if len(earlier) > 1 else ""
+                raise OutputExists(
+                    f"{d / earlier[0]}{more} already exists: pass --overwrite to replace the earlier run's results "
+                    f"(they are kept until this run has succeeded), or choose another output location"
+                )
+            if sub == "fit":  # what a fit left that saved no checkpoint (config.yaml, logs)
+                for name in earlier:
+                    (d / name).unlink()
+            else:
+                self.output.set_aside(earlier)
+                self.output.writes(RUN_FILES)
 
-    def _run_subcommand(self, subcommand: str) -> None:
+    @contextlib.contextmanager
+    def _released_on_error(self):
         try:
-            super()._run_subcommand(subcommand)
+            yield
         except BaseException:
-            self._remove_if_empty()
+            self._finish(ok=False)
             raise
 
-    def _remove_if_empty(self) -> None:
-        """Remove the run folder this command created if it holds no result: no checkpoint, no report, no step."""
-        if rank_zero_only.rank != 0 or not self._created or self._created[0] != self.run_dir.absolute():
+    def _finish(self, ok: bool) -> None:
+        """Release this run's folder: on success drop the earlier results it replaced; on failure remove what it
+        wrote and put them back (``fit``: keep a folder that holds a checkpoint or a trained step)."""
+        out, self.output = self.output, None
+        if out is None:
             return
-        d = self._created[0]
-        trained = self.subcommand == "fit" and self.trainer.global_step > self.start_step
+        if ok:
+            out.commit()
+        elif self.subcommand == "fit":
+            out.release()
+            self._remove_if_empty(out.created)
+        else:
+            out.abandon()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        warn = warnings.catch_warnings() if subcommand != "fit" else contextlib.nullcontext()
+        with self._released_on_error(), warn:
+            if subcommand != "fit":  # the callbacks of the training run do not matter to an evaluation
+                warnings.filterwarnings(
+                    "ignore", message="Be aware that when using `ckpt_path`, callbacks used"
+                )
+            try:
+                super()._run_subcommand(subcommand)
+            except SIGTERMException:
+                self._say_stopped("SIGTERM")
+                raise Interrupted(signal.SIGTERM) from None
+            except SystemExit:
+                if not self.trainer.interrupted:
+                    raise
+                self._say_stopped("SIGINT")  # Lightning turned the KeyboardInterrupt into sys.exit(1)
+                raise KeyboardInterrupt from None
+            self._finish(ok=True)  # inside: a signal before the results are committed undoes them
+        self._say_done()
+
+    def _say_stopped(self, signame: str) -> None:
+        if self.subcommand != "fit":
+            _say(f"fsseg {self.subcommand}: stopped by {signame}: no result written")
+            return
+        step, ckpt = self.trainer.global_step, self.last_checkpoint
+        saved = torch_load_step(ckpt) if ckpt else None
+        if saved is None:
+            _say(f"fsseg fit: stopped by {signame} at step {step}, before any checkpoint was written")
+        else:
+            _say(
+                f"fsseg fit: stopped by {signame} at step {step}; resumable checkpoint (step {saved}): {ckpt}; resume "
+                f"with the same configs and --ckpt_path {ckpt}"
+            )
+
+    def _remove_if_empty(self, created: list[Path]) -> None:
+        """Remove the run folder this command created if it holds no result: no checkpoint, no report, no step."""
+        created = [p.absolute() for p in created]
+        if rank_zero_only.rank != 0 or not created or created[0] != self.run_dir.absolute():
+            return
+        d = created[0]
+        trainer = getattr(self, "trainer", None)  # None: refused before the Trainer was built
+        trained = trainer is not None and trainer.global_step > self.start_step
         if not d.is_dir() or trained or any(d.glob("checkpoints/*.ckpt")) or (d / "metrics.json").exists():
             return
-        import shutil
-
         shutil.rmtree(d)
-        for parent in self._created[1:]:  # the folders above it that this run created, while empty
+        for parent in created[1:]:  # the folders above it that this run created, while empty
             if not parent.is_dir() or any(parent.iterdir()):
                 break
             parent.rmdir()
@@ -392,10 +577,6 @@ class FssegCLI(LightningCLI):
                 "nothing was trained: 0 optimizer steps (the checkpoint's run already reached trainer.max_steps "
                 "/ max_epochs, or the training set or trainer.limit_train_batches is empty)"
             )
-        _say(
-            f"fsseg fit: {steps} optimizer steps; weights in {self.last_checkpoint}; config.yaml and "
-            f"TensorBoard logs in {self.run_dir}"
-        )
 
     def after_validate(self) -> None:
         if not sum(self.trainer.num_val_batches):
@@ -403,9 +584,6 @@ class FssegCLI(LightningCLI):
                 "nothing was validated: 0 validation batches (trainer.limit_val_batches 0, as the demo configs "
                 "set, or data.val_episodes 0); give --trainer.limit_val_batches 1.0"
             )
-        m = self.trainer.callback_metrics
-        values = ", ".join(f"{k} {float(m[k]):.2f}" for k in ("val/miou", "val/fbiou") if k in m)
-        _say(f"fsseg validate: {values}; config.yaml and logs in {self.run_dir}")
 
     def after_test(self) -> None:
         if not sum(self.trainer.num_test_batches):
@@ -413,38 +591,77 @@ class FssegCLI(LightningCLI):
                 "nothing was tested: 0 test episodes (data.test_episodes 0 or trainer.limit_test_batches 0); "
                 "no metrics.json written"
             )
-        report = next((c for c in self.trainer.callbacks if isinstance(c, TestReport)), None)
-        if rank_zero_only.rank == 0 and report is not None and report.written is not None:
-            m = json.loads((report.written / "metrics.json").read_text())
+
+    def _say_done(self) -> None:
+        """The last line of a run that succeeded: what it did and where the results are."""
+        sub = self.subcommand
+        if sub == "fit":
+            steps = self.trainer.global_step - self.start_step
             _say(
-                f"fsseg test: mIoU {m['miou']:.2f}, FB-IoU {m['fbiou']:.2f} over {m['episodes']} episodes -> "
-                f"{report.written / 'metrics.json'}, episodes.jsonl"
+                f"fsseg fit: {steps} optimizer steps; weights in {self.last_checkpoint}; config.yaml and "
+                f"TensorBoard logs in {self.run_dir}"
             )
+        elif sub == "validate":
+            m = self.trainer.callback_metrics
+            values = ", ".join(f"{k} {float(m[k]):.2f}" for k in ("val/miou", "val/fbiou") if k in m)
+            _say(f"fsseg validate: {values}; config.yaml and logs in {self.run_dir}")
+        else:
+            report = next((c for c in self.trainer.callbacks if isinstance(c, TestReport)), None)
+            if rank_zero_only.rank == 0 and report is not None and report.written is not None:
+                m = json.loads((report.written / "metrics.json").read_text())
+                _say(
+                    f"fsseg test: mIoU {m['miou']:.2f}, FB-IoU {m['fbiou']:.2f} over {m['episodes']} episodes -> "
+                    f"{report.written / 'metrics.json'}, episodes.jsonl"
+                )
 
 
-def run_cli(argv: list[str], cli_class: type[FssegCLI] | None = None) -> FssegCLI:
+def torch_load_step(path: str) -> int | None:
+    """The global step a checkpoint was saved at (None when unreadable)."""
+    try:
+        return int(read_checkpoint(path).get("global_step", 0))
+    except (OSError, ValueError):
+        return None
+
+
+def run_cli(
+    argv: list[str], run_dir: Path | None = None, cli_class: type[FssegCLI] | None = None
+) -> FssegCLI:
     """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`.
 
-    A command line that does not parse raises `RunRefused` with jsonargparse's report condensed to one line.
-    ``cli_class``: a `FssegCLI` subclass to run instead (``fsseg plan`` parses with one that builds nothing).
+    ``run_dir``: write this run into exactly that folder (for commands with their own folder layout), instead of
+    the folder fsseg's rule derives. A command line that does not parse raises `RunRefused` with jsonargparse's
+    report condensed to one line. ``cli_class``: a `FssegCLI` subclass to run instead (``fsseg plan`` parses with
+    one that builds nothing).
     """
     try:
-        return _run_cli(argv, cli_class or FssegCLI)
+        return _run_cli(argv, run_dir, cli_class or FssegCLI)
     except ArgumentError as err:
         sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
         raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
 
 
-def _run_cli(argv: list[str], cli_class: type[FssegCLI]) -> FssegCLI:
+def logger_args(run_dir: Path) -> list[str]:
+    """CLI arguments that send a run's logs, checkpoints and report to ``run_dir`` exactly."""
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(Path(run_dir).parent), "name": "", "version": Path(run_dir).name}}  # fmt: skip
+    return ["--trainer.logger", json.dumps(logger)]
+
+
+def _run_cli(argv: list[str], run_dir: Path | None, cli_class: type[FssegCLI]) -> FssegCLI:
     argv, overwrite = expand_shorthands(list(argv))
+    if run_dir is not None:
+        argv += logger_args(run_dir)
+    quiet_third_party()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
-    parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False} for sub in SUBCOMMANDS}
+    parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False, "allow_abbrev": False}
+                     for sub in SUBCOMMANDS}  # fmt: skip
     return cli_class(
         FewShotModule,
         FewShotDataModule,
         subclass_mode_model=True,
         args=argv,
         overwrite=overwrite,
+        run_dir=run_dir,
         seed_everything_default=0,
         trainer_defaults={
             "default_root_dir": SAVE_DIR,
@@ -454,7 +671,12 @@ def _run_cli(argv: list[str], cli_class: type[FssegCLI]) -> FssegCLI:
             },
         },
         # subcommand parsers take the main parser's formatter
-        parser_kwargs={"exit_on_error": False, "formatter_class": _HelpFormatter, **parser_kwargs},
+        parser_kwargs={
+            "exit_on_error": False,
+            "allow_abbrev": False,
+            "formatter_class": _HelpFormatter,
+            **parser_kwargs,
+        },
         save_config_kwargs={"overwrite": True},  # the folder was checked (and claimed) above
         auto_configure_optimizers=False,
     )

@@ -144,6 +144,7 @@ class ADE20KFewShot(ClassFirstDataset):
     layout = "ADEChallengeData2016/{images,annotations}/{training,validation}/ (SceneParsing, 150 classes)"
     nfolds = 1
     check_splits = ("trn", "val")
+    label_classes = NCLASS  # no ignore value: 0 ("other") is background
 
     def __init__(self, *args, min_pixels: int = 1, **kwargs) -> None:
         self.min_pixels = int(min_pixels)
@@ -198,7 +199,3 @@ class ADE20KFewShot(ClassFirstDataset):
 
     def mask_path(self, key: str) -> Path:
         return ade_dir(self.root) / "annotations" / self.folder / f"{key}.png"
-
-    def load_mask(self, key: str, class_id: int) -> np.ndarray:
-        label = load_label(self.mask_path(key))
-        return (label == class_id + 1).astype(np.uint8)

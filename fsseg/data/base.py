@@ -17,6 +17,7 @@ check` and the reproduction runner read these declarations; none of them knows a
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +39,8 @@ from fsseg.data.protocol import (
 
 IGNORE = 255
 SPLITS = ("trn", "val", "test")
+IMAGE_RESIZES = ("torch", "pil")  # data.image_resize (`image_to_tensor`)
+BAD_MASKS = ("error", "warn")  # data.bad_masks (`FewShotDataset.checked_mask`)
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -63,8 +66,19 @@ def load_label(path: Path, grayscale: bool = False) -> np.ndarray:
         raise ValueError(f"mask file {path} is unreadable or corrupt: {e}") from e
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> float32 ``[3, size, size]`` in [0, 1] (bilinear)."""
+def image_to_tensor(img: Image.Image, size: int, resize: str = "torch") -> torch.Tensor:
+    """RGB PIL image -> float32 ``[3, size, size]`` in [0, 1], resized by ``resize`` (``data.image_resize``):
+
+    - ``torch``: bilinear with antialias on the float image (``F.interpolate``);
+    - ``pil``: PIL's bilinear resize of the uint8 image, then ``/ 255``: what the released DiffewS code feeds its
+      model (``transforms.Resize((S, S))`` on the PIL image before ``ToTensor``, in training and evaluation;
+      docs/PROTOCOL.md §3a). The two differ by up to one uint8 level per pixel.
+    """
+    if resize == "pil":
+        small = img.resize((size, size), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    if resize != "torch":
+        raise ValueError(f"image resize must be one of {IMAGE_RESIZES}, got {resize!r}")
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[
         0
@@ -77,6 +91,15 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
     if size is None or tuple(m.shape) == tuple(size):
         return m
     return F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+
+class BadMaskError(ValueError):
+    """A listed mask that does not show its listed class, or holds values outside the benchmark's labels."""
+
+
+def _values(label: np.ndarray, limit: int = 20) -> str:
+    values = np.unique(label).tolist()
+    return str(values[:limit])[:-1] + ", ...]" if len(values) > limit else str(values)
 
 
 class FewShotDataset(Dataset, ABC):
@@ -98,6 +121,11 @@ class FewShotDataset(Dataset, ABC):
             `fsseg.data.protocol.control_episodes`.
         train_augment: training only: ``none`` or ``channel_permutation`` (one RGB channel permutation per episode,
             for its query and supports alike; `fsseg.data.augment`).
+        image_resize: how images are resized to ``img_size``: ``torch`` or ``pil`` (the released DiffewS form;
+            `image_to_tensor`).
+        bad_masks: what a listed mask that does not show its listed class, or holds values outside the benchmark's
+            labels, does when an episode reads it (`checked_mask`): ``error`` (a `BadMaskError` naming the file) or
+            ``warn`` (a warning; the episode is used as it is, scored against what the mask shows).
         index_only: read the split lists only (classes and their images): no folder check, no episodes. What
             `fsseg data check` counts and verifies.
     """
@@ -113,6 +141,10 @@ class FewShotDataset(Dataset, ABC):
         "test",
     )  # the splits whose files `fsseg data check` covers
     check_default: ClassVar[bool] = True  # checked by `fsseg data check` when no --benchmark is given
+    # Label-map benchmarks (one PNG per image, value = class id + 1, 0 = background) declare their labels; the default
+    # `load_mask` reads them, and a value outside them is a bad mask (`checked_mask`). None: masks of another kind.
+    label_classes: ClassVar[int | None] = None  # values 1..label_classes are classes
+    label_ignore: ClassVar[int | None] = None  # the ignore value (255), if the benchmark has one
     classwise: dict[int, list[str]]  # class -> its images in this split/fold, set by `build_index`
 
     def __init__(
@@ -128,6 +160,8 @@ class FewShotDataset(Dataset, ABC):
         splits_dir: str | Path | None = None,
         support_control: str = "none",
         train_augment: str = "none",
+        image_resize: str = "torch",
+        bad_masks: str = "error",
         index_only: bool = False,
     ) -> None:
         if split not in SPLITS:
@@ -138,6 +172,12 @@ class FewShotDataset(Dataset, ABC):
             )
         if int(shot) < 1:
             raise ValueError(f"shot must be >= 1, got {shot}")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"image_resize must be one of {IMAGE_RESIZES}, got {image_resize!r}")
+        if bad_masks not in BAD_MASKS:
+            raise ValueError(f"bad_masks must be one of {BAD_MASKS}, got {bad_masks!r}")
         if not (
             eval_size is None or eval_size == "original" or (isinstance(eval_size, int) and eval_size > 0)
         ):
@@ -154,6 +194,9 @@ class FewShotDataset(Dataset, ABC):
             )
         self.support_control = support_control
         self.train_augment = train_augment
+        self.image_resize, self.bad_masks = image_resize, bad_masks
+        self.known_bad: dict[tuple[str, int], str] = {}  # (key, class) -> problem, found by `scan_masks`
+        self._listed: dict[str, list[int]] | None = None
         self.root = Path(root)
         self.split, self.fold, self.shot, self.seed = split, int(fold), int(shot), int(seed)
         self.img_size = int(img_size)
@@ -247,9 +290,31 @@ class FewShotDataset(Dataset, ABC):
         """The mask file of ``key`` (None when the masks are not files of their own)."""
         return None
 
-    @abstractmethod
     def load_mask(self, key: str, class_id: int) -> np.ndarray:
-        """Binary mask of ``class_id`` in image ``key``: uint8 ``[H, W]`` in {0, 1, 255}."""
+        """Binary mask of ``class_id`` in image ``key``: uint8 ``[H, W]`` in {0, 1, 255}. The default reads a label
+        map (`label_classes`); a benchmark whose masks are of another kind implements this."""
+        return self.mask_from_label(self.read_label(key), class_id)
+
+    def read_label(self, key: str) -> np.ndarray:
+        """The label map of ``key`` (label-map benchmarks: uint8 ``[H, W]``)."""
+        if self.label_classes is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} declares no label_classes: it implements load_mask"
+            )
+        return load_label(self.mask_path(key))
+
+    def mask_from_label(self, label: np.ndarray, class_id: int) -> np.ndarray:
+        """``class_id``'s binary mask in a label map: value ``class_id + 1`` -> 1, `label_ignore` kept, else 0."""
+        mask = (label == class_id + 1).astype(np.uint8)
+        if self.label_ignore is not None:
+            mask[label == self.label_ignore] = self.label_ignore
+        return mask
+
+    @classmethod
+    def label_text(cls) -> str:
+        """The values a label map of this benchmark may hold, in words."""
+        ignore = f", {cls.label_ignore} ignore" if cls.label_ignore is not None else ""
+        return f"0 background, 1..{cls.label_classes} classes{ignore}"
 
     def default_train_length(self) -> int:
         """Training episodes per epoch when ``n_episodes`` is not given: one per image of the split."""
@@ -279,6 +344,101 @@ class FewShotDataset(Dataset, ABC):
         if mask_file is not None and load_label(mask_file).shape != (img.height, img.width):
             raise ValueError(f"mask file {mask_file} differs in size from its image {img.width}x{img.height}")
 
+    # ---- listed masks that do not show what the lists say ----------------------------------------------------
+    def listed_classes(self, key: str) -> list[int]:
+        """The classes of this split/fold whose lists hold image ``key``."""
+        if self._listed is None:
+            self._listed = {}
+            for c in self.class_ids():
+                for k in self.classwise.get(c, ()):
+                    self._listed.setdefault(k, []).append(c)
+        return self._listed.get(key, [])
+
+    def _mask_name(self, key: str) -> str:
+        path = self.mask_path(key)
+        return f"mask file {path}" if path is not None else f"the listed mask of {self.image_path(key)}"
+
+    def _found(self, key: str, label: np.ndarray | None, mask: np.ndarray) -> str:
+        """``values found: [...]`` of the mask file (of the binary mask when the masks are no files)."""
+        if label is None and self.mask_path(key) is not None:
+            label = load_label(self.mask_path(key))
+        return f"values found: {_values(mask if label is None else label)}"
+
+    def checked_mask(
+        self, key: str, class_id: int, check_values: bool = True
+    ) -> tuple[np.ndarray, list[str]]:
+        """`load_mask` and what is wrong with it: the listed class ``class_id`` absent (the lists say the image shows
+        it), and, for label maps with ``check_values``, values outside the benchmark's labels (`label_text`); each
+        problem a line naming the file, the listed class and the values found."""
+        label = self.read_label(key) if self.label_classes is not None else None
+        mask = self.load_mask(key, class_id) if label is None else self.mask_from_label(label, class_id)
+        problems = []
+        if label is not None and check_values:
+            allowed = np.zeros(256, dtype=bool)
+            allowed[: self.label_classes + 1] = True
+            if self.label_ignore is not None:
+                allowed[self.label_ignore] = True
+            outside = np.flatnonzero((np.bincount(label.ravel(), minlength=256) > 0) & ~allowed).tolist()
+            if outside:
+                problems.append(
+                    f"{self._mask_name(key)} holds values {outside} outside {self.title}'s labels "
+                    f"({self.label_text()}), read as background; {self._found(key, label, mask)}"
+                )
+        if not (mask == 1).any():
+            value = f" (mask value {class_id + 1})" if label is not None else ""
+            problems.append(
+                f"{self._mask_name(key)} does not show its listed class {class_id}{value}; "
+                f"{self._found(key, label, mask)}"
+            )
+        return mask, problems
+
+    def mask_problems(
+        self, key: str, classes: list[int] | None = None, check_values: bool = True
+    ) -> list[str]:
+        """Every problem of ``key``'s mask for ``classes`` (default: its `listed_classes`); its values checked once
+        (with the first class) unless ``check_values`` is false."""
+        classes = self.listed_classes(key) if classes is None else classes
+        return [
+            p for i, c in enumerate(classes) for p in self.checked_mask(key, c, check_values and i == 0)[1]
+        ]
+
+    def scan_masks(self) -> tuple[int, list[str]]:
+        """Check the mask of every (image, class) an evaluation episode reads; remember the problems (`known_bad`)
+        and return the number of episodes with one and the problems, each once."""
+        if self.episodes is None:
+            raise ValueError(
+                "scan_masks covers evaluation episodes; training episodes are checked as they load"
+            )
+        found: dict[tuple[str, int], list[str]] = {}
+        checked_values: set[str] = set()
+        affected = 0
+        for ep in self.episodes:
+            s_class = ep.class_id if ep.support_class is None else ep.support_class
+            bad = False
+            for key, c in ((ep.query, ep.class_id), *((k, s_class) for k in ep.supports)):
+                if (key, c) not in found:
+                    found[(key, c)] = self.checked_mask(key, c, check_values=key not in checked_values)[1]
+                    checked_values.add(key)
+                bad |= bool(found[(key, c)])
+            affected += bad
+        self.known_bad = {pair: "; ".join(p) for pair, p in found.items() if p}
+        return affected, [p for problems in found.values() for p in problems]
+
+    def episode_mask(self, key: str, class_id: int) -> np.ndarray:
+        """The mask an episode reads, checked (`checked_mask`): a problem raises `BadMaskError` (``bad_masks:
+        error``) or warns (``warn``; once per problem and process, none for those `scan_masks` reported)."""
+        mask, problems = self.checked_mask(key, class_id)
+        if problems:
+            text = "; ".join(problems)
+            if self.bad_masks == "error":
+                raise BadMaskError(
+                    f"{text}. `fsseg data check --root {self.root} --benchmark {self.name} --verify` lists every "
+                    f"such mask; data.bad_masks: warn uses them as they are (counted in metrics.json)"
+                )
+            if self.known_bad.get((key, class_id)) != text:
+                warnings.warn(f"{text} (data.bad_masks: warn: used as it is)", stacklevel=2)
+        return mask
+
     def __len__(self) -> int:
         return self.n_episodes
 
@@ -291,7 +451,7 @@ class FewShotDataset(Dataset, ABC):
         ep = self.episode(index)
         s = self.img_size
         q_img = load_rgb(self.image_path(ep.query))
-        q_mask = self.load_mask(ep.query, ep.class_id)
+        q_mask = self.episode_mask(ep.query, ep.class_id)
         if q_mask.shape != (q_img.height, q_img.width):
             raise ValueError(
                 f"mask of {self.image_path(ep.query)} has shape {q_mask.shape}, image is {(q_img.height, q_img.width)}"
@@ -303,16 +463,19 @@ class FewShotDataset(Dataset, ABC):
         s_imgs, s_masks = [], []
         for key in ep.supports:
             s_img = load_rgb(self.image_path(key))
-            s_mask = self.load_mask(key, s_class)
+            s_mask = self.episode_mask(key, s_class)
             if s_mask.shape != (s_img.height, s_img.width):
                 raise ValueError(
                     f"mask of {self.image_path(key)} has shape {s_mask.shape}, image is {(s_img.height, s_img.width)}"
                 )
             if ep.empty_supports:
                 s_mask = np.zeros_like(s_mask)
-            s_imgs.append(image_to_tensor(s_img, s))
+            s_imgs.append(image_to_tensor(s_img, s, self.image_resize))
             s_masks.append(resize_mask(s_mask, (s, s)))
-        q_img, s_imgs = image_to_tensor(q_img, s), torch.stack(s_imgs)  # [3, S, S], [K, 3, S, S]
+        q_img, s_imgs = (
+            image_to_tensor(q_img, s, self.image_resize),
+            torch.stack(s_imgs),
+        )  # [3, S, S], [K, 3, S, S]
         extra = {}
         if self.train_augment != "none":
             v = augment.draw(self.train_augment, self.seed, index)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from fsseg.data.base import IGNORE, ClassFirstDataset, load_label
+from fsseg.data.base import IGNORE, ClassFirstDataset
 from fsseg.data.splits_io import read_json_gz, resolve_splits_dir
 
 NCLASS = 80
@@ -33,6 +31,8 @@ class CocoFewShot(ClassFirstDataset):
         "(`fsseg data build-coco-masks`)"
     )
     nfolds = 4
+    label_classes = NCLASS
+    label_ignore = IGNORE
 
     @classmethod
     def required_paths(cls, root: Path, split: str) -> list[tuple[Path, str]]:
@@ -86,12 +86,6 @@ class CocoFewShot(ClassFirstDataset):
 
     def mask_path(self, key: str) -> Path:
         return self.root / "COCO2014" / "annotations" / Path(key).with_suffix(".png")
-
-    def load_mask(self, key: str, class_id: int) -> np.ndarray:
-        label = load_label(self.mask_path(key))
-        mask = (label == class_id + 1).astype(np.uint8)
-        mask[label == IGNORE] = IGNORE
-        return mask
 
 
 class Coco402020FewShot(CocoFewShot):

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fsseg.data import augment
-from fsseg.data.base import FewShotDataset
+from fsseg.data.base import BAD_MASKS, IMAGE_RESIZES, FewShotDataset
 from fsseg.data.protocol import SUPPORT_CONTROLS
 from fsseg.data.registry import benchmark_class
 from fsseg.data.samplers import EpisodeSampler, EvalDistributedSampler, ResumableLoader
@@ -48,7 +48,17 @@ class FewShotDataModule(L.LightningDataModule):
             ``lvis92i`` | ``ade20k`` | ``embedded``, see `fsseg.data.registry`) or the dotted path of a
             `FewShotDataset` subclass: evaluation, and training unless ``train_benchmarks`` is set.
         fold, shot: the fold and the number of supports.
-        img_size: square model input side. eval_size: evaluation mask side (int), ``original``, or null (= img_size).
+        img_size: square model input side (a positive integer; at ``setup`` also one the model accepts: its
+            ``input_size_error``, e.g. DiffewS a multiple of 64 with SD 2.1). eval_size: evaluation mask side (int),
+            ``original``, or null (= img_size).
+        image_resize: how query and support images are resized to ``img_size``, in training and evaluation:
+            ``torch`` (bilinear with antialias on the float image) or ``pil`` (PIL's bilinear resize of the uint8
+            image, the released DiffewS code's; the DiffewS paper configs use it). Recorded in ``metrics.json``.
+        bad_masks: a listed mask that does not show its listed class (the query would be scored against an empty
+            ground truth, a support would show nothing), or that holds values outside the benchmark's labels:
+            ``error`` (default: the episode that reads it stops the run, naming the file) or ``warn`` (used as it
+            is; evaluation checks every episode's masks at setup and records the count and the files in
+            ``metrics.json``). ``fsseg data check --verify`` lists them all.
         train_episodes, val_episodes, test_episodes: episodes per epoch / in the protocol (null = benchmark default:
             the training list length; 1000 for PASCAL/COCO evaluation; every test image for FSS-1000; 2300 for LVIS).
         batch_size, eval_batch_size, num_workers: loader settings (evaluation episodes do not depend on them).
@@ -90,6 +100,8 @@ class FewShotDataModule(L.LightningDataModule):
         train_benchmarks: list[str] | None = None,
         support_control: str = "none",
         train_augment: str = "none",
+        image_resize: str = "torch",
+        bad_masks: str = "error",
     ) -> None:
         super().__init__()
         for name in [benchmark, *(train_benchmarks or [])]:
@@ -102,12 +114,25 @@ class FewShotDataModule(L.LightningDataModule):
                 f"data.support_control: expected one of {SUPPORT_CONTROLS}, got {support_control!r}"
             )
         augment.check(train_augment)
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise ValueError(f"data.img_size must be a positive integer, got {img_size!r}")
+        if isinstance(eval_size, bool) or isinstance(eval_size, int) and eval_size < 1:
+            raise ValueError(
+                f"data.eval_size must be a positive integer, 'original' or null, got {eval_size!r}"
+            )
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"data.image_resize: expected one of {IMAGE_RESIZES}, got {image_resize!r}")
+        if bad_masks not in BAD_MASKS:
+            raise ValueError(f"data.bad_masks: expected one of {BAD_MASKS}, got {bad_masks!r}")
         if eval_size == "original" and eval_batch_size != 1:
             raise ValueError("data.eval_size 'original' needs data.eval_batch_size 1 (masks differ in size)")
         if effective_batch_size is not None and effective_batch_size < 1:
             raise ValueError(f"data.effective_batch_size must be null or >= 1, got {effective_batch_size}")
         self.save_hyperparameters()
         self.datasets: dict[str, FewShotDataset | ConcatDataset] = {}
+        self.bad_mask_scan: dict[
+            str, tuple[int, list[str]]
+        ] = {}  # split -> `FewShotDataset.scan_masks` (warn)
 
     # ---- which benchmarks and splits ----------------------------------------------------------------------------
     def _uses(self, stage: str | None) -> list[tuple[str, str]]:
@@ -138,6 +163,8 @@ class FewShotDataModule(L.LightningDataModule):
             splits_dir=hp.splits_dir,
             support_control="none" if split == "trn" else hp.support_control,
             train_augment=hp.train_augment if split == "trn" else "none",
+            image_resize=hp.image_resize,
+            bad_masks=hp.bad_masks,
         )
 
     def train_datasets(self) -> list[FewShotDataset]:
@@ -153,21 +180,46 @@ class FewShotDataModule(L.LightningDataModule):
         generation): once per node, before any ``setup``."""
         fn = self.trainer.state.fn if self.trainer is not None else None
         stage = fn.value if fn is not None else None  # fit | validate | test | predict; None: every stage
+        self.check_input_size()
         for name, split in dict.fromkeys(self._uses(stage)):
             cls = benchmark_class(name)
             cls.prepare_data(cls.resolve_root(self.hparams.root), split)
 
+    def check_input_size(self) -> None:
+        """Refuse ``img_size`` when the trainer's model cannot take it (its ``input_size_error``, by name): where
+        model and data meet, before any data is prepared or read."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        check = getattr(model, "input_size_error", None)
+        why = check(self.hparams.img_size) if check is not None else None
+        if why:
+            raise ValueError(f"data.img_size {self.hparams.img_size}: {why}")
+
+    def _eval_dataset(self, split: str) -> FewShotDataset:
+        ds = self.build(split)
+        if self.hparams.bad_masks == "warn":
+            affected, problems = self.bad_mask_scan[split] = ds.scan_masks()
+            if problems:
+                shown = "; ".join(problems[:3]) + (
+                    f"; ... ({len(problems) - 3} more)" if len(problems) > 3 else ""
+                )
+                rank_zero_warn(
+                    f"data.bad_masks: warn: {affected} of {len(ds)} {split} episodes read a bad mask, used as it is "
+                    f"(recorded in metrics.json): {shown}"
+                )
+        return ds
+
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        self.check_input_size()
         if stage in (None, "fit"):
             members = self.train_datasets()
             self.datasets["trn"] = EpisodeConcat(members) if hp.train_benchmarks else members[0]
             if stage == "fit" and hp.effective_batch_size is not None and self.trainer is not None:
                 self._set_accumulation()
         if stage in (None, "fit", "validate"):
-            self.datasets["val"] = self.build("val")
+            self.datasets["val"] = self._eval_dataset("val")
         if stage in (None, "test", "predict"):
-            self.datasets["test"] = self.build("test")
+            self.datasets["test"] = self._eval_dataset("test")
 
     def _set_accumulation(self) -> None:
         """``trainer.accumulate_grad_batches`` from ``effective_batch_size`` (see the class docstring)."""
@@ -208,8 +260,17 @@ class FewShotDataModule(L.LightningDataModule):
             "resolution": hp.eval_size if hp.eval_size is not None else hp.img_size,
             "seed": hp.seed,
             "support_control": hp.support_control,
+            "image_resize": hp.image_resize,
+            "bad_masks": self._bad_mask_record(),
             "episodes": len(self.datasets["test"]) if "test" in self.datasets else None,
         }
+
+    def _bad_mask_record(self, limit: int = 50) -> dict:
+        """``data.bad_masks`` and what the test episodes read: with ``error`` a finished run read none; with ``warn``
+        the episodes that read a bad mask and the problems (the first ``limit``)."""
+        affected, problems = self.bad_mask_scan.get("test", (0, []))
+        return {"setting": self.hparams.bad_masks, "episodes": affected, "problems": problems[:limit],
+                "problems_total": len(problems)}  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["trn"]

@@ -11,6 +11,7 @@ first: `fsseg.models.loading`) and the one threshold convention of score-thresho
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from contextlib import contextmanager
 from typing import ClassVar
 
 import lightning as L
@@ -22,8 +23,36 @@ from torch import nn
 
 from fsseg.metrics import FewShotIoU, episode_inter_union
 from fsseg.models import loading
+from fsseg.predictions import encode_masks
 
 THRESHOLD_MODES = ("absolute", "relative")
+#: ``eval_precision`` values (None: the trainer's precision). Each keeps fp32 weights, so any of them can evaluate
+#: a model that the trainer holds at one of these precisions.
+EVAL_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+#: Lightning's older spellings of the precisions (``trainer.precision 16`` is ``16-mixed``)
+PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def eval_precision_conflict(eval_precision: str | None, given) -> str | None:
+    """Why an evaluation run (validate / test) is refused, or None.
+
+    The rule: a set ``eval_precision`` (e.g. the DiffewS paper configs' ``32-true``) decides the evaluation's
+    precision over a ``trainer.precision`` from a config file (that one is the training precision, e.g. their
+    ``16-mixed``); ``--trainer.precision given`` on the command line of a validate/test run asks for this run's
+    precision explicitly, so where it differs from ``eval_precision`` the run is refused by name instead of one of
+    the two being silently replaced."""
+    if given is None or eval_precision is None:
+        return None
+    wanted = PRECISION_ALIASES.get(str(given), str(given))
+    if wanted == eval_precision:
+        return None
+    return (
+        f"--trainer.precision {given} conflicts with model.init_args.eval_precision {eval_precision}, which sets the "
+        f"precision of evaluation runs: give --model.init_args.eval_precision {wanted} to evaluate in {wanted} (null: "
+        f"follow trainer.precision), or drop --trainer.precision"
+    )
 
 
 def threshold_scores(
@@ -40,6 +69,21 @@ def threshold_scores(
     return (score > threshold * reference.view(-1, 1, 1)).long()
 
 
+def min_grid(*blocks: nn.Module | None) -> int:
+    """The smallest side of a coarsest feature grid that the GroupNorms of ``blocks`` (those a network runs at that
+    grid; None entries skipped) can normalise: 1 when each group holds at least two channels, else 2 (a 1x1 grid
+    would leave one value per group)."""
+    norms = [
+        m for block in blocks if block is not None for m in block.modules() if isinstance(m, nn.GroupNorm)
+    ]
+    return 1 if all(m.num_channels // m.num_groups >= 2 for m in norms) else 2
+
+
+def unet_coarsest_blocks(unet: nn.Module) -> tuple[nn.Module | None, ...]:
+    """A diffusers UNet's blocks at its coarsest grid: the last down block, the mid block, the first up block."""
+    return unet.down_blocks[-1], getattr(unet, "mid_block", None), unet.up_blocks[0]
+
+
 class FewShotModule(L.LightningModule, metaclass=ABCMeta):
     """Base LightningModule of every fsseg method.
 
@@ -49,6 +93,10 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         scheduler_interval: ``step`` or ``epoch``.
         threshold / threshold_mode: for methods that threshold a foreground score (`binarize`): ``absolute``
             (``score > threshold``) or ``relative`` (``score > threshold * max``); None for the others.
+        eval_precision: the precision of validation, test and ``trainer.predict`` steps: None (the trainer's
+            ``trainer.precision``) | ``32-true`` | ``bf16-mixed`` | ``16-mixed``, whatever precision trains. Applied
+            as autocast around the model's prediction (`evaluation_autocast`) and recorded in ``metrics.json``
+            (`evaluation_precision`); see `eval_precision_conflict` for a command line asking for another.
     """
 
     #: attribute names of frozen pretrained sub-modules: assigning one turns its gradients off and puts it in eval
@@ -69,8 +117,13 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         scheduler_interval: str = "step",
         threshold: float | None = None,
         threshold_mode: str = "absolute",
+        eval_precision: str | None = None,
     ) -> None:
         super().__init__()
+        if eval_precision is not None and eval_precision not in EVAL_PRECISIONS:
+            raise ValueError(
+                f"eval_precision must be null or one of {EVAL_PRECISIONS}, got {eval_precision!r}"
+            )
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}")
         if threshold_mode not in THRESHOLD_MODES:
@@ -80,6 +133,7 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         self.optimizer_fn = optimizer
         self.scheduler_fn = scheduler
         self.scheduler_interval = scheduler_interval
+        self.eval_precision = eval_precision
         self.val_iou: FewShotIoU | None = None
         self.test_iou: FewShotIoU | None = None
         self.test_records: list[dict] = []  # one per episode of this process's test episodes
@@ -125,6 +179,12 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         """``[B, h, w]`` foreground scores -> {0, 1} long with the ``threshold`` / ``threshold_mode`` init args."""
         return threshold_scores(score, self.hparams.threshold, self.hparams.threshold_mode, reference)
 
+    def input_size_error(self, size: int) -> str | None:
+        """Why this model cannot take square inputs of side ``size`` (its smallest accepted side and the reason), or
+        None when it can. `FewShotDataModule` asks it for ``data.img_size`` where model and data meet (``setup``),
+        ``fsseg predict-images`` for ``--img-size``. The default takes any positive size."""
+        return None
+
     # ---- one support set, many queries (``fsseg predict-images``) ------------------------------------------
     def encode_support(self, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> object:
         """Prepare one support set ``[K, 3, S, S]`` in [0, 1] / ``[K, S, S]`` in {0, 1, 255} for many queries.
@@ -148,6 +208,31 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         }
         return self.predict_masks(batch, out_size)
 
+    # ---- evaluation precision -------------------------------------------------------------------------------
+    def evaluation_precision(self) -> str:
+        """The precision evaluation runs in: ``eval_precision``, else the trainer's ``trainer.precision``."""
+        return self.eval_precision or str(self.trainer.precision)
+
+    @contextmanager
+    def evaluation_autocast(self):
+        """Autocast for ``eval_precision`` around an evaluation step, inside the trainer's own (which follows
+        ``trainer.precision``): off for ``32-true``, bf16 / fp16 for the mixed ones; nothing when it is unset or
+        equal to the trainer's. A trainer that holds the weights in another dtype (``64-true``, ``bf16-true``, ...)
+        cannot evaluate at another ``eval_precision``: refused by name."""
+        trainer_precision = str(self.trainer.precision) if self._trainer is not None else None
+        wanted = self.eval_precision
+        if wanted is None or wanted == trainer_precision:
+            yield
+            return
+        if trainer_precision is not None and trainer_precision not in EVAL_PRECISIONS:
+            raise ValueError(
+                f"model.init_args.eval_precision {wanted} needs fp32 weights, but trainer.precision "
+                f"{trainer_precision} holds them otherwise: set eval_precision null, or trainer.precision 32-true"
+            )
+        half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(wanted)
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None, cache_enabled=False):
+            yield
+
     # ---- shared steps ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -166,7 +251,8 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
                 self.log(f"train/{k}", v.detach(), prog_bar=(k == "loss"), batch_size=bs)
             return out["loss"]
         target = batch["query_mask_eval"]
-        pred = self.predict_masks(batch, tuple(target.shape[-2:]))
+        with self.evaluation_autocast():
+            pred = self.predict_masks(batch, tuple(target.shape[-2:]))
         metric = self.val_iou if stage == "val" else self.test_iou
         if metric is None:
             raise RuntimeError(
@@ -174,7 +260,7 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
             )
         metric.update(pred, target, batch["class_id"])
         if stage == "test":
-            self._record_episodes(batch, *episode_inter_union(pred, target))
+            self._record_episodes(batch, *episode_inter_union(pred, target), encode_masks(pred))
         return None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -192,7 +278,9 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
             if "query_mask_eval" in batch
             else tuple(batch["query_img"].shape[-2:])
         )
-        return {"pred": self.predict_masks(batch, size).cpu(), "query_name": batch.get("query_name")}
+        with self.evaluation_autocast():
+            pred = self.predict_masks(batch, size)
+        return {"pred": pred.cpu(), "query_name": batch.get("query_name")}
 
     def _log_metric(self, metric: FewShotIoU, stage: str) -> dict[str, torch.Tensor]:
         values = metric.compute()
@@ -215,7 +303,9 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
         if self.test_iou is not None:
             self.test_values = self._log_metric(self.test_iou, "test")
 
-    def _record_episodes(self, batch: dict, inter: torch.Tensor, union: torch.Tensor) -> None:
+    def _record_episodes(
+        self, batch: dict, inter: torch.Tensor, union: torch.Tensor, pred_rles: list[dict]
+    ) -> None:
         support_names = batch["support_names"]  # collated: K lists of B names
         support_class = batch.get("support_class_id", batch["class_id"])  # differs under data.support_control
         control = batch.get("support_control", ["none"] * inter.shape[0])
@@ -230,6 +320,7 @@ class FewShotModule(L.LightningModule, metaclass=ABCMeta):
                     "support_control": control[b],
                     "inter": inter[b].tolist(),
                     "union": union[b].tolist(),
+                    "pred_rle": pred_rles[b],  # the prediction itself (fsseg.predictions)
                 }
             )
 

@@ -34,6 +34,7 @@ class PrototypeModule(FewShotModule):
         embed_dim: width of the trainable 1x1 projection (0 = use the features as they are).
         temperature: cosine-similarity scale (PANet uses 20).
         align_weight: weight of PANet's prototype-alignment loss (0 disables it).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`).
     """
 
     architecture_args = ("backbone", "out_indices", "embed_dim")  # what a checkpoint's weights depend on
@@ -51,8 +52,14 @@ class PrototypeModule(FewShotModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
+        eval_precision: str | None = None,
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval)
+        super().__init__(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scheduler_interval=scheduler_interval,
+            eval_precision=eval_precision,
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         weights = {"pretrained_cfg_overlay": {"file": self._weights_file(backbone)}} if pretrained else {}
         self.encoder = timm.create_model(
@@ -87,6 +94,17 @@ class PrototypeModule(FewShotModule):
             if name and (folder / name).is_file():
                 return str(folder / name)
         raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder} ({cfg.hf_hub_id})")
+
+    def input_size_error(self, size: int) -> str | None:
+        """At least the backbone's coarsest stride among ``out_indices``: a smaller input gives that stage's feature
+        map less than one cell of image."""
+        stride = max(self.encoder.feature_info.reduction())
+        if size < stride:
+            return (
+                f"{type(self).__name__} needs at least {stride}: its {self.hparams.backbone} stage(s) "
+                f"{list(self.hparams.out_indices)} have strides {self.encoder.feature_info.reduction()}"
+            )
+        return None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[N, 3, S, S]`` in [0, 1] -> features ``[N, D, h, w]`` at the finest chosen stage."""

@@ -14,10 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from fsseg.files import OutputExists, claim_outputs
+from fsseg.output_folder import replacing
 from fsseg.reproduce.spec import Cell, TableSpec, build_cells, load_spec, missing_inputs
 from fsseg.reproduce.tables import Measured, table_lines, write_table
-from fsseg.seeds import evaluate_seeds, logger_args
+from fsseg.seeds import evaluate_seeds
 
 
 class MissingInputs(RuntimeError):
@@ -46,11 +46,10 @@ def train_smoke_models(cells: list[Cell], data: str | None, out: Path) -> None:
         key = (*cell.configs, cell.fold, tuple(cell.fit_args))
         if key not in trained:
             name = "+".join(Path(c).stem for c in cell.configs)
-            argv = ["fit", *config_args(cell.configs), "--data.fold", str(cell.fold), *cell.fit_args,
-                    *logger_args(out / "train" / name, f"fold{cell.fold}")]  # fmt: skip
+            argv = ["fit", *config_args(cell.configs), "--data.fold", str(cell.fold), *cell.fit_args]
             if data:
                 argv += ["--data.root", data]
-            fit = run_cli(argv)
+            fit = run_cli(argv, run_dir=out / "train" / name / f"fold{cell.fold}")
             trained[key] = fit.trainer.checkpoint_callback.last_model_path
             if not trained[key]:
                 raise RuntimeError(
@@ -75,18 +74,9 @@ def test_argv(cell: Cell, data: str | None) -> list[str]:
     return argv + cell.args
 
 
-def claim_table_outputs(spec: TableSpec, out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that holds this table's results (its runs, ``<name>.md``, ``<name>.csv``) unless
-    ``overwrite``, which removes them all first: old and new runs never mix, and nothing is half-replaced."""
-    try:
-        claim_outputs(
-            [out / "runs" / spec.name, out / f"{spec.name}.md", out / f"{spec.name}.csv"], overwrite
-        )
-    except OutputExists:
-        raise OutputExists(
-            f"{out} already holds results of {spec.name} ({out / 'runs' / spec.name}, {spec.name}.md/.csv): pass "
-            f"--overwrite (make reproduce-{spec.name} OVERWRITE=1) to replace all of them, or choose another --out"
-        ) from None
+def table_outputs(spec: TableSpec) -> list[str]:
+    """What a table writes into its ``out`` folder: its runs, ``<name>.md`` and ``<name>.csv``."""
+    return [f"runs/{spec.name}", f"{spec.name}.md", f"{spec.name}.csv"]
 
 
 def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | None = None, ckpts: str | None = None,
@@ -94,12 +84,20 @@ def reproduce(spec_path: str | Path, out: str | Path = "reports", data: str | No
               overwrite: bool = False) -> tuple[Path, Path]:  # fmt: skip
     """Everything `make reproduce-tableN` does; returns the paths of the markdown and CSV tables.
 
-    An ``out`` that already holds this table's results is refused before any work unless ``overwrite``."""
+    An ``out`` that already holds this table's results is refused before any work unless ``overwrite``, which
+    replaces them once the whole table has succeeded (`fsseg.output_folder.replacing`: put back if it fails or is
+    stopped; what the table did not write is never touched)."""
     spec = load_spec(spec_path)
     out = Path(out)
     cells = build_cells(spec, data, ckpts, smoke, rows)
     check_inputs(spec, cells, data, ckpts, smoke)
-    claim_table_outputs(spec, out, overwrite)
+    flag = f"--overwrite (make reproduce-{spec.name} OVERWRITE=1)"
+    with replacing(out, f"reproduce {spec.name}", table_outputs(spec), overwrite, flag=flag):
+        return _reproduce(spec, out, cells, data, smoke, n_boot)
+
+
+def _reproduce(spec: TableSpec, out: Path, cells: list[Cell], data: str | None, smoke: bool,
+               n_boot: int) -> tuple[Path, Path]:  # fmt: skip
     start = time.perf_counter()
     if smoke:
         train_smoke_models(cells, data, out / "runs" / spec.name)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fsseg.output_folder import check_complete
+
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96 is within 2%)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
@@ -44,6 +46,12 @@ class TestRun:
         union = np.array([e["union"][1] for e in self.episodes], dtype=np.float64)
         return cls, inter, union
 
+    def pixel_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per episode: ``[bg, fg]`` intersection [N, 2] and union [N, 2] (what FB-IoU pools)."""
+        inter = np.array([e["inter"] for e in self.episodes], dtype=np.float64).reshape(-1, 2)
+        union = np.array([e["union"] for e in self.episodes], dtype=np.float64).reshape(-1, 2)
+        return inter, union
+
     def miou(self) -> float:
         cls, inter, union = self.counts()
         return float(miou_from_counts(cls, inter, union, len(self.class_ids)))
@@ -56,6 +64,7 @@ def load_run(path: str | Path) -> TestRun:
         path = path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist (expected a test run's log dir)")
+    check_complete(path)  # being written, or left by a run that was killed
     files = {name: path / name for name in ("metrics.json", "episodes.jsonl")}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
@@ -96,6 +105,13 @@ def bootstrap_miou(cls, inter, union, n_classes: int, idx: np.ndarray) -> np.nda
     flat = (np.arange(b)[:, None] * n_classes + cls[idx]).ravel()  # [B * N] (resample, class) cell
     i = np.bincount(flat, weights=inter[idx].ravel(), minlength=b * n_classes).reshape(b, n_classes)
     u = np.bincount(flat, weights=union[idx].ravel(), minlength=b * n_classes).reshape(b, n_classes)
+    return 100 * (i / np.maximum(u, 1)).mean(1)
+
+
+def bootstrap_fbiou(inter: np.ndarray, union: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """FB-IoU (percent, docs/PROTOCOL.md §2: every class pooled, then the mean of bg and fg) of each resample
+    ``idx[b]`` of the episodes' ``[bg, fg]`` counts ``inter`` / ``union`` [N, 2] -> [B]."""
+    i, u = inter[idx].sum(1), union[idx].sum(1)  # [B, 2]
     return 100 * (i / np.maximum(u, 1)).mean(1)
 
 

@@ -6,8 +6,11 @@ listed image is read from. For each requested benchmark it prints ``OK`` or ``IN
 missing (the first ``max_listed``, then a count), and per fold and split the number of classes and images, checking
 that every listed image and mask exists. ``--quick`` checks an evenly spaced sample of each list instead (counts
 still come from the whole lists). ``--verify`` also opens and fully decodes every image and mask that is checked
-and lists the unreadable, truncated or mis-sized ones by file. The exit status is 1 when any requested benchmark is
-incomplete or has an unreadable file.
+and lists the unreadable, truncated or mis-sized ones by file, and the bad masks: a mask that does not show a class
+the lists give for its image (an episode would score its query against an empty ground truth), and a label map with
+values outside the benchmark's labels (e.g. 37 in a PASCAL mask, which would be read as background), each with the
+file, the listed class and the values found. The exit status is 1 when any requested benchmark is incomplete or has
+an unreadable file or a bad mask.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Report:
     title: str
     missing: list[Path] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # "<what failed>" messages naming the file
+    bad_masks: list[str] = field(default_factory=list)  # `FewShotDataset.mask_problems` lines
     bad_lists: list[str] = field(
         default_factory=list
     )  # split lists that could not be read as the class reads them
@@ -35,7 +39,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.unreadable and not self.bad_lists
+        return not self.missing and not self.unreadable and not self.bad_lists and not self.bad_masks
 
     def note(self, text: str) -> None:
         if text not in self.lines:
@@ -49,11 +53,14 @@ class Report:
             status.append(f"UNREADABLE ({len(self.unreadable)} files)")
         if self.bad_lists:
             status.append(f"BAD LISTS ({len(self.bad_lists)})")
+        if self.bad_masks:
+            status.append(f"BAD MASKS ({len(self.bad_masks)})")
         out = [f"{self.title}: " + (", ".join(status) or "OK")] + [f"  {ln}" for ln in self.lines]
         for label, items in (
             ("missing", self.missing),
             ("unreadable", self.unreadable),
             ("bad list", self.bad_lists),
+            ("bad mask", self.bad_masks),
         ):
             out += [f"  {label}: {p}" for p in items[:max_listed]]
             if len(items) > max_listed:
@@ -69,6 +76,7 @@ class Checker:
         self.report, self.quick, self.verify, self.workers = report, quick, verify, max(1, workers)
         self._seen: dict[Path, bool] = {}
         self._verified: set[tuple[Path, ...]] = set()
+        self._mask_checked: dict[tuple[Path, ...], set[int]] = {}  # files -> classes whose masks were checked
 
     def sample(self, items: Sequence) -> Sequence:
         if not self.quick or len(items) <= self.quick:
@@ -101,7 +109,32 @@ class Checker:
                 problems = [p for p in pool.map(lambda k: _verify(ds, k), todo) if p]
             self.report.unreadable += problems
             text += f", {len(todo)} opened" + (f", {len(problems)} unreadable" if problems else "")
+            bad = self.masks(ds, [k for k in sampled if self.all_exist(ds.files(k))])
+            text += f", {len(bad)} bad masks" if bad else ""
         return text
+
+    def masks(self, ds: FewShotDataset, keys: Sequence[str]) -> list[str]:
+        """The bad masks among ``keys``' listed classes not checked before (folds and splits share images);
+        records and returns them."""
+        todo = []
+        for k in keys:
+            seen = self._mask_checked.setdefault(tuple(ds.files(k)), set())
+            classes = [c for c in ds.listed_classes(k) if c not in seen]
+            if classes:
+                todo.append((k, classes, not seen))
+                seen.update(classes)
+
+        def check(item) -> list[str]:
+            key, classes, first = item
+            try:
+                return ds.mask_problems(key, classes, check_values=first)
+            except (ValueError, OSError, KeyError):  # unreadable: listed by _verify
+                return []
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            bad = [p for problems in pool.map(check, todo) for p in problems]
+        self.report.bad_masks += bad
+        return bad
 
 
 def _verify(ds: FewShotDataset, key: str) -> str | None:
@@ -181,5 +214,9 @@ def run(args) -> int:
     for rep in reports:
         print(rep.format(args.max_listed))
     bad = [r.title for r in reports if not r.ok]
-    print(("incomplete or unreadable: " + ", ".join(bad)) if bad else "all requested benchmarks complete")
+    print(
+        ("incomplete, unreadable or with bad masks: " + ", ".join(bad))
+        if bad
+        else "all requested benchmarks complete"
+    )
     return 1 if bad else 0

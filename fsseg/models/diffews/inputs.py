@@ -78,7 +78,8 @@ def foreground_channels(pred: torch.Tensor, image: torch.Tensor, form: str) -> t
 def score_and_reference(channels: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel evidence ``[B, 3, h, w]`` -> (score = channel mean ``[B, h, w]``, relative-threshold reference
     ``[B]``): ``rgb_max`` = the maximum over all three channels and all pixels (the released evaluation code),
-    ``mean_max`` = the maximum of the score itself (the paper's ``max(value)``)."""
+    ``mean_max`` = the maximum of the score itself (the paper's ``max(value)``). Each image its own reference: the
+    released ``pred_mask.max()`` spans its whole batch, which is the same at its evaluation scripts' batch 1."""
     score = channels.mean(1)
     if reference == "rgb_max":
         return score, channels.flatten(1).amax(1)

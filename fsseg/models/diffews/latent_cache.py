@@ -24,7 +24,7 @@ The folder::
     index.json        {"images": {key or "key<TAB>variant": row}, "masks": {"key<TAB>class": row}}
     fingerprint.json  what the moments depend on (`fingerprint`), written last
 
-A folder whose fingerprint differs from the run's (other VAE weights, image size, split lists or data files) is
+A folder whose fingerprint differs from the run's (other VAE weights, image size or resize, split lists or data files) is
 refused with the fields that differ; nothing is overwritten. `DiffewsModule.prepare_data` builds a missing cache at
 the first ``fit`` (once per node, on the training device); ``fsseg cache-latents --config X.yaml`` builds it ahead of
 a run (advisable before a multi-process run of a large dataset: the other processes wait for the build).
@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from fsseg.data import augment
 from fsseg.data.base import FewShotDataset, image_to_tensor, load_rgb, resize_mask
 from fsseg.models.diffews.inputs import binary_mask, mask_image
+from fsseg.output_folder import process_alive
 
 FORMAT = 1
 MOMENTS, INDEX, FINGERPRINT = "moments.npy", "index.json", "fingerprint.json"
@@ -57,8 +59,12 @@ CHECKED = (
     "entries_sha256",
     "files_sha256",
     "train_augment",
+    "image_resize",
 )  # must match
-DEFAULTS = {"train_augment": "none"}  # what a cache written before the field existed holds
+DEFAULTS = {
+    "train_augment": "none",
+    "image_resize": "torch",
+}  # what a cache written before the field existed holds
 SUPPORTED = {"supervision": ("white_fg",), "injection": ("concat", "multiply_latent", "attention_mask")}
 
 
@@ -102,8 +108,10 @@ def entries(
 
 
 def load_image(ds: FewShotDataset, key: str, variant: int = 0) -> torch.Tensor:
-    """The image as a training episode holds it: ``[3, S, S]`` in [0, 1], in colour variant ``variant``."""
-    return augment.apply(image_to_tensor(load_rgb(ds.image_path(key)), ds.img_size), variant)
+    """The image as a training episode holds it: ``[3, S, S]`` in [0, 1] (resized by ``data.image_resize``), in
+    colour variant ``variant``."""
+    img = image_to_tensor(load_rgb(ds.image_path(key)), ds.img_size, ds.image_resize)
+    return augment.apply(img, variant)
 
 
 def image_row_key(key: str, variant: int) -> str:
@@ -115,6 +123,14 @@ def train_augment(datasets: list[FewShotDataset]) -> str:
     found = {ds.train_augment for ds in datasets}
     if len(found) != 1:
         raise ValueError(f"latent_cache: the training datasets have different train_augment {sorted(found)}")
+    return found.pop()
+
+
+def image_resize(datasets: list[FewShotDataset]) -> str:
+    """The training datasets' one ``image_resize`` (an error when they differ)."""
+    found = {ds.image_resize for ds in datasets}
+    if len(found) != 1:
+        raise ValueError(f"latent_cache: the training datasets have different image_resize {sorted(found)}")
     return found.pop()
 
 
@@ -167,6 +183,7 @@ def fingerprint(vae: torch.nn.Module, datasets: list[FewShotDataset]) -> dict:
         "entries_sha256": _sha256([*images, *(f"{k}\t{c}" for k, c in masks)]),
         "files_sha256": _sha256(stats()),
         "train_augment": train_augment(datasets),
+        "image_resize": image_resize(datasets),
         "images": len(images),
         "mask_images": len(masks),
         "benchmarks": sorted({ds.name for ds in datasets}),
@@ -256,6 +273,25 @@ class _Images(Dataset):
         return augment.apply(self._last[2], variant)
 
 
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the ``.<name>.partial-<host>-<pid>-<id>`` folders of earlier builds of ``folder`` whose process, of
+    this host, is gone: a killed build (SIGKILL) cannot remove its own. A build that still runs, or one of another
+    host (a shared filesystem), is left alone. Returns what was removed."""
+    removed = []
+    for tmp in sorted(folder.parent.glob(f".{folder.name}.partial-*")):
+        parts = tmp.name.rsplit(".partial-", 1)[1].split("-")  # [*host, pid, id]; older builds: [pid, id]
+        host = "-".join(parts[:-2]) or socket.gethostname()
+        if len(parts) < 2 or not parts[-2].isdigit() or host != socket.gethostname():
+            continue
+        if not process_alive(int(parts[-2])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            rank_zero_info(
+                f"latent cache: removed {tmp}, left by a build that was stopped (process {parts[-2]})"
+            )
+    return removed
+
+
 @torch.no_grad()
 def build(
     folder: str | os.PathLike,
@@ -277,7 +313,10 @@ def build(
     image_jobs = [(ds, key, None, v) for key, ds in images.items() for v in variants]
     jobs = image_jobs + [(ds, k, c, 0) for (k, c), ds in masks.items()]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_partials(folder)
+    tmp = (
+        folder.parent / f".{folder.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     tmp.mkdir()
     try:
         loader = DataLoader(_Images(jobs), batch_size=batch_size, num_workers=num_workers)

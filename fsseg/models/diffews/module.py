@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from fsseg.models.base import FewShotModule, LRSchedulerCallable, OptimizerCallable
+from fsseg.models.base import (
+    FewShotModule,
+    LRSchedulerCallable,
+    OptimizerCallable,
+    min_grid,
+    unet_coarsest_blocks,
+)
 from fsseg.models.diffews import generation as gen
 from fsseg.models.diffews import latent_cache, support_cache, tca
 from fsseg.models.diffews.inputs import (
@@ -49,9 +55,11 @@ class DiffewsModule(FewShotModule):
             released, 0.25) or ``threshold`` (``absolute``; the paper's best absolute value is 0.15).
         threshold_reference: the relative threshold's reference: ``rgb_max`` (released evaluation code: the maximum
             over all three channels and pixels of the decoded image) | ``mean_max`` (the paper: the maximum of the
-            channel-mean score).
+            channel-mean score). Per image: the released maximum spans its whole batch, and its evaluation scripts
+            run batch 1, where the two agree; a batch-wide reference is not offered (an episode's mask would
+            depend on its batch neighbours).
         quantize: ``floor`` (released: the decoded image passes through uint8 by truncation) | ``none`` (the paper
-            describes no uint8 step).
+            describes no uint8 step). No rounding: neither the release nor the paper rounds.
         mask_resize: attention-mask injection's support mask on each layer's token grid: ``nearest`` (released) |
             ``any`` (a cell is visible if any pixel under it is foreground; the paper does not say how).
         nshot: ``concat`` (all support K/V) | ``sample`` (support K/V sampled down to the 1-shot count).
@@ -64,10 +72,19 @@ class DiffewsModule(FewShotModule):
         latent_cache: a folder for the VAE posteriors of every training image and mask image, computed once at the
             first ``fit`` and memory-mapped; training then samples latents from them instead of encoding (the same
             draws; `fsseg.models.diffews.latent_cache`). None: encode every step.
-        channels_last: keep the UNet and VAE weights in channels-last memory format (a layout, not a change of
-            what is computed; faster convolutions on CPU and GPU, above all under bf16).
+        channels_last: keep the UNet and VAE weights in channels-last memory format (faster convolutions on CPU
+            and GPU, above all under bf16; the released code keeps them contiguous, ``false``). The same function
+            (float64: equal to 1e-14, ``tests/test_diffews_release.py``), but the convolutions then run other
+            kernels, whose float32 rounding differs. Measured on an AVX2 AMD EPYC
+            (``benchmarks/channels_last_parity.py``): the shipped tiny VAE's 512 px latents (up to 4.4 in size)
+            lie 4.9e-5 apart between the layouts (contiguous 3e-6 from the float64 result, channels-last 4.8e-5),
+            and 0.03% of the decoded prediction's uint8 levels change (tiny DiffewS, 512 px); up to 1.6e-4 on the
+            latents was seen on another CPU. Kept on by default: a difference of float32 rounding, of the size that
+            the choice of machine and kernels brings anyway, for faster training and evaluation.
         seed: seeds the support-token sampling and the mn2m inference noise.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`); the paper
+            configs set ``32-true``, the released evaluation's, while they train in ``16-mixed``.
     """
 
     frozen_modules = ("vae", "image_encoder")
@@ -107,9 +124,15 @@ class DiffewsModule(FewShotModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
+        eval_precision: str | None = None,
     ) -> None:
         super().__init__(
-            optimizer, scheduler, scheduler_interval, threshold=threshold, threshold_mode=threshold_mode
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            threshold=threshold,
+            threshold_mode=threshold_mode,
+            eval_precision=eval_precision,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self._check_choices()
@@ -254,6 +277,21 @@ class DiffewsModule(FewShotModule):
             device=self.trainer.strategy.root_device,
             num_workers=dm.hparams.num_workers,
         )
+
+    def input_size_error(self, size: int) -> str | None:
+        """A multiple of the VAE's downsampling x the UNet's (SD 2.1: 8 x 8 = 64; 512 px -> a 64 latent -> an 8x8
+        coarsest UNet grid), so that the decoded mask covers the image exactly and every UNet level holds a whole
+        grid; at least one whose coarsest UNet grid its GroupNorms can normalise (`min_grid`)."""
+        vae = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        grid = min_grid(*unet_coarsest_blocks(self.unet))
+        if size % (vae * unet) or size < vae * unet * grid:
+            cells = f", and its coarsest grid needs {grid}x{grid} cells (GroupNorm)" if grid > 1 else ""
+            return (
+                f"{type(self).__name__} needs a multiple of {vae * unet}, at least {vae * unet * grid}: its VAE "
+                f"downsamples by {vae} and its UNet the latent by {unet} more{cells}"
+            )
+        return None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -16,7 +16,7 @@ from lightning.pytorch.cli import (  # typed so jsonargparse accepts class_path
     OptimizerCallable,
 )
 
-from fsseg.models.base import FewShotModule
+from fsseg.models.base import FewShotModule, min_grid, unet_coarsest_blocks
 from fsseg.models.diffseg.capture import CaptureStore, FeatureCapture, fuse_attention_maps, install_capture
 from fsseg.models.diffseg.hed import build_edge_source
 from fsseg.models.diffseg.loading import (
@@ -63,6 +63,7 @@ class DiffSegModule(FewShotModule):
             model's 5-shot mIoU falls far below its 1-shot with ``mean`` (docs/TINY_MODELS.md). No weights depend on
             it, so it may be changed at test time.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`).
     """
 
     frozen_modules = ("unet", "movq", "image_encoder", "edge_net")
@@ -108,9 +109,15 @@ class DiffSegModule(FewShotModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
+        eval_precision: str | None = None,
     ) -> None:
         super().__init__(
-            optimizer, scheduler, scheduler_interval, threshold=threshold, threshold_mode=threshold_mode
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            threshold=threshold,
+            threshold_mode=threshold_mode,
+            eval_precision=eval_precision,
         )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if shot_fusion not in ("mean", "tokens"):
@@ -173,6 +180,22 @@ class DiffSegModule(FewShotModule):
             )
         else:
             self.head = ConvHead(self.latent_channels, map_channels)
+
+    def input_size_error(self, size: int) -> str | None:
+        """A multiple of MoVQ's downsampling x the UNet's (Kandinsky 2.2: 8 x 8 = 64), so that every UNet level,
+        whose attention maps and features PAM and SCM read, holds a whole grid; at least one whose coarsest grid
+        its GroupNorms can normalise (`min_grid`)."""
+        unet = 2 ** (len(self.unet.config.block_out_channels) - 1) if self.unet is not None else 1
+        step = self.downsample * unet
+        grid = min_grid(*unet_coarsest_blocks(self.unet)) if self.unet is not None else 1
+        if size % step or size < step * grid:
+            why = f" and its UNet the latent by {unet} more" if self.unet is not None else ""
+            cells = f", and its coarsest grid needs {grid}x{grid} cells (GroupNorm)" if grid > 1 else ""
+            return (
+                f"{type(self).__name__} needs a multiple of {step}, at least {step * grid}: its MoVQ downsamples by "
+                f"{self.downsample}{why}{cells}"
+            )
+        return None
 
     def load_frozen_parts(self, decoder: str, prior: str) -> FrozenParts:
         """The frozen UNet / MoVQ / scheduler / CLIP encoder + processor (``from_pretrained``; a subclass may build
