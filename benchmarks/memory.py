@@ -39,7 +39,7 @@ import torch
 # sibling script (python puts this script's folder on the path): the RSS / CUDA peak sampler
 from diffews_speed import PeakMemory
 
-from fsseg.files import atomic_write_text, claim_outputs
+from fsseg.files import atomic_write_text, check_output_file
 from fsseg.plan.build import build_module
 from fsseg.plan.cli import read_setting, versions
 from fsseg.plan.core import GIB, plan
@@ -70,7 +70,7 @@ def measure(module, setting, stage: str, device: torch.device) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--name", required=True, help="results file: memory_<name>_<device>.json")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--stage", default="both", choices=("fit", "test", "both"))
@@ -86,8 +86,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     out = own.out or ROOT / "benchmarks" / "results" / f"memory_{own.name}_{own.device}.json"
-    if not own.overwrite:
-        claim_outputs([out], overwrite=False)
+    check_output_file(out, own.overwrite, what="--out")  # before the work; replaced only once written
     setting = read_setting(keys)
     stages = ("fit", "test") if own.stage == "both" else (own.stage,)
     device = torch.device(own.device)

@@ -184,6 +184,29 @@ def test_plan_builds_a_released_unet_with_its_extra_input_conv(tmp_path):
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------
+def test_plan_evaluates_in_the_models_eval_precision(tmp_path):
+    # the DiffewS paper configs train in 16-mixed and evaluate in 32-true (model.init_args.eval_precision)
+    model = tiny_diffews(tmp_path)
+    setting = Setting(model, "32-true", batch_size=1, eval_batch_size=2, shot=1, img_size=32, eval_size=32,
+                      accumulate=1, clip_val=None, clip_algorithm="norm")  # fmt: skip
+    fp32 = plan(setting, "cuda", ("test",))["eval"]
+    setting.precision = "bf16-mixed"
+    bf16 = plan(setting, "cuda", ("test",))["eval"]
+    model["init_args"]["eval_precision"] = "32-true"
+    bf16_training = plan(setting, "cuda", ("test",))["eval"]
+    assert (fp32["precision"], bf16["precision"], bf16_training["precision"]) == (
+        "32-true",
+        "bf16-mixed",
+        "32-true",
+    )
+    assert bf16_training["peak_bytes"] == fp32["peak_bytes"] != bf16["peak_bytes"]
+    setting.precision = (
+        "bf16-true"  # the weights in bf16: the run refuses an fp32 evaluation, so does the plan
+    )
+    with pytest.raises(ValueError, match="eval_precision 32-true needs fp32 weights"):
+        plan(setting, "cuda", ("test",))
+
+
 def test_fsseg_plan_command_writes_json_and_refuses_what_it_cannot_plan(tmp_path, capsys):
     cfg = {
         "trainer": {"precision": "bf16-mixed", "gradient_clip_val": 1.0},
@@ -210,6 +233,11 @@ def test_fsseg_plan_command_writes_json_and_refuses_what_it_cannot_plan(tmp_path
     assert "needs no checkpoint" in capsys.readouterr().err
     assert run(["plan", "--config", str(path), "--trainer.precision", "transformer-engine"]) == 2
     assert "trainer.precision" in capsys.readouterr().err
+    # the output rules of fsseg compare --json: a folder is refused by name, an option prefix is no option
+    assert run(["plan", "--config", str(path), "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+    assert run(["plan", "--config", str(path), "--js", str(tmp_path / "p.json")]) == 2
+    assert "--js" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
 
 
 def test_memory_benchmark_refuses_cuda_without_a_gpu(tmp_path):

@@ -99,7 +99,8 @@ def report(result: dict) -> str:
     if "eval" in result:
         e = result["eval"]
         lines += [
-            f"  eval step: peak {_gib(e['peak_bytes'])} (batch {s['eval_batch_size']}, {s['eval_size']} px masks)",
+            f"  eval step: peak {_gib(e['peak_bytes'])} (batch {s['eval_batch_size']}, {s['eval_size']} px masks, "
+            f"{e.get('precision', s['precision'])})",
             f"    at the peak: {_breakdown(e['at_peak_bytes'])}",
         ]
     if "cards" in result:
@@ -119,6 +120,7 @@ def report(result: dict) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fsseg plan",
+        allow_abbrev=False,  # an option prefix (--js) is refused, here and by the fit parser the rest goes to
         description=__doc__.split("\n\n")[0],
         epilog="Every other option is an `fsseg fit` option (--config NAME, --data.img_size 512, "
         "--trainer.precision bf16-mixed, --model.init_args.gradient_checkpointing true, ...).",
@@ -128,10 +130,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, help="also write the plan (with versions) to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     own, keys = parser.parse_known_args(argv)
-    if own.json is not None and not own.overwrite:  # refused before the work; replaced only once written
-        from fsseg.files import claim_outputs
+    if own.json is not None:  # before the work: a folder there, or an existing file without --overwrite
+        from fsseg.files import check_output_file
 
-        claim_outputs([own.json], overwrite=False)
+        try:
+            check_output_file(own.json, own.overwrite, what="--json")
+        except OSError as err:  # as fsseg compare --json: one line, refused (2)
+            print(f"fsseg plan: error: {err}", file=sys.stderr)
+            return 2
     setting = read_setting(keys)
     stages = ("fit", "test") if own.stage == "both" else (own.stage,)
     result = plan(setting, own.device, stages)
@@ -142,7 +148,7 @@ def main(argv: list[str]) -> int:
     if own.json is not None:
         from fsseg.files import atomic_write_text
 
-        atomic_write_text(own.json, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(own.json, json.dumps(result, indent=2) + "\n")  # replaced only now, complete
         print(f"fsseg plan: wrote {own.json}")
     return 0
 

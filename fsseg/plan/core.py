@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from fsseg.plan.build import build_module
-from fsseg.plan.steps import Precision, episode_batch, eval_step, track_static, train_steps
+from fsseg.plan.steps import (
+    Precision,
+    episode_batch,
+    eval_step,
+    evaluation_precision,
+    track_static,
+    train_steps,
+)
 from fsseg.plan.tracker import CUDA_GRANULARITY, LiveMemory
 
 GIB = 2**30
@@ -171,9 +178,10 @@ def run_steps(module, setting: Setting, stages, device, granularity: int, emulat
         )
         tracker = LiveMemory(granularity)
         track_static(tracker, module, batch)
+        eval_precision = evaluation_precision(module, precision)
         with tracker:
-            eval_step(module, batch, precision, tracker, emulate_cuda=emulate_cuda)
-        out["eval"] = _summary(tracker)
+            eval_step(module, batch, eval_precision, tracker, emulate_cuda=emulate_cuda)
+        out["eval"] = {**_summary(tracker), "precision": eval_precision.name}
     return out
 
 

@@ -9,8 +9,8 @@ the second one's forward and backward with the first one's gradients alive), its
 the optimizer states), then the next window's first batch: its forward with the previous step's gradients and the
 states alive, ``zero_grad``, its backward with the states alive. Later batches and steps repeat these. GradScaler
 (``16-mixed``) is left out: it scales and unscales in place and keeps a few scalars. Evaluation: the module in
-eval mode, ``predict_masks`` under ``torch.inference_mode()`` and the precision's forward context
-(what ``fsseg test`` runs per batch; the metric's per-class counts are a few bytes).
+eval mode, ``predict_masks`` under ``torch.inference_mode()`` and the forward context of the evaluation's precision
+(`evaluation_precision`; what ``fsseg test`` runs per batch; the metric's per-class counts are a few bytes).
 """
 
 from __future__ import annotations
@@ -171,6 +171,23 @@ def train_steps(
     finally:
         for h in hooks:
             h.remove()
+
+
+def evaluation_precision(module, precision: Precision) -> Precision:
+    """The precision ``fsseg test`` evaluates ``module`` in under the trainer's ``precision``: the module's
+    ``eval_precision`` where set (the DiffewS paper configs' ``32-true``; `FewShotModule.evaluation_autocast`), else
+    ``precision``; refused as the run refuses it where the trainer holds the weights in another dtype."""
+    from fsseg.models.base import EVAL_PRECISIONS
+
+    wanted = getattr(module, "eval_precision", None)
+    if wanted is None or wanted == precision.name:
+        return precision
+    if precision.name not in EVAL_PRECISIONS:
+        raise ValueError(
+            f"model.init_args.eval_precision {wanted} needs fp32 weights, but trainer.precision {precision.name} "
+            f"holds them otherwise: set eval_precision null, or trainer.precision 32-true"
+        )
+    return Precision.parse(wanted)
 
 
 def eval_step(module, batch: dict, precision: Precision, tracker: LiveMemory, emulate_cuda: bool = False):
