@@ -57,7 +57,9 @@ def with_dtype(batch: dict, dtype: torch.dtype) -> dict:
 @torch.no_grad()
 def outputs(m: DiffewsModule, batch: dict) -> dict[str, torch.Tensor]:
     p = m.pipeline
-    image = p.decode_episodes(batch["query_img"], batch["support_imgs"], batch["support_masks"])  # uint8 levels / 255
+    image = p.decode_episodes(
+        batch["query_img"], batch["support_imgs"], batch["support_masks"]
+    )  # uint8 levels / 255
     size = tuple(batch["query_img"].shape[-2:])
     return {
         "latents": p.codec.encode(batch["query_img"], sample=False).double(),  # [B, 4, S/f, S/f]

@@ -18,8 +18,11 @@ DiffewS evaluation, 1-shot episodes, the same random episodes for every path:
 - C, fsseg's fastest faithful path: B under bf16 autocast (what ``--trainer.precision bf16-mixed`` does), with
   channels-last weights, ``--c-batch`` episodes per batch. The same method: same fusion, OI2M step and post-processing.
 
-C's UNet FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``; its achieved GFLOP/s (UNet calls timed
-alone inside C) is reported as a fraction of a bf16 matmul measured in the same run. Timing: one warm-up call per
+Per component (VAE encode, UNet, VAE decode, post-processing ``DiffewsModule.masks``, and the rest of the time),
+each call timed alone inside the variants (``C_components``; seconds only for A and B): C's FLOPs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention: none in post-processing), and each
+component's achieved GFLOP/s is reported with its fraction of a bf16 matmul measured in the same run (``C_unet``:
+the UNet's, the last line's figure). Timing: one warm-up call per
 variant (quick mode: not for B and the cached training step, which follow a warmed-up variant running the same
 model on the same shapes), then ``--repeats`` rounds that call the variants in turn (so a change of machine load hits all of them);
 the minimum is reported (and every time, and the load average before and after each section).
@@ -98,43 +101,57 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int
     return 2 * n**3 / best / 1e9
 
 
-class UnetMeter:
-    """Wraps a UNet's ``forward``: wall time per variant (synchronised), and FLOPs of the calls made while
-    ``count`` is on (``FlopCounterMode``: matmuls, convolutions, attention)."""
+class Meter:
+    """Wraps components' calls (``name -> (object, method name)``: the UNet's ``forward``, the VAE's ``encode`` and
+    ``decode``, the module's post-processing ``masks``): wall time and calls per variant and component
+    (synchronised), and FLOPs of the calls made while ``count`` is on (``FlopCounterMode``: matmuls, convolutions,
+    attention; resizes, comparisons and other elementwise work count 0)."""
 
-    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
-        self.unet, self.device, self.inner = unet, device, unet.forward
-        self.current: str | None = None
-        self.count = False
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.flops: dict[str, int] = {}
-        unet.forward = self  # an instance attribute: nn.Module.__call__ finds it first
+    def __init__(self, components: dict[str, tuple[object, str]], device: torch.device) -> None:
+        self.device, self.current, self.count = device, None, False
+        self.seconds: dict[str, dict[str, float]] = {c: {} for c in components}
+        self.calls: dict[str, dict[str, int]] = {c: {} for c in components}
+        self.flops: dict[str, dict[str, int]] = {c: {} for c in components}
+        self.wrapped = []
+        for comp, (obj, attr) in components.items():
+            setattr(obj, attr, self._wrap(comp, getattr(obj, attr)))  # an instance attribute: found first
+            self.wrapped.append((obj, attr))
 
-    def __call__(self, *args, **kwargs):
-        sync(self.device)
-        t0 = time.perf_counter()
-        if self.count:
-            with FlopCounterMode(display=False) as counter:
-                out = self.inner(*args, **kwargs)
-            self.flops[self.current] = self.flops.get(self.current, 0) + counter.get_total_flops()
-        else:
-            out = self.inner(*args, **kwargs)
-        sync(self.device)
-        if not self.count and self.current is not None:
-            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - t0
-            self.calls[self.current] = self.calls.get(self.current, 0) + 1
-        return out
+    def _wrap(self, comp: str, inner: Callable):
+        def call(*args, **kwargs):
+            sync(self.device)
+            t0 = time.perf_counter()
+            if self.count:
+                with FlopCounterMode(display=False) as counter:
+                    out = inner(*args, **kwargs)
+                flops = self.flops[comp]
+                flops[self.current] = flops.get(self.current, 0) + counter.get_total_flops()
+            else:
+                out = inner(*args, **kwargs)
+            sync(self.device)
+            if not self.count and self.current is not None:
+                seconds, calls = self.seconds[comp], self.calls[comp]
+                seconds[self.current] = seconds.get(self.current, 0.0) + time.perf_counter() - t0
+                calls[self.current] = calls.get(self.current, 0) + 1
+            return out
+
+        return call
+
+    def clear(self) -> None:
+        for comp in self.seconds:
+            self.seconds[comp].clear()
+            self.calls[comp].clear()
 
     def remove(self) -> None:
-        del self.unet.forward
+        for obj, attr in self.wrapped:
+            delattr(obj, attr)
 
 
 def interleaved(
     variants: dict[str, tuple[Callable[[], None], Callable[[], object]]],
     repeats: int,
     device: torch.device,
-    meter: UnetMeter | None = None,
+    meter: Meter | None = None,
     count_flops: tuple[str, ...] = (),
     cold: tuple[str, ...] = (),
 ) -> dict[str, list[float]]:
@@ -153,8 +170,7 @@ def interleaved(
         if meter is not None:
             meter.count = False
     if meter is not None:
-        meter.seconds.clear()
-        meter.calls.clear()
+        meter.clear()
     for _ in range(repeats):
         for name, (prepare, run) in variants.items():
             prepare()
@@ -257,6 +273,42 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
 
 # ---- sections ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def components(meter: Meter, variant: str, times: list[float], repeats: int, peak: float) -> dict:
+    """Per component of ``variant`` (one batch, the mean over the timed rounds): seconds, share of the variant's
+    time, the FLOPs counted and the rate achieved (GFLOP/s and its fraction of the bf16 matmul rate; None where no
+    FLOPs are counted); ``other``: the rest of the variant's time (embedding, noise, scheduler, casts, Python)."""
+    total = sum(times) / repeats
+    out: dict[str, dict] = {}
+    for comp in meter.seconds:
+        sec = meter.seconds[comp].get(variant, 0.0) / repeats
+        flop = meter.flops[comp].get(variant, 0)
+        gflops = flop / sec / 1e9 if flop and sec else None
+        out[comp] = {
+            "calls_per_batch": meter.calls[comp].get(variant, 0) // repeats,
+            "seconds_per_batch": round(sec, 4),
+            "share_of_time": round(sec / total, 3),
+            "gflop_per_batch": round(flop / 1e9, 2),
+            "gflops": None if gflops is None else round(gflops, 1),
+            "fraction_of_bf16_matmul": None if gflops is None else round(gflops / peak, 3),
+        }
+    rest = total - sum(v["seconds_per_batch"] for v in out.values())
+    out["other"] = {"seconds_per_batch": round(rest, 4), "share_of_time": round(rest / total, 3)}
+    return out
+
+
+def print_components(name: str, comps: dict) -> None:
+    """One line per component: the next bottleneck at a glance."""
+    for comp, v in comps.items():
+        rate = (
+            f", {v['gflops']} GFLOP/s ({v['fraction_of_bf16_matmul']:.0%} of bf16 matmul)"
+            if v.get("gflops")
+            else ""
+        )
+        print(
+            f"  {name} {comp}: {v['seconds_per_batch']:.3f} s/batch, {v['share_of_time']:.0%} of the time{rate}"
+        )
+
+
 def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, peak, lean=False) -> dict:
     """A, B and C at ``size`` px (see the module docstring)."""
     m.eval()
@@ -282,7 +334,12 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
         f"C_fsseg_bf16_b{c_batch}": (lambda: set_channels_last(layers, True), run_c),
     }
     names = list(variants)
-    meter = UnetMeter(m.pipeline.unet, device)
+    p = m.pipeline
+    meter = Meter(
+        {"vae_encode": (p.vae, "encode"), "unet": (p.unet, "forward"), "vae_decode": (p.vae, "decode"),
+         "post_processing": (p, "masks")},
+        device,
+    )  # fmt: skip
     before = load()
     try:
         times = interleaved(
@@ -298,15 +355,12 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
     for name in names:
         res[name]["episodes_per_s"] = round(1 / res[name]["seconds_min"], 4)
     c = names[2]
-    unet_s = meter.seconds[c] / meter.calls[c]  # per C batch
-    gflops = meter.flops[c] / unet_s / 1e9
-    res["C_unet"] = {
-        "gflop_per_batch": round(meter.flops[c] / 1e9, 1),
-        "seconds_per_batch": round(unet_s, 3),
-        "gflops": round(gflops, 1),
-        "fraction_of_bf16_matmul": round(gflops / peak, 3),
-        "share_of_C_time": round(unet_s * repeats / sum(times[c]), 3),
+    res["C_components"] = components(meter, c, times[c], repeats, peak)
+    res["A_B_component_seconds_per_episode"] = {
+        name: {comp: round(meter.seconds[comp].get(name, 0.0) / repeats, 3) for comp in meter.seconds}
+        for name in names[:2]
     }
+    res["C_unet"] = dict(res["C_components"]["unet"])
     res["speedup_C_over_A"] = round(res[names[0]]["seconds_min"] / res[c]["seconds_min"], 3)
     res["speedup_B_over_A"] = round(res[names[0]]["seconds_min"] / res[names[1]]["seconds_min"], 3)
     res["agreement_episode0"] = {  # random weights: a sanity check that the three compute the same masks
@@ -457,7 +511,7 @@ def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
         ),
     }
     names = list(variants)
-    meter = UnetMeter(m.pipeline.unet, device)
+    meter = Meter({"unet": (m.pipeline.unet, "forward")}, device)
     before = load()
     try:
         times = interleaved(variants, repeats, device, meter, count_flops=tuple(names))
@@ -466,10 +520,10 @@ def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
     res = {names[0]: summary(times[names[0]]), names[1]: summary(times[names[1]], per=batch_size)}
     for name in names:
         res[name]["episodes_per_s"] = round(1 / res[name]["seconds_min"], 4)
-        unet_s = meter.seconds[name] / meter.calls[name]
-        gflops = meter.flops[name] / unet_s / 1e9
+        unet_s = meter.seconds["unet"][name] / meter.calls["unet"][name]
+        gflops = meter.flops["unet"][name] / unet_s / 1e9
         res[name]["unet"] = {
-            "gflop_per_call": round(meter.flops[name] / 1e9, 1),
+            "gflop_per_call": round(meter.flops["unet"][name] / 1e9, 1),
             "seconds_per_call": round(unet_s, 3),
             "gflops": round(gflops, 1),
             "fraction_of_bf16_matmul": round(gflops / peak, 3),
@@ -599,9 +653,10 @@ def main(argv: list[str] | None = None) -> int:
             if "diffews" in sections:
                 for size in sizes:
                     print(f"DiffewS evaluation at {size} px", flush=True)
-                    report[f"diffews_eval_{size}"] = diffews_eval(
+                    report[f"diffews_eval_{size}"] = ev = diffews_eval(
                         m, text_encoder, tokenizer, size, c_batch, args.repeats, device, peak, args.quick
                     )
+                    print_components(next(k for k in ev if k.startswith("C_fsseg")), ev["C_components"])
             if "cache" in sections:
                 size = sizes[0] if args.quick else max(sizes)
                 print(f"training step, live encoding vs latent cache, {size} px", flush=True)

@@ -163,7 +163,7 @@ def test_help_lists_every_command_and_method_without_heavy_imports(tmp_path):
     ]
     assert listed == list(COMMANDS) == [
         "fit", "validate", "test", "predict-images", "evaluate-seeds", "compare", "report", "demo", "data",
-        "cache-latents",
+        "cache-latents", "plan",
     ]  # fmt: skip
     for path in ("fsseg.models.diffews.DiffewsModule", "fsseg.models.diffseg.DiffSegModule",
                  "fsseg.models.baseline.PrototypeModule"):  # fmt: skip

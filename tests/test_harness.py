@@ -484,7 +484,8 @@ def test_option_prefixes_are_refused_in_every_command(trained, tmp_path, capsys)
                  ["predict-images", "--config", str(cfg), "--ckpt", str(ckpt), "--supp", a, "--support-mask", a,
                   "--query", a, "--out", a],
                  ["data", "check", "--ro", a],
-                 ["report", a, "--ov"]):  # fmt: skip
+                 ["report", a, "--ov"],
+                 ["plan", "--config", str(cfg), "--js", a]):  # fmt: skip
         try:
             code = run(argv)
         except SystemExit as e:  # argparse's own usage error
@@ -503,6 +504,7 @@ def test_option_prefixes_are_refused_in_every_command(trained, tmp_path, capsys)
                 "--supp",
                 "--ro",
                 "--ov",
+                "--js",
             )
         ), err
     assert not Path(a).exists()

@@ -57,6 +57,15 @@ def test_quick_mode_on_the_tiny_architecture(tmp_path):
     }
     assert report["settings"]["c_batch"] == 3 and report["settings"]["repeats"] == 1
     assert ev["C_fsseg_bf16_b3"]["per_call"] == 3 and ev["C_unet"]["gflop_per_batch"] > 0
+    # per component: each timed, the convolutions' and matmuls' FLOPs counted, post-processing has none
+    comps = ev["C_components"]
+    assert list(comps) == ["vae_encode", "unet", "vae_decode", "post_processing", "other"]
+    for comp in ("vae_encode", "unet", "vae_decode"):
+        assert comps[comp]["calls_per_batch"] >= 1 and comps[comp]["gflops"] > 0, comp
+    assert comps["post_processing"]["calls_per_batch"] == 1 and comps["post_processing"]["gflops"] is None
+    assert sum(v["share_of_time"] for v in comps.values()) == pytest.approx(1, abs=0.01)
+    assert ev["C_unet"]["gflops"] == comps["unet"]["gflops"]
+    assert set(ev["A_B_component_seconds_per_episode"]["A_released_fp32_b1"]) == set(comps) - {"other"}
     # A (three VAE calls, the two-pass bank, uint8 through numpy) computes what B computes
     assert ev["agreement_episode0"]["A_vs_B_pixels_differ"] <= 0.01
     cache = report["latent_cache_32"]

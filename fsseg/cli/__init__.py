@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fsseg.cli.cache_latents",
         "DiffewS: encode the training images once (model.init_args.latent_cache)",
     ),
+    "plan": (
+        "fsseg.plan.cli",
+        "peak GPU memory of a config's training and evaluation step, and which cards fit (no GPU needed)",
+    ),
 }
 PASS_NAME = ("fit", "validate", "test")
 REMOVED = {

@@ -629,27 +629,30 @@ def torch_load_step(path: str) -> int | None:
         return None
 
 
-def run_cli(argv: list[str], run_dir: Path | None = None) -> FssegCLI:
+def run_cli(
+    argv: list[str], run_dir: Path | None = None, cli_class: type[FssegCLI] | None = None
+) -> FssegCLI:
     """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`.
 
     ``run_dir``: write this run into exactly that folder (for commands with their own folder layout), instead of
     the folder fsseg's rule derives. A command line that does not parse raises `RunRefused` with jsonargparse's
-    report condensed to one line.
+    report condensed to one line. ``cli_class``: a `FssegCLI` subclass to run instead (``fsseg plan`` parses with
+    one that builds nothing).
     """
     try:
-        return _run_cli(argv, run_dir)
+        return _run_cli(argv, run_dir, cli_class or FssegCLI)
     except ArgumentError as err:
         sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
         raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
 
 
-def _run_cli(argv: list[str], run_dir: Path | None = None) -> FssegCLI:
+def _run_cli(argv: list[str], run_dir: Path | None, cli_class: type[FssegCLI]) -> FssegCLI:
     argv, overwrite = expand_shorthands(list(argv))
     quiet_third_party()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
     parser_kwargs = {sub: {"description": HELP[sub], "exit_on_error": False, "allow_abbrev": False}
                      for sub in SUBCOMMANDS}  # fmt: skip
-    return FssegCLI(
+    return cli_class(
         FewShotModule,
         FewShotDataModule,
         subclass_mode_model=True,
