@@ -13,9 +13,10 @@ SD layout (``unet/``, ``vae/``, ...): for every UNet block output (``down0`` .. 
   class's support (the rate of false matches);
 - ``auc``: the per-episode ROC AUC of the cosine similarity to the support prototype for the query mask, own /
   other-class support;
-- ``miou``: the training-free matcher `fsseg.models.dift_features.dift_segment` at each threshold, own / other.
+- ``miou``: the training-free matcher (`fsseg.models.dift.DiftPipeline`, prototype similarity) at each threshold,
+  own / other.
   The setting (timestep, layer, threshold) is *selected* on ``--select-fold``'s test episodes, whose classes the
-  stand-in was pretrained on, and then reported on ``--fold`` by running `dift_segment` itself; the best fold-0
+  stand-in was pretrained on, and then reported on ``--fold`` by running `DiftPipeline` itself; the best fold-0
   setting is printed too, marked as chosen on the test episodes;
 - ``probe``: what the up-block features encode, on the objects of the benchmark's val images: nearest-neighbour
   retrieval of each held-out-class object among all other objects (share of neighbours with the same class /
@@ -48,7 +49,7 @@ from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.embedded import EMBEDDED_CLASS_NAMES, fold_classes
 from fsseg.files import atomic_write_text, claim_outputs
 from fsseg.metrics.fss_iou import FewShotIoU
-from fsseg.models.dift_features import dift_segment, unet_blocks, unet_layer_features
+from fsseg.models.dift.pipeline import DiftPipeline, unet_blocks, unet_layer_features
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5 .. 0.95
 ATTRIBUTES = ("colour", "texture", "shape")
@@ -166,7 +167,7 @@ class FrozenSD:
 
 def similarity_maps(q: torch.Tensor, s: torch.Tensor, support_masks: torch.Tensor, size: int) -> torch.Tensor:
     """Cosine similarity of query cells to the masked support prototype, resized to ``size``: [B, size, size]
-    (the scoring of `dift_segment` before normalisation)."""
+    (the prototype scoring of `DiftPipeline` before normalisation)."""
     w = F.adaptive_avg_pool2d((support_masks == 1).float()[:, None], q.shape[-2:])  # [B, 1, h, w]
     proto = (s * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3)).clamp_min(1e-6)  # [B, C]
     sim = torch.einsum("bchw,bc->bhw", F.normalize(q, dim=1), F.normalize(proto, dim=1))[:, None]
@@ -240,28 +241,13 @@ def best_setting(table: dict) -> tuple[int, str, float, float]:
 
 @torch.no_grad()
 def run_matcher(sd: FrozenSD, eps: dict, t: int, layer: str, threshold: float, batch: int = 25) -> float:
-    """mIoU of `dift_segment` itself on the episodes (batches of ``batch``; batch ``i`` uses noise seed ``i``)."""
+    """mIoU of `DiftPipeline` itself on the episodes (batches of ``batch``; batch ``i`` uses noise seed ``i``)."""
     preds = []
     size = tuple(eps["query_mask"].shape[-2:])
     for j, i in enumerate(range(0, len(eps["class_id"]), batch)):
-        zq = sd.encode(eps["query_img"][i : i + batch])
-        sup = eps["support_imgs"][i : i + batch]
-        zs = sd.encode(sup.flatten(0, 1)).unflatten(0, sup.shape[:2])
-        preds.append(
-            dift_segment(
-                sd.unet,
-                sd.scheduler,
-                sd.prompt,
-                zq,
-                zs,
-                eps["support_masks"][i : i + batch],
-                timestep=t,
-                layer=layer,
-                threshold=threshold,
-                noise_seed=j,
-                out_size=size,
-            )  # fmt: skip
-        )
+        pipe = DiftPipeline(sd.vae, sd.unet, sd.scheduler, sd.prompt, t, layer, "prototype", threshold, j)
+        sup, masks = eps["support_imgs"][i : i + batch], eps["support_masks"][i : i + batch]
+        preds.append(pipe.segment_episodes(eps["query_img"][i : i + batch], sup, masks, size))
     return miou(torch.cat(preds), eps)
 
 
@@ -431,7 +417,7 @@ def print_sd(res: dict) -> None:
             )
     m, b = res["matcher"], res["best_on_test"]
     log(
-        f"dift_segment (`fsseg.models.dift_features`), setting chosen on fold {res['select_fold']}'s episodes, "
+        f"DiftPipeline (`fsseg.models.dift`), setting chosen on fold {res['select_fold']}'s episodes, "
         f"training classes (t={m['timestep']}, {m['layer']}, threshold {m['threshold']}): own {m['own']:.1f}, "
         f"other-class {m['other_class']:.1f}"
     )
