@@ -253,3 +253,10 @@ def test_reproduction_rows_test_it_as_built():
     smoke_cells = build_cells(spec, None, None, True, rows)
     assert {Path(c.configs[0]).name for c in smoke_cells} == {"demo_dift.yaml"}
     assert {c.benchmark for c in build_cells(spec, "/data", "/ckpts", False, rows)} == {"pascal5i", "coco20i"}
+
+
+def test_missing_weights_name_the_setting(tmp_path):
+    from fsseg.models.loading import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match=r"model.init_args.pretrained = .*nowhere"):
+        DiftModule(str(tmp_path / "nowhere"))
