@@ -99,7 +99,7 @@ class DiftPipeline(Pipeline):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` in [0, 1] -> the chosen block's features ``[N, C, h, w]`` (float32)."""
-        latents = self.codec.encode(images)  # [N, 4, S/8, S/8]
+        latents = self.codec.encode(images)  # [N, 4, S/f, S/f]
         prompt = self.prompt_embeds.to(latents.dtype)
         feats = unet_layer_features(
             self.unet, self.scheduler, latents, prompt, self.timestep, [self.layer], self.noise_seed
