@@ -34,6 +34,7 @@ class DiftModule(FewShotModule):
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
     """
 
+    REFUSAL = "{} is training-free: there is nothing to fit. Evaluate it as built: fsseg test --config X --no_ckpt"
     has_threshold = True
     training_free = True  # `fsseg demo` and reproduction tables test it as built (--no_ckpt), never fit it
 
@@ -57,20 +58,17 @@ class DiftModule(FewShotModule):
             load(AutoencoderKL, "vae", "Stable Diffusion VAE"),
             load(UNet2DConditionModel, "unet", "Stable Diffusion UNet"),
             load(DDIMScheduler, "scheduler", "noise scheduler"),
-            empty_prompts(pretrained, allow_download)[0],  # [1, 77, D]: DIFT's empty prompt, padded
+            empty_prompts(pretrained, allow_download)[0],  # [1, 77, D]: the empty prompt, padded as SD pads it
             timestep, layer, similarity, threshold, noise_seed,
         )  # fmt: skip
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.training_loss({})
+        if stage == "fit":  # before any training data is read
+            raise TrainingFree(self.REFUSAL.format(type(self).__name__))
         super().setup(stage)
 
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        raise TrainingFree(
-            f"{type(self).__name__} is training-free: there is nothing to fit. Evaluate it as built with "
-            f"`fsseg test --config <config> --no_ckpt`"
-        )
+        raise TrainingFree(self.REFUSAL.format(type(self).__name__))
 
     def predict_masks(self, batch: dict, out_size: tuple[int, int]) -> torch.Tensor:
         args = (batch["query_img"], batch["support_imgs"], batch["support_masks"])
