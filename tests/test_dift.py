@@ -140,7 +140,8 @@ def test_a_support_without_foreground_gives_background(tiny_parts, similarity):
 
 
 def test_settings_are_checked_by_name(tiny_parts):
-    for kw, match in ((dict(similarity="knn"), "similarity must be one of"), (dict(timestep=1000), r"timestep.*\[0, 999\]"),
+    for kw, match in ((dict(similarity="knn"), "similarity must be one of"),
+                      (dict(timestep=1000), r"timestep.*\[0, 999\]"),
                       (dict(layer="up7"), "layer 'up7' is not a block")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             _pipe(tiny_parts, **kw)

@@ -6,8 +6,9 @@ similarity, threshold) of a grid.
 In the PASCAL-5i layout (``pascal5i``, ``embedded``) the ``val`` episodes *are* the test episodes (the protocol's
 one list, same seed: the first ``n`` of them), so they cannot select anything. The selection episodes here are drawn
 by the same protocol from the held-out classes' *training* images instead: a copy of the split lists whose
-``val/fold<f>.txt`` is ``trn/fold<f>.txt``, sorted as val lists are (fold ``f``'s own classes on the train images, which fold ``f``'s
-training never reads; the tiny stand-ins were pretrained on rendered images of the training classes only).
+``val/fold<f>.txt`` is ``trn/fold<f>.txt``, sorted as val lists are (fold ``f``'s own classes on the train images,
+which fold ``f``'s training never reads; the tiny stand-ins were pretrained on rendered images of the training
+classes only).
 
 Runs `DiftPipeline` itself (each setting's scores computed once, thresholded at every ``--thresholds``), with each
 episode's own support and, with ``--controls other_class``, a support of another class too. Prints the best settings
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
              **{f"miou_{k}": c[f"miou_{k}"][th] for k in args.controls}} for v, c, th in ranked[:10]]  # fmt: skip
     for row in best:
         print(row)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"episodes_from": f"trn/fold{args.fold}.txt (held-out classes, training images)",
-              "images": len(used), "test_images_used": 0, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "images": len(used), "test_images_used": 0, "args": settings,
               "best": best, "cells": cells, "seconds": round(time.perf_counter() - start, 1),
               "device": platform.processor() or platform.machine(), "torch": torch.__version__}  # fmt: skip
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
