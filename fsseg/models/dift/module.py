@@ -34,7 +34,9 @@ class DiftModule(FewShotModule):
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
     """
 
-    REFUSAL = "{} is training-free: there is nothing to fit. Evaluate it as built: fsseg test --config X --no_ckpt"
+    REFUSAL = (
+        "{} is training-free: there is nothing to fit. Evaluate it as built: fsseg test --config X --no_ckpt"
+    )
     has_threshold = True
     training_free = True  # `fsseg demo` and reproduction tables test it as built (--no_ckpt), never fit it
 
