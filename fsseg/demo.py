@@ -1,8 +1,10 @@
 """``fsseg demo``: the whole loop on the embedded benchmark, on a CPU, in minutes.
 
-For each demo config (the prototype baseline, the tiny DiffewS and the tiny DiffSeg) it trains on the training folds
-and tests on the held-out fold twice from the same checkpoint, through the same CLI as any run: with each episode's
-own support, and with a support of another class (``data.support_control: other_class``). A method that uses its
+For each demo config (the prototype baseline, the tiny DiffewS, the tiny DiffSeg and the training-free DIFT matcher)
+it trains on the training folds and tests on the held-out fold twice from the same checkpoint, through the same CLI
+as any run: with each episode's own support, and with a support of another class (``data.support_control:
+other_class``). A training-free method (its class says ``training_free = True``) is not fitted: both tests run as
+the config builds it (``--no_ckpt``). A method that uses its
 support loses most of its mIoU under the control; the difference is printed beside it. Two trivial references are
 measured on the same episodes.
 
@@ -15,7 +17,8 @@ moves its mIoU by 0.1; training always runs at the config's precision. The preci
 
 Everything goes to ``--out`` (default ``runs/demo``)::
 
-    <out>/<config>/fit/               the training run (checkpoints/last.ckpt, config.yaml, TensorBoard logs)
+    <out>/<config>/fit/               the training run (checkpoints/last.ckpt, config.yaml, TensorBoard logs; none for
+                                      a training-free method)
     <out>/<config>/test/              metrics.json, episodes.jsonl (own support)
     <out>/<config>/test_other_class/  the same with other-class supports
     <out>/references/<reference>/     metrics.json, episodes.jsonl
@@ -36,7 +39,7 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_CONFIGS = ("demo_baseline", "demo_diffews", "demo_diffseg")
+DEFAULT_CONFIGS = ("demo_baseline", "demo_diffews", "demo_diffseg", "demo_dift")
 TRIVIAL_REFS = ("all_foreground", "paste_support_mask")
 CONTROL = "other_class"
 TEST_PRECISIONS = ("auto", "32-true", "bf16-mixed")
@@ -81,18 +84,32 @@ def resolve_test_precision(config: Path, requested: str) -> tuple[str, str]:
     return ("bf16-mixed" if native else "32-true"), f"auto: {why}"
 
 
+def training_free(config: Path) -> bool:
+    """Whether ``config``'s model class declares itself training-free (``training_free = True``)."""
+    import importlib
+
+    import yaml
+
+    class_path = str((yaml.safe_load(config.read_text()).get("model") or {}).get("class_path", ""))
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name) if module else None
+    return getattr(cls, "training_free", False) is True
+
+
 def fit_and_test(config: Path, out: Path, extra: list[str], precision: str) -> dict:
-    """Train one demo config, test it with its own and with other-class supports at ``precision``; one row of the
-    table."""
+    """Train one demo config (unless training-free), test it with its own and with other-class supports at
+    ``precision``; one row of the table."""
     from fsseg.cli.trainer import run_cli
 
     start = time.perf_counter()
-    fit = run_cli(["fit", "--config", str(config)], run_dir=out / "fit")
-    ckpt = fit.last_checkpoint
+    free, weights = training_free(config), ["--no_ckpt", "true"]
+    if not free:
+        fit = run_cli(["fit", "--config", str(config)], run_dir=out / "fit")
+        weights = ["--ckpt_path", fit.last_checkpoint]
     fit_s = time.perf_counter() - start
     results = {}
     for folder, control in (("test", "none"), (f"test_{CONTROL}", CONTROL)):
-        test = run_cli(["test", "--config", str(config), "--ckpt_path", ckpt, "--data.support_control", control,
+        test = run_cli(["test", "--config", str(config), *weights, "--data.support_control", control,
                         "--model.init_args.eval_precision", precision, *extra], run_dir=out / folder)  # fmt: skip
         results[control] = json.loads((test.run_dir / "metrics.json").read_text())
     own, other = results["none"], results[CONTROL]
@@ -108,7 +125,11 @@ def fit_and_test(config: Path, out: Path, extra: list[str], precision: str) -> d
         "test_precision": own["precision"],
         "fit_seconds": round(fit_s, 1),
         "seconds": round(time.perf_counter() - start, 1),
-        "runs": {"fit": str(out / "fit"), "test": str(out / "test"), CONTROL: str(out / f"test_{CONTROL}")},
+        "runs": {
+            "fit": None if free else str(out / "fit"),
+            "test": str(out / "test"),
+            CONTROL: str(out / f"test_{CONTROL}"),
+        },
         "setting": {k: own[k] for k in ("dataset", "fold", "shot", "episodes", "resolution")},
     }
 

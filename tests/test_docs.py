@@ -16,7 +16,7 @@ def sections() -> list[str]:
 
 
 def test_protocol_sections_in_order():
-    assert sections() == ["§1", "§2", "§3", "§3a", "§4", "§5"]
+    assert sections() == ["§1", "§2", "§3", "§3a", "§4", "§4b", "§5"]
 
 
 def test_every_citation_names_an_existing_section():

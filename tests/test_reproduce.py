@@ -126,8 +126,8 @@ def test_cells_of_the_full_and_the_smoke_table():
 
     spec = load_spec(TABLE1)
     full = build_cells(spec, "/d", "/w", smoke=False)
-    # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg PASCAL, DiffSeg COCO 40/20/20, baseline
-    assert len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4 + 2 * 4
+    # DiffewS (COCO, PASCAL, LVIS folds), DiffSeg PASCAL, DiffSeg COCO 40/20/20, baseline, DIFT PASCAL and COCO
+    assert len(full) == 2 * (4 + 4 + 10) + 2 * 4 + 2 * 4 + 2 * 4 + 2 * 4 + 2 * 4
     ds = [c for c in full if c.row == "DiffSeg" and c.fold == 3 and c.shot == 5][0]
     assert ds.seeds == list(range(10)) and ds.ckpt == "/w/diffseg/pascal5i-fold3.ckpt"
     assert ds.args[ds.args.index("--model.init_args.prior") + 1] == "/w/kandinsky-2-2-prior"
@@ -145,10 +145,12 @@ def test_cells_of_the_full_and_the_smoke_table():
     assert all(not c.controls for c in full)
     smoke = build_cells(spec, None, None, smoke=True)
     assert {(c.row, c.benchmark, c.shot) for c in smoke} == {(c.row, c.benchmark, c.shot) for c in full}
-    assert all(c.evaluated_on == "embedded" and c.fold == 0 and c.train and c.ckpt is None for c in smoke)
+    assert all(c.evaluated_on == "embedded" and c.fold == 0 and c.ckpt is None for c in smoke)
+    assert all(c.train == (not c.row.startswith("DIFT")) for c in smoke)  # the training-free rows: --no_ckpt
     assert all(c.controls == ["other_class"] for c in smoke)
     assert {c.row: len(c.seeds) for c in smoke} == {"DiffewS": 1, "DiffSeg": 2, "DiffSeg (40/20/20)": 2,
-                                                    "Prototype baseline": 1}  # fmt: skip
+                                                    "Prototype baseline": 1, "DIFT matching": 1,
+                                                    "DIFT matching (COCO-20i)": 1}  # fmt: skip
     assert all(Path(c).is_file() for cell in smoke for c in cell.configs)
 
 

@@ -7,7 +7,8 @@ part comes from the benchmark classes, through `fsseg.data.tools.check`).
 Top-level keys: ``title``, ``paths`` (what belongs at each ``{CKPTS}`` path), ``precision`` (``trainer.precision`` of
 every test run; default ``32-true``: the released DiffewS evaluation runs in fp32, docs/PROTOCOL.md §3a), ``smoke``
 (``test_episodes``, ``folds``, ``fit_args``, ``controls``: the support controls every smoke cell is also tested
-with, default ``[other_class]``; ``note``: a line for the smoke table) and ``rows``.
+with, default ``[other_class]``; ``note``: a line for the smoke table; ``train: false``: a training-free row, tested
+as its config builds it, ``--no_ckpt``) and ``rows``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 ROW_KEYS = {"name", "setting", "published", "config", "ckpt", "args", "benchmarks", "shots", "seeds", "smoke"}
-SMOKE_KEYS = {"config", "ckpt", "seeds", "folds", "fit_args", "test_episodes", "controls", "note"}
+SMOKE_KEYS = {"config", "ckpt", "seeds", "folds", "fit_args", "test_episodes", "controls", "note", "train"}
 DEFAULT_PRECISION = "32-true"
 DEFAULT_SMOKE_CONTROLS = ["other_class"]
 
@@ -136,7 +137,8 @@ def _cell(spec: TableSpec, row: dict, sm: dict, common: dict, d: str, c: str, sm
         )
         ckpt = fill(sm["ckpt"], d, c, fold) if sm.get("ckpt") else None
         return Cell(**common, evaluated_on="embedded", configs=spec.config_paths(sm["config"], d, c, fold),
-                    ckpt=ckpt, args=args, train=ckpt is None, fit_args=[str(a) for a in sm.get("fit_args", [])],
+                    ckpt=ckpt, args=args, train=ckpt is None and bool(sm.get("train", True)),
+                    fit_args=[str(a) for a in sm.get("fit_args", [])],
                     controls=list(sm.get("controls", DEFAULT_SMOKE_CONTROLS)))  # fmt: skip
     ckpt = fill(row["ckpt"], d, c, fold) if row.get("ckpt") else None
     return Cell(**common, evaluated_on=common["benchmark"], configs=spec.config_paths(row["config"], d, c, fold),
