@@ -635,3 +635,44 @@ def test_precision_follows_the_models_eval_precision_and_a_conflict_is_refused(b
     with pytest.raises(SystemExit) as done:
         fsseg_main(args)
     assert done.value.code == 0 and "precision fp32" in capsys.readouterr().out
+
+
+# ---- --overwrite replaces results only once new ones exist -------------------------------------------------------
+def test_overwrite_replaces_masks_only_once_every_query_is_predicted(
+    baseline_ckpt, images, monkeypatch, capsys
+):
+    def files() -> dict[str, tuple[bytes, int]]:  # name -> (content, inode): an atomic replace is a new inode
+        return {p.name: (p.read_bytes(), p.stat().st_ino) for p in images["out"].iterdir()}
+
+    args = ["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images)]
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(args)
+    assert done.value.code == 0
+    before = files()
+    assert len(before) == 6
+    with pytest.raises(SystemExit) as done:  # refused up front without --overwrite, naming a file
+        fsseg_main(args)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "a_mask.png (and 5 more) already exists: pass --overwrite" in err
+    # a run with --overwrite that fails on its second query: the earlier files untouched, nothing half-written
+    original = PrototypeModule.predict_with_support
+    calls = []
+
+    def fails_on_the_second_query(self, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return original(self, *a)
+
+    monkeypatch.setattr(PrototypeModule, "predict_with_support", fails_on_the_second_query)
+    with pytest.raises(SystemExit) as done:
+        fsseg_main([*args, "--overwrite"])
+    assert done.value.code == 1 and "out of memory" in capsys.readouterr().err
+    assert files() == before
+    monkeypatch.setattr(PrototypeModule, "predict_with_support", original)
+    with pytest.raises(SystemExit) as done:  # the same run, succeeding: every file replaced by a new one
+        fsseg_main([*args, "--overwrite"])
+    assert done.value.code == 0
+    after = files()
+    assert after.keys() == before.keys()
+    assert all(after[k][0] == before[k][0] and after[k][1] != before[k][1] for k in after)
