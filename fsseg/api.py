@@ -7,7 +7,7 @@
 
 Images are paths, PIL images, NumPy ``H x W x 3`` uint8 arrays or ``[3, H, W]`` float tensors in [0, 1]; support
 masks are paths, PIL images, NumPy arrays or tensors ``[H, W]`` ({0, 1}, {0, 255}, bool, or a label map with
-``mask_value``), read as ``fsseg predict-images`` reads mask files (`fsseg.predict.read_mask_file`: RGBA masks from
+``mask_value``), read as ``fsseg predict-images`` reads mask files (`fsseg.user_inputs.read_mask_file`: RGBA masks from
 their alpha). A single query gives a single mask, a list a list; each mask is at its query's own size. The support set
 is encoded once per call; `Segmenter.encode_support` returns it for reuse over many calls. Errors are those of
 ``fsseg predict-images`` (which is a client of this module), naming the argument and the item.
@@ -27,7 +27,8 @@ from PIL import Image
 
 from fsseg.data.base import IMAGE_RESIZES, image_to_tensor, load_rgb, resize_image_tensor
 from fsseg.models.base import FewShotModule
-from fsseg.predict import (
+from fsseg.runs import build_model
+from fsseg.user_inputs import (
     mask_from_image,
     precision_context,
     read_mask_file,
@@ -35,7 +36,6 @@ from fsseg.predict import (
     support_foreground,
     support_mask_at_size,
 )
-from fsseg.runs import build_model
 
 #: how errors name the settings: the arguments of `load`; ``fsseg predict-images`` passes its flags instead
 ARGUMENTS = {
@@ -65,7 +65,7 @@ def _data_default(name: str):
 
 class Segmenter:
     """A method ready to segment queries against support sets at input side ``img_size`` on ``device`` in
-    ``precision`` (None: the model's ``eval_precision``, else fp32; `fsseg.predict.resolve_precision`)."""
+    ``precision`` (None: the model's ``eval_precision``, else fp32; `fsseg.user_inputs.resolve_precision`)."""
 
     def __init__(
         self,
@@ -271,8 +271,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path | None, str | Path |
                 f"run folder {path} has no checkpoints/last.ckpt; give a checkpoint file (ckpt=) or the run's folder"
             )
         return ckpt, None
-    if path.is_file() and path.suffix not in CONFIG_SUFFIXES:
-        return path, None
+    if path.suffix == ".ckpt" or (path.is_file() and path.suffix not in CONFIG_SUFFIXES):
+        return path, None  # a missing checkpoint: `build_model` names it
     return None, source
 
 

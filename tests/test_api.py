@@ -214,6 +214,8 @@ def test_load_errors_are_named(run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run folder .*empty has no checkpoints/last.ckpt"):
         (tmp_path / "empty").mkdir()
         fsseg.load(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nope\.ckpt does not exist"):
+        fsseg.load(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError, match="did you mean: demo_diffews"):
         fsseg.load("demo_difews")
     with pytest.raises(ValueError, match="threshold does not apply to PrototypeModule"):

@@ -21,8 +21,9 @@ from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.tiny import write_tiny_sd
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.tiny import save_tiny_components
-from fsseg.predict import load_support, predict_images, read_support_mask
+from fsseg.predict import predict_images
 from fsseg.runs import build_model
+from fsseg.user_inputs import load_support, read_support_mask
 
 QUERY_SIZES = {"a.png": (40, 30), "b.jpg": (64, 64), "c.png": (50, 70)}  # (w, h)
 
@@ -615,7 +616,7 @@ def test_diffews_bf16_on_gpu(images, tmp_path):
 
 # ---- the model's evaluation precision -----------------------------------------------------------------------------
 def test_precision_follows_the_models_eval_precision_and_a_conflict_is_refused(baseline_ckpt, images, capsys):
-    from fsseg.predict import resolve_precision
+    from fsseg.user_inputs import resolve_precision
 
     assert resolve_precision(None, None) == "fp32"
     assert resolve_precision(None, "bf16-mixed") == "bf16" and resolve_precision("bf16", None) == "bf16"
