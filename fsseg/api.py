@@ -90,9 +90,8 @@ class Segmenter:
             precision, getattr(model, "eval_precision", None), self.names["precision"]
         )
         self.device = torch.device(device)
-        precision_context(
-            self.precision, self.device, self.names["precision"]
-        )  # checked now, not at the first call
+        # checked now (a name, bf16 on this device), not at the first call
+        precision_context(self.precision, self.device, self.names["precision"])
         self.model = model.to(self.device).eval()
         self.img_size, self.image_resize = img_size, image_resize
 

@@ -5,10 +5,11 @@
 
 For every query it writes ``<stem>_mask.png`` (0 = background, 255 = object) and ``<stem>_overlay.png`` at the
 query's own size. A client of the Python API (`fsseg.api`, ``fsseg.load``): the support set is encoded once
-(`FewShotModule.encode_support`) and reused for every query (`FewShotModule.predict_with_support`). A support mask is a PNG with 0 for background and one other value for the
-object (1, 255, a palette index, a colour); ``--mask-value V`` picks one value of a multi-class label map. A mask
-with transparency whose opaque pixels share one colour is read from its alpha channel (object = at least half
-opaque); one whose colours and alpha disagree is refused as ambiguous.
+(`FewShotModule.encode_support`) and reused for every query (`FewShotModule.predict_with_support`). A support mask
+is a PNG with 0 for background and one other value for the object (1, 255, a palette index, a colour);
+``--mask-value V`` picks one value of a multi-class label map. A mask with transparency whose opaque pixels share
+one colour is read from its alpha channel (object = at least half opaque); one whose colours and alpha disagree is
+refused as ambiguous (`fsseg.user_inputs`).
 
 The weights come from ``--ckpt`` (the run's config.yaml beside it gives the model and its settings); ``--config``
 without ``--ckpt`` needs ``--no_ckpt``: the model as the config builds it, with the pretrained weights it names
