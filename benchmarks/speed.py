@@ -69,7 +69,7 @@ from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.module import cached_moments
 from fsseg.models.diffews.support import LatentSupport
 from fsseg.models.diffews.tiny import save_sd_folder, tiny_text_encoder, tiny_tokenizer
-from fsseg.predict import precision_context
+from fsseg.user_inputs import precision_context
 
 ROOT = Path(__file__).resolve().parents[1]
 SD21_TEXT = dict(  # stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -128,22 +127,15 @@ def check_output_file(path: Path, overwrite: bool, what: str = "--out", flag: st
         raise OutputExists(f"{what} {path} already exists: pass {flag} to replace it, or choose another name")
 
 
-def claim_outputs(paths: Iterable[Path], overwrite: bool, flag: str = "--overwrite") -> list[Path]:
-    """Make sure none of ``paths`` (files or folders a command is about to write) exists.
-
-    Without ``overwrite`` an existing one is an `OutputExists` error naming it; with ``overwrite`` the existing ones
-    are removed (so old and new results never mix). Returns the paths that were removed. Commands that write whole
-    result folders use `fsseg.output_folder` instead, which removes earlier results only once the new ones exist.
-    """
+def refuse_existing(paths: Iterable[Path], overwrite: bool, flag: str = "--overwrite") -> list[Path]:
+    """The files a command is about to write, checked before any work: without ``overwrite`` an existing one is an
+    `OutputExists` error naming it. Nothing is removed: each file is replaced by `atomic_writer` once its new
+    content exists, so a run that fails leaves the earlier results as they were. Returns the paths that exist.
+    Commands that write whole result folders use `fsseg.output_folder` instead."""
     existing = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise OutputExists(
             f"{existing[0]}{more} already exists: pass {flag} to replace it, or choose another output location"
         )
-    for p in existing:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
     return existing

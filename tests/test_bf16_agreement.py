@@ -15,7 +15,7 @@ import torch
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.embedded import generate_embedded_benchmark
 from fsseg.metrics import FewShotIoU
-from fsseg.predict import load_model
+from fsseg.runs import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,7 +30,7 @@ def run(config: str, root: Path, episodes: int, precision: str, batch_size: int)
     """The config's model on its test episodes: (masks [N, h, w], decoded images [N, 3, S, S] before
     thresholding, targets, class ids, the UNet's output dtypes, the fold's classes)."""
     L.seed_everything(0)  # as the config's seed_everything: untrained parts (DiffSeg's heads) start the same
-    model, data = load_model(config=CONFIGS / config)
+    model, data = build_model(config=CONFIGS / config)
     data = {**data, "root": str(root), "test_episodes": episodes, "eval_batch_size": batch_size}
     dm = FewShotDataModule(**data)
     dtypes, decoded = set(), []

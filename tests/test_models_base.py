@@ -12,7 +12,7 @@ from fsseg.models.base import FewShotModule, threshold_scores
 from fsseg.models.baseline import PrototypeModule
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffseg import DiffSegModule
-from fsseg.predict import threshold_override
+from fsseg.runs import threshold_override
 
 
 class Toy(FewShotModule):

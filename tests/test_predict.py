@@ -12,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from fsseg.api import Segmenter
 from fsseg.cli import main as fsseg_main
 from fsseg.cli.trainer import run_cli
 from fsseg.data.base import image_to_tensor, load_rgb
@@ -20,7 +21,9 @@ from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.tiny import write_tiny_sd
 from fsseg.models.diffseg import DiffSegModule
 from fsseg.models.diffseg.tiny import save_tiny_components
-from fsseg.predict import load_model, load_support, predict_images, read_support_mask
+from fsseg.predict import predict_images
+from fsseg.runs import build_model
+from fsseg.user_inputs import load_support, read_support_mask
 
 QUERY_SIZES = {"a.png": (40, 30), "b.jpg": (64, 64), "c.png": (50, 70)}  # (w, h)
 
@@ -158,7 +161,7 @@ def test_baseline_from_checkpoint(baseline_ckpt, images, shots):
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images, shots)])
     assert done.value.code == 0
-    model, data = load_model(ckpt=baseline_ckpt)
+    model, data = build_model(ckpt=baseline_ckpt)
     assert data["img_size"] == 48  # the run's input size is the default
     trained = torch.load(baseline_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
@@ -210,7 +213,7 @@ def test_diffseg_from_config_and_checkpoint(kandinsky_dir, images, tmp_path):
         "data": {"img_size": 64},
     }
     L.seed_everything(4)
-    model, _ = load_model(config=_write(tmp_path / "c.yaml", config))
+    model, _ = build_model(config=_write(tmp_path / "c.yaml", config))
     ckpt = save_lightning_checkpoint(model, tmp_path / "run", config)
     with pytest.raises(SystemExit) as done:
         fsseg_main(["predict-images", "--ckpt", str(ckpt), "--threshold", "0.45", *cli_args(images, 1)])
@@ -261,7 +264,7 @@ def test_support_encoded_once_for_all_queries(images):
     _spy(model, "encode_support", calls)
     _spy(model, "predict_with_support", calls)
     queries = sorted(images["queries"].glob("*.*g"))
-    predict_images(model, images["supports"], queries, images["out"], 32)
+    predict_images(Segmenter(model, 32), images["supports"], queries, images["out"])
     assert calls == ["encode_support"] + ["predict_with_support"] * 3
 
 
@@ -275,7 +278,7 @@ def test_diffews_support_keys_values_computed_once(sd_dir, images, kw):
     model = CachedDiffews(pretrained=sd_dir, **kw).eval()
     unet_rows, vae_rows = _count_rows(model.pipeline.unet), _count_rows(model.pipeline.vae.encoder)
     queries = sorted(images["queries"].glob("*.*g"))
-    predict_images(model, images["supports"], queries, images["out"], 32)
+    predict_images(Segmenter(model, 32), images["supports"], queries, images["out"])
     steps = kw.get("num_inference_steps", 1)
     support_rows = (
         2 if kw.get("injection") == "attention_mask" else 4
@@ -317,7 +320,9 @@ def test_diffseg_support_latent_and_embedding_computed_once(kandinsky_dir, image
         scm_zero_init=False,
     ).eval()
     movq_rows, clip_rows = _count_rows(model.pipeline.movq.encoder), _count_rows(model.pipeline.image_encoder)
-    predict_images(model, images["supports"], sorted(images["queries"].glob("*.*g")), images["out"], 64)
+    predict_images(
+        Segmenter(model, 64), images["supports"], sorted(images["queries"].glob("*.*g")), images["out"]
+    )
     assert movq_rows == [2, 1, 1, 1] and clip_rows == [2]  # the 2 masked supports once, then each query
     check_outputs(images, direct_predictions(model, images, 2, 64))  # what the joint predict_masks gives
 
@@ -456,7 +461,7 @@ def test_the_runs_image_resize_is_used(baseline_ckpt, images):
             ["predict-images", "--ckpt", str(baseline_ckpt), "--image-resize", "pil", *cli_args(images)]
         )
     assert done.value.code == 0
-    model, _ = load_model(ckpt=baseline_ckpt)
+    model, _ = build_model(ckpt=baseline_ckpt)
     check_outputs(images, direct_predictions(model, images, 1, 48, "pil"))
 
 
@@ -545,7 +550,9 @@ def test_diffews_bf16_agrees_with_fp32(images, tmp_path):
     out = {}
     for precision in ("fp32", "bf16"):
         dtypes.clear()
-        predict_images(model, images["supports"], queries, tmp_path / precision, 128, precision=precision)
+        predict_images(
+            Segmenter(model, 128, precision=precision), images["supports"], queries, tmp_path / precision
+        )
         assert dtypes == {torch.float32 if precision == "fp32" else torch.bfloat16}
         out[precision] = _masks(tmp_path / precision)
     assert len(out["fp32"]) == 3 and out["fp32"].keys() == out["bf16"].keys()
@@ -601,13 +608,15 @@ def test_diffews_bf16_on_gpu(images, tmp_path):
     model = DiffewsModule(pretrained="fsseg/assets/tiny-diffews").eval()
     dtypes = _unet_dtypes(model)
     queries = sorted(images["queries"].glob("*.*g"))
-    predict_images(model, images["supports"], queries, tmp_path, 128, device="cuda", precision="bf16")
+    predict_images(
+        Segmenter(model, 128, device="cuda", precision="bf16"), images["supports"], queries, tmp_path
+    )
     assert dtypes == {torch.bfloat16} and len(_masks(tmp_path)) == 3
 
 
 # ---- the model's evaluation precision -----------------------------------------------------------------------------
 def test_precision_follows_the_models_eval_precision_and_a_conflict_is_refused(baseline_ckpt, images, capsys):
-    from fsseg.predict import resolve_precision
+    from fsseg.user_inputs import resolve_precision
 
     assert resolve_precision(None, None) == "fp32"
     assert resolve_precision(None, "bf16-mixed") == "bf16" and resolve_precision("bf16", None) == "bf16"
@@ -627,3 +636,44 @@ def test_precision_follows_the_models_eval_precision_and_a_conflict_is_refused(b
     with pytest.raises(SystemExit) as done:
         fsseg_main(args)
     assert done.value.code == 0 and "precision fp32" in capsys.readouterr().out
+
+
+# ---- --overwrite replaces results only once new ones exist -------------------------------------------------------
+def test_overwrite_replaces_masks_only_once_every_query_is_predicted(
+    baseline_ckpt, images, monkeypatch, capsys
+):
+    def files() -> dict[str, tuple[bytes, int]]:  # name -> (content, inode): an atomic replace is a new inode
+        return {p.name: (p.read_bytes(), p.stat().st_ino) for p in images["out"].iterdir()}
+
+    args = ["predict-images", "--ckpt", str(baseline_ckpt), *cli_args(images)]
+    with pytest.raises(SystemExit) as done:
+        fsseg_main(args)
+    assert done.value.code == 0
+    before = files()
+    assert len(before) == 6
+    with pytest.raises(SystemExit) as done:  # refused up front without --overwrite, naming a file
+        fsseg_main(args)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "a_mask.png (and 5 more) already exists: pass --overwrite" in err
+    # a run with --overwrite that fails on its second query: the earlier files untouched, nothing half-written
+    original = PrototypeModule.predict_with_support
+    calls = []
+
+    def fails_on_the_second_query(self, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return original(self, *a)
+
+    monkeypatch.setattr(PrototypeModule, "predict_with_support", fails_on_the_second_query)
+    with pytest.raises(SystemExit) as done:
+        fsseg_main([*args, "--overwrite"])
+    assert done.value.code == 1 and "out of memory" in capsys.readouterr().err
+    assert files() == before
+    monkeypatch.setattr(PrototypeModule, "predict_with_support", original)
+    with pytest.raises(SystemExit) as done:  # the same run, succeeding: every file replaced by a new one
+        fsseg_main([*args, "--overwrite"])
+    assert done.value.code == 0
+    after = files()
+    assert after.keys() == before.keys()
+    assert all(after[k][0] == before[k][0] and after[k][1] != before[k][1] for k in after)

@@ -27,8 +27,8 @@ from fsseg.data.base import load_label, resize_mask
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.episodes import check_item
 from fsseg.files import atomic_write_text, check_output_file
-from fsseg.predict import load_model
 from fsseg.report import read_test_run
+from fsseg.runs import build_model
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -45,7 +45,7 @@ def run(run_dir: Path, n: int, ckpt: str | None = None, device: str = "cpu") -> 
             f"{config_path}: data.benchmark is {data.get('benchmark')!r}; this tool reads 'embedded'"
         )
     dataset = FewShotDataModule(**data).build("test")
-    model, _ = load_model(config_path, ckpt_path)
+    model, _ = build_model(config_path, ckpt_path)
     model = model.to(device)
     rows = []
     for r in records[:n]:

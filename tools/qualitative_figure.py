@@ -24,8 +24,9 @@ from fsseg.callbacks import foreground_iou
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.episodes import PICKS, check_item, pick_episodes, record_iou
 from fsseg.files import check_output_file
-from fsseg.predict import load_model, save_png
+from fsseg.predict import save_png
 from fsseg.report import read_test_run
+from fsseg.runs import build_model
 from fsseg.visual import column_titles, episode_row, grid
 
 
@@ -41,7 +42,7 @@ def qualitative_figure(
     """The figure as a PIL image (see the module docstring)."""
     records, config, config_path, ckpt_path = read_test_run(Path(run_dir), ckpt)
     dataset = FewShotDataModule(**(config.get("data") or {})).build("test")
-    model, _ = load_model(config_path, ckpt_path)
+    model, _ = build_model(config_path, ckpt_path)
     model = model.to(device)
     rows, labels = [], []
     for r in pick_episodes(records, n, pick):

@@ -58,11 +58,16 @@ def load_label(path: Path, grayscale: bool = False) -> np.ndarray:
         raise FileNotFoundError(f"mask file {path} is missing")
     try:
         with Image.open(path) as im:
-            if grayscale or im.mode not in ("L", "P", "1", "I", "I;16"):
-                im = im.convert("L")
-            return np.array(im).astype(np.uint8)
+            return label_from_image(im, grayscale)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"mask file {path} is unreadable or corrupt: {e}") from e
+
+
+def label_from_image(im: Image.Image, grayscale: bool = False) -> np.ndarray:
+    """A label image as uint8 ``[H, W]`` (`load_label`'s rule): palette indices kept, anything else as luminance."""
+    if grayscale or im.mode not in ("L", "P", "1", "I", "I;16"):
+        im = im.convert("L")
+    return np.array(im).astype(np.uint8)
 
 
 def image_to_tensor(img: Image.Image, size: int, resize: str = "torch") -> torch.Tensor:
@@ -79,6 +84,11 @@ def image_to_tensor(img: Image.Image, size: int, resize: str = "torch") -> torch
     if resize != "torch":
         raise ValueError(f"image resize must be one of {IMAGE_RESIZES}, got {resize!r}")
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return resize_image_tensor(x, size)
+
+
+def resize_image_tensor(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`image_to_tensor`'s ``torch`` resize of a float image ``[3, H, W]`` in [0, 1] -> ``[3, size, size]``."""
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[
         0
     ].clamp_(0, 1)
