@@ -32,7 +32,7 @@ import torch
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.registry import benchmark_class
 from fsseg.data.splits_io import resolve_splits_dir
-from fsseg.files import atomic_write_text, claim_outputs
+from fsseg.files import atomic_write_text, check_output_file
 from fsseg.metrics import FewShotIoU
 from fsseg.models.dift import DiftModule, DiftPipeline
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--controls", nargs="*", default=[], help="support controls measured besides own")
     args = p.parse_args(argv)
-    claim_outputs([args.out], args.overwrite)
+    check_output_file(args.out, args.overwrite)
     torch.manual_seed(0)
     module = DiftModule(args.pretrained).eval()
     parts = module.pipeline

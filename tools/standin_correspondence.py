@@ -47,7 +47,7 @@ from PIL import Image
 
 from fsseg.data.datamodule import FewShotDataModule
 from fsseg.data.embedded import EMBEDDED_CLASS_NAMES, fold_classes
-from fsseg.files import atomic_write_text, claim_outputs
+from fsseg.files import atomic_write_text, check_output_file
 from fsseg.metrics.fss_iou import FewShotIoU
 from fsseg.models.dift.pipeline import DiftPipeline, unet_blocks, unet_layer_features
 
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.stand_in
     try:
         if args.out and not args.overwrite:
-            claim_outputs([args.out], overwrite=False)
+            check_output_file(args.out, overwrite=False)
         if (folder / "unet").is_dir() and (folder / "vae").is_dir():
             res = sd_report(folder, args)
             print_sd(res)
