@@ -113,7 +113,7 @@ def test_scores_are_the_cosine_matching_of_the_method(tiny_parts, similarity):
 
 
 def test_one_support_serves_many_queries_and_a_mask_does_not_depend_on_its_batch(tiny_parts):
-    pipe, batch = _pipe(tiny_parts), fake_batch(b=4, k=1, size=32, seed=2)
+    pipe, batch = _pipe(tiny_parts, feature_cache_mb=0), fake_batch(b=4, k=1, size=32, seed=2)
     one = pipe.encode_support(batch["support_imgs"][:1], batch["support_masks"][:1])  # B_s = 1
     together = pipe.scores(one, batch["query_img"], (32, 32))
     alone = torch.cat([pipe.scores(one, batch["query_img"][i : i + 1], (32, 32)) for i in range(4)])
@@ -128,6 +128,29 @@ def test_one_support_serves_many_queries_and_a_mask_does_not_depend_on_its_batch
     assert torch.equal(again, pipe.segment(one, batch["query_img"], (32, 32)))
     other_noise = _pipe(tiny_parts, noise_seed=1).scores(one, batch["query_img"], (32, 32))
     assert not torch.allclose(other_noise, together)  # the seed is used
+
+
+def test_features_of_seen_images_come_from_a_bounded_cache(tiny_parts):
+    """Reused images (supports across episodes) are not recomputed; the cache gives what computing gives and keeps
+    at most ``feature_cache_mb`` (least recently used dropped)."""
+    images = fake_batch(b=5, k=1, size=32, seed=4)["query_img"]  # [5, 3, 32, 32]
+    pipe, computed = _pipe(tiny_parts), _pipe(tiny_parts, feature_cache_mb=0)
+    calls = []
+    encode = pipe.encode_features
+    pipe.encode_features = lambda x: calls.append(len(x)) or encode(x)
+    first = pipe.features(images[[0, 1, 0, 2]])  # a repeated image is computed once
+    again = pipe.features(images[[2, 1, 3]])  # only the new one is computed
+    assert calls == [3, 1] and len(pipe.cache) == 4 and len(computed.cache) == 0
+    torch.testing.assert_close(first, computed.features(images[[0, 1, 0, 2]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, computed.features(images[[2, 1, 3]]), atol=1e-5, rtol=0)
+    one = first[0].nelement() * first[0].element_size()
+    pipe.cache_bytes = 2 * one  # room for two images' features
+    pipe.features(images[[4]])
+    assert len(pipe.cache) == 2 and calls == [3, 1, 1]
+    pipe.features(images[[3, 4]])  # the two most recent are kept
+    assert calls == [3, 1, 1]
+    with pytest.raises(ValueError, match="feature_cache_mb"):
+        _pipe(tiny_parts, feature_cache_mb=-1)
 
 
 @pytest.mark.parametrize("similarity", ["prototype", "nearest"])

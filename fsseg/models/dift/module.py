@@ -31,6 +31,8 @@ class DiftModule(FewShotModule):
             nearest support foreground cell).
         threshold: foreground where the min-max normalised similarity exceeds it.
         noise_seed: seed of the one noise map every image is noised with.
+        feature_cache_mb: features of recently seen images kept for reuse (test episodes reuse images), at most
+            this many MiB; 0: none.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
     """
 
@@ -48,6 +50,7 @@ class DiftModule(FewShotModule):
         similarity: str = "prototype",
         threshold: float = 0.5,
         noise_seed: int = 0,
+        feature_cache_mb: int = 1024,
         allow_download: bool = False,
     ) -> None:
         super().__init__(threshold=threshold)
@@ -61,7 +64,7 @@ class DiftModule(FewShotModule):
             load(UNet2DConditionModel, "unet", "Stable Diffusion UNet"),
             load(DDIMScheduler, "scheduler", "noise scheduler"),
             empty_prompts(pretrained, allow_download)[0],  # [1, 77, D]: the empty prompt, padded as SD pads it
-            timestep, layer, similarity, threshold, noise_seed,
+            timestep, layer, similarity, threshold, noise_seed, feature_cache_mb,
         )  # fmt: skip
 
     def setup(self, stage: str) -> None:

@@ -9,12 +9,18 @@ the K shots (``prototype``) or to the nearest support foreground cell (``nearest
 (bilinear), min-max normalised per query and thresholded (`threshold_scores`). A support without foreground gives
 an all-background mask.
 
+An image's features depend on the image alone, and test episodes reuse images (a support in many episodes, a query
+as other episodes' support): `features` keeps those of recent images (least recently used dropped past
+``feature_cache_mb``; 0 keeps none), keyed by the image's bytes.
+
 Layer names: ``down0`` .. ``down{n-1}``, ``mid``, ``up0`` .. ``up{n-1}``, the blocks of ``down_blocks`` /
 ``mid_block`` / ``up_blocks``; DIFT's SD 2.1 setting is ``up1`` at t = 261.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -76,13 +82,15 @@ class DiftPipeline(Pipeline):
         vae, unet, scheduler: SD 2.1's (or the tiny stand-in's) ``AutoencoderKL``, ``UNet2DConditionModel`` and a
             scheduler with ``add_noise`` and ``config.num_train_timesteps``.
         prompt_embeds: the empty prompt's text embedding ``[1, L, D]``.
-        timestep, layer, similarity, threshold, noise_seed: the settings (`fsseg.models.dift.DiftModule`).
+        timestep, layer, similarity, threshold, noise_seed, feature_cache_mb: the settings
+            (`fsseg.models.dift.DiftModule`).
     """
 
     frozen_modules = ("vae", "unet")
 
     def __init__(self, vae, unet, scheduler, prompt_embeds: torch.Tensor, timestep: int = 261, layer: str = "up1",
-                 similarity: str = "prototype", threshold: float = 0.5, noise_seed: int = 0) -> None:  # fmt: skip
+                 similarity: str = "prototype", threshold: float = 0.5, noise_seed: int = 0,
+                 feature_cache_mb: int = 1024) -> None:  # fmt: skip
         super().__init__()
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
@@ -96,9 +104,32 @@ class DiftPipeline(Pipeline):
         self.register_buffer("prompt_embeds", prompt_embeds.detach().clone(), persistent=False)
         self.timestep, self.layer, self.similarity = int(timestep), layer, similarity
         self.threshold, self.noise_seed = float(threshold), int(noise_seed)
+        if feature_cache_mb < 0:
+            raise ValueError(f"feature_cache_mb must be >= 0, got {feature_cache_mb}")
+        self.cache_bytes, self.cache = int(feature_cache_mb) << 20, OrderedDict()  # image key -> [C, h, w]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` in [0, 1] -> the chosen block's features ``[N, C, h, w]`` (float32)."""
+        """``[N, 3, S, S]`` in [0, 1] -> the chosen block's features ``[N, C, h, w]`` (float32); those of images
+        seen recently from the cache (see the module docstring)."""
+        keys = [
+            hashlib.sha1(str((x.dtype, x.shape)).encode() + x.cpu().numpy().tobytes()).digest()
+            for x in images
+        ]
+        new = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if new:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            feats = self.encode_features(images[[first[k] for k in new]])  # [n, C, h, w]
+            self.cache.update(zip(new, feats))
+        out = torch.stack([self.cache[k] for k in keys])  # [N, C, h, w]
+        for k in keys:
+            self.cache.move_to_end(k)
+        held = sum(f.nelement() * f.element_size() for f in self.cache.values())
+        while self.cache and held > self.cache_bytes:
+            held -= (f := self.cache.popitem(last=False)[1]).nelement() * f.element_size()
+        return out
+
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` in [0, 1] -> the chosen block's features ``[N, C, h, w]`` (float32), computed."""
         latents = self.codec.encode(images)  # [N, 4, S/f, S/f]
         prompt = self.prompt_embeds.to(latents.dtype)
         feats = unet_layer_features(
