@@ -30,6 +30,31 @@ from fsseg.files import atomic_writer
 from fsseg.visual import column_titles, episode_row, grid
 
 
+class TrainingLatentCache(Callback):
+    """Trains a model from cached VAE posteriors (DiffewS's ``latent_cache``): at ``fit`` the data module
+    (``use_latent_cache``, `fsseg.data.latent_cache`) builds a missing cache in ``folder`` with the model's encoder
+    (``latent_encoder()``: the weights its fingerprint hashes and the moments function), once per node (its first
+    process; the others wait) on the training device, or checks the one there; then every process's training
+    episodes carry their cached posteriors. The model declares it (``configure_callbacks``); neither the model nor
+    the data module reads the other."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = trainer.datamodule
+        if not hasattr(dm, "use_latent_cache"):
+            raise RuntimeError("latent_cache needs a FewShotDataModule (it lists the training images)")
+        encoder = pl_module.latent_encoder()
+        if trainer.local_rank == 0:
+            dm.use_latent_cache(self.folder, **encoder, build_missing=True)
+        trainer.strategy.barrier("fsseg_latent_cache")
+        if trainer.local_rank != 0:
+            dm.use_latent_cache(self.folder, **encoder, build_missing=False)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's `TorchCheckpointIO`, writing a local checkpoint through a temporary file in its own folder,
     flushed, fsynced and renamed over the old one (`fsseg.files.atomic_writer`): a full disk or a kill during the

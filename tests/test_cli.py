@@ -307,3 +307,52 @@ def test_no_import_cycles_in_the_package():
         "fsseg.interrupts",
     }  # standard library
     assert not [m for m, deps in graph.items() if "fsseg.cli" in deps and m != "fsseg.cli.__main__"]
+
+
+def _module_level_imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The fsseg modules that importing ``path`` loads: its imports outside functions (relative ones resolved)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.ClassDef | ast.If | ast.Try | ast.With):
+            todo += [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for n in names:  # importing a.b.c loads a and a.b too
+            found |= {".".join(n.split(".")[:i]) for i in range(2, n.count(".") + 2)} & modules
+    return found - {module}
+
+
+def test_models_import_no_data_code_and_read_no_data_module():
+    """The layers (docs/ARCHITECTURE.md): importing a model loads no data code (episodes are `fsseg.episode`'s
+    contract), and no model reaches into a data module (``trainer.datamodule``)."""
+    files = {p: ".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "fsseg").rglob("*.py")}
+    files = {p: m.removesuffix(".__init__") for p, m in files.items()}
+    modules = set(files.values())
+    graph = {m: _module_level_imports(p, m, modules) for p, m in files.items()}
+    for path, m in files.items():
+        if not m.startswith("fsseg.models"):
+            continue
+        seen, todo = set(), [m]
+        while todo:
+            for n in graph[todo.pop()] - seen:
+                seen.add(n)
+                todo.append(n)
+        data = sorted(n for n in seen if n == "fsseg.data" or n.startswith("fsseg.data."))
+        assert not data, f"importing {m} loads {data}"
+        tree = ast.parse(path.read_text())
+        reads = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "datamodule"]
+        assert not reads, f"{path} lines {reads} read a data module"
+    assert "fsseg.models.diffews.module" in graph and graph["fsseg.models.base"]  # the scan found the models

@@ -142,29 +142,20 @@ class DiffewsModule(FewShotModule):
         """What `fsseg.data.datamodule.FewShotDataModule.use_latent_cache` needs of the VAE."""
         return {"weights": self.pipeline.vae, "moments": self.pipeline.codec.moments}
 
-    def _use_latent_cache(self, build_missing: bool) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if not hasattr(dm, "use_latent_cache"):
-            raise RuntimeError("latent_cache needs a FewShotDataModule (it lists the training images)")
-        dm.use_latent_cache(self.hparams.latent_cache, **self.latent_encoder(), build_missing=build_missing)
+    def configure_callbacks(self) -> list:
+        """With ``latent_cache``: `fsseg.callbacks.TrainingLatentCache`, which has the data module build (or check)
+        the cache at ``fit`` and give the training episodes their posteriors."""
+        if self.hparams.latent_cache is None:
+            return []
+        from fsseg.callbacks import TrainingLatentCache
 
-    def prepare_data(self) -> None:
-        """Lightning calls this once per node before ``setup``: with ``latent_cache`` at ``fit``, the data module
-        builds the cache when it is missing (on the training device) or checks the one there."""
-        fit = self._trainer is not None and self.trainer.state.fn == "fit"
-        if fit and self.hparams.latent_cache is not None:
-            self._use_latent_cache(build_missing=True)
+        return [TrainingLatentCache(self.hparams.latent_cache)]
 
     def input_size_error(self, size: int) -> str | None:
         """A multiple of the VAE's downsampling x the UNet's (SD 2.1: 8 x 8 = 64; 512 px -> a 64 latent -> an 8x8
         coarsest UNet grid), so that the decoded mask covers the image exactly and every UNet level holds a whole
         grid (`fsseg.models.latent.geometry`)."""
         return input_size_error(type(self).__name__, size, self.pipeline.vae, self.pipeline.unet)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.hparams.latent_cache is not None:  # every process's training episodes
-            self._use_latent_cache(build_missing=False)
 
     # ---- FewShotModule hooks ----------------------------------------------------------------------------------
     def training_loss(self, batch: dict) -> dict[str, torch.Tensor]:
