@@ -34,6 +34,7 @@ class DiftModule(FewShotModule):
         feature_cache_mb: features of recently seen images kept for reuse (test episodes reuse images), at most
             this many MiB; 0: none.
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
+        eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`).
     """
 
     REFUSAL = (
@@ -52,8 +53,9 @@ class DiftModule(FewShotModule):
         noise_seed: int = 0,
         feature_cache_mb: int = 1024,
         allow_download: bool = False,
+        eval_precision: str | None = None,
     ) -> None:
-        super().__init__(threshold=threshold)
+        super().__init__(threshold=threshold, eval_precision=eval_precision)
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         from fsseg.models.diffews.loading import SD21, empty_prompts
