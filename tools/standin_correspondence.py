@@ -270,7 +270,7 @@ def val_objects(
     imgs, labels, objects = [], [], []
     for i, path in enumerate(jpgs):
         imgs.append(
-            torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+            torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
         )
         lab = np.asarray(Image.open(root / "VOC2012" / "SegmentationClassAug" / f"{path.stem}.png"))
         labels.append(torch.from_numpy(lab.copy()))
