@@ -480,7 +480,7 @@ def kandinsky_report(folder: Path, args) -> dict:
                 ma, _ = pipe.unet_prior(lq, support.embedding, query)  # [B, 1, s, s]: the model's own M_a
                 m_a.append(F.interpolate(ma, size=size, mode="bilinear", align_corners=False)[:, 0])
                 emb.append(support.embedding)
-                # the same UNet pass, every attention layer's maps captured: the prompt mass per map size
+                # a second pass on the same input (noise_query off), every layer's maps captured: prompt mass per size
                 t = torch.full((lq.shape[0],), pipe.settings.timestep, dtype=torch.long)
                 _, record = pipe.context(
                     UNetCall(attention=MapRequest()), lq, t, encoder_hidden_states=None,
