@@ -25,17 +25,21 @@ SD layout (``unet/``, ``vae/``, ...): for every UNet block output (``down0`` .. 
   and the VAE latent are the references.
 
 Kandinsky layout (``decoder/``, ``prior/``): DiffSeg's frozen attention prior ``M_a`` (its own code:
-`DiffSegModule.support_inputs` + `unet_prior`, SCM off, at ``--diffseg-size`` px and ``--diffseg-timestep``), the
+`DiffSegPipeline.encode_support` + `unet_prior`, SCM off, at ``--diffseg-size`` px and ``--diffseg-timestep``), the
 per-episode ROC AUC of ``M_a`` for the query mask with the own, another class's and an empty support; the same for
-the cross-attention mass alone per map size; and the spread of the CLIP prompt embeddings.
+the prompt (cross-attention) mass alone per map size, captured by the pipeline's own `UNetContext` with a
+`MapRequest` for every attention layer; and the spread of the CLIP prompt embeddings.
 
-Prints a table and, with ``--out``, writes everything as JSON (refused if it exists, unless ``--overwrite``).
+``--root``: the benchmark folder (default: the embedded benchmark where `FewShotDataModule` puts it). Prints a table
+and, with ``--out``, writes everything as JSON with the device, threads and library versions (refused if it
+exists, unless ``--overwrite``; written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ from fsseg.data.embedded import EMBEDDED_CLASS_NAMES, fold_classes
 from fsseg.files import atomic_write_text, check_output_file
 from fsseg.metrics.fss_iou import FewShotIoU
 from fsseg.models.dift.pipeline import DiftPipeline, unet_blocks, unet_layer_features
+from fsseg.plan.cli import versions
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5 .. 0.95
 ATTRIBUTES = ("colour", "texture", "shape")
@@ -61,9 +66,13 @@ def log(msg: str) -> None:
 
 
 # ---- shared ---------------------------------------------------------------------------------------------------
-def load_episodes(fold: int, n: int, control: str, img_size: int, shot: int = 1) -> dict:
-    """``n`` test episodes of ``fold`` under ``control``, stacked: images in [0, 1], masks {0, 1, 255}."""
+def load_episodes(
+    fold: int, n: int, control: str, img_size: int, shot: int = 1, root: Path | None = None
+) -> dict:
+    """``n`` test episodes of ``fold`` under ``control``, stacked: images in [0, 1], masks {0, 1, 255}; ``root``:
+    the benchmark folder (None: the data module's default)."""
     dm = FewShotDataModule(
+        root=None if root is None else str(root),
         benchmark="embedded",
         fold=fold,
         shot=shot,
@@ -261,7 +270,7 @@ def val_objects(
     imgs, labels, objects = [], [], []
     for i, path in enumerate(jpgs):
         imgs.append(
-            torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+            torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
         )
         lab = np.asarray(Image.open(root / "VOC2012" / "SegmentationClassAug" / f"{path.stem}.png"))
         labels.append(torch.from_numpy(lab.copy()))
@@ -375,8 +384,8 @@ def sd_report(folder: Path, args) -> dict:
     res: dict = {"stand_in": str(folder), "kind": "sd", "fold": args.fold, "episodes": args.episodes,
                  "select_fold": args.select_fold, "select_episodes": args.select_episodes}  # fmt: skip
     log(f"selection episodes: fold {args.select_fold}, {args.select_episodes}")
-    sel = load_episodes(args.select_fold, args.select_episodes, "none", 128)
-    sel_other = load_episodes(args.select_fold, args.select_episodes, "other_class", 128)
+    sel = load_episodes(args.select_fold, args.select_episodes, "none", 128, root=args.root)
+    sel_other = load_episodes(args.select_fold, args.select_episodes, "other_class", 128, root=args.root)
     res["selection_table"] = layer_table(sd, sel, sel_other, args.timesteps, with_nn=False)
     t, layer, th, sel_miou = best_setting(res["selection_table"])
     res["selected"] = {"timestep": t, "layer": layer, "threshold": th, "selection_miou": sel_miou}
@@ -384,8 +393,8 @@ def sd_report(folder: Path, args) -> dict:
         f"selected on fold {args.select_fold} (training classes): t={t} {layer} threshold {th} ({sel_miou:.1f})"
     )
     log(f"test episodes: fold {args.fold}, {args.episodes}")
-    eps = load_episodes(args.fold, args.episodes, "none", 128)
-    other = load_episodes(args.fold, args.episodes, "other_class", 128)
+    eps = load_episodes(args.fold, args.episodes, "none", 128, root=args.root)
+    other = load_episodes(args.fold, args.episodes, "other_class", 128, root=args.root)
     if eps["query_name"] != other["query_name"]:
         raise RuntimeError("other-class episodes do not keep the protocol's queries")
     res["table"] = layer_table(sd, eps, other, args.timesteps, with_nn=True)
@@ -445,41 +454,42 @@ def print_sd(res: dict) -> None:
 
 # ---- Kandinsky stand-in ---------------------------------------------------------------------------------------
 def kandinsky_report(folder: Path, args) -> dict:
+    from fsseg.models.diffseg.capture import MapRequest, maps_by_size
     from fsseg.models.diffseg.module import DiffSegModule
+    from fsseg.models.latent import UNetCall
 
     module = DiffSegModule(
         decoder=str(folder / "decoder"), prior=str(folder / "prior"), edge_source="sobel", use_scm=False,
         timestep=args.diffseg_timestep,
     ).eval()  # fmt: skip
+    pipe = module.pipeline
     res: dict = {"stand_in": str(folder), "kind": "kandinsky", "fold": args.fold, "episodes": args.episodes,
                  "size": args.diffseg_size, "timestep": args.diffseg_timestep, "auc": {}, "cross_auc": {}}  # fmt: skip
+    size = args.diffseg_size
     embeds = {}
-    store = module._store
     for control in CONTROLS:
-        eps = load_episodes(args.fold, args.episodes, control, args.diffseg_size)
+        eps = load_episodes(args.fold, args.episodes, control, size, root=args.root)
         m_a, cross, emb = [], {}, []
         with torch.no_grad():
             for i in range(0, args.episodes, 50):
-                batch = {k: v[i : i + 50] for k, v in eps.items() if torch.is_tensor(v)}
-                _, e = module.support_inputs(batch)
-                lq = module.encode(batch["query_img"])
-                ma, _ = module.unet_prior(lq, e, batch["query_img"])  # [B, 1, s, s]
-                m_a.append(
-                    F.interpolate(ma, size=args.diffseg_size, mode="bilinear", align_corners=False)[:, 0]
+                query = eps["query_img"][i : i + 50]  # [B, 3, S, S]
+                support = pipe.encode_support(
+                    eps["support_imgs"][i : i + 50], eps["support_masks"][i : i + 50]
                 )
-                emb.append(e)
-                store.clear()
-                store.sizes, store.recording = None, True
-                t = torch.full((lq.shape[0],), args.diffseg_timestep, dtype=torch.long)
-                module.unet(lq, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": e})
-                store.recording = False
-                for s in store.cross_maps:
-                    mass = torch.stack(store.cross_maps[s]).mean(0).view(-1, 1, *s)
-                    up = F.interpolate(mass, size=args.diffseg_size, mode="bilinear", align_corners=False)[
-                        :, 0
-                    ]
+                lq = pipe.codec.encode(query)  # [B, C, h, w]
+                ma, _ = pipe.unet_prior(lq, support.embedding, query)  # [B, 1, s, s]: the model's own M_a
+                m_a.append(F.interpolate(ma, size=size, mode="bilinear", align_corners=False)[:, 0])
+                emb.append(support.embedding)
+                # a second pass on the same input (noise_query off), every layer's maps captured: prompt mass per size
+                t = torch.full((lq.shape[0],), pipe.settings.timestep, dtype=torch.long)
+                _, record = pipe.context(
+                    UNetCall(attention=MapRequest()), lq, t, encoder_hidden_states=None,
+                    added_cond_kwargs={"image_embeds": support.embedding},
+                )  # fmt: skip
+                for s, maps in maps_by_size(record.attention)[1].items():
+                    mass = torch.stack(maps).mean(0).view(-1, 1, *s)  # [B, 1, h_s, w_s]
+                    up = F.interpolate(mass, size=size, mode="bilinear", align_corners=False)[:, 0]
                     cross.setdefault(f"{s[0]}x{s[1]}", []).append(up)
-                store.clear()
         res["auc"][control] = mean_auc(torch.cat(m_a), eps["query_mask"])
         res["cross_auc"][control] = {k: mean_auc(torch.cat(v), eps["query_mask"]) for k, v in cross.items()}
         embeds[control] = F.normalize(torch.cat(emb), dim=1)
@@ -520,6 +530,9 @@ def print_kandinsky(res: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/standin_correspondence.py", description=__doc__.split("\n\n")[0])
     p.add_argument("stand_in", type=Path, help="an SD-layout or Kandinsky-layout stand-in folder")
+    p.add_argument(
+        "--root", type=Path, help="benchmark folder (default: the embedded benchmark's usual place)"
+    )
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--episodes", type=int, default=500, help="test episodes")
     p.add_argument("--timesteps", default="0,50,150,261", help="SD: comma-separated timesteps")
@@ -563,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"standin_correspondence: error: {e}", file=sys.stderr)
         return 2
     if args.out:
+        res = {**res, "command": ["tools/standin_correspondence.py", *(sys.argv[1:] if argv is None else argv)],
+               "device": f"cpu ({platform.processor() or platform.machine()})", "threads": torch.get_num_threads(),
+               "versions": versions()}  # fmt: skip
         atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
         log(f"standin_correspondence: wrote {args.out}")
     return 0
