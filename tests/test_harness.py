@@ -53,8 +53,15 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
 
 
+def _interruptible() -> None:
+    """In the child, before exec: SIGINT as in a terminal. A suite started in the background (``cmd &``, nohup)
+    hands its children SIGINT ignored, which Python then keeps ignored; fsseg rightly does too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fsseg(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([FSSEG, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run([FSSEG, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_interruptible)  # fmt: skip
 
 
 def _dead_pid() -> int:
