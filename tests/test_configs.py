@@ -3,39 +3,22 @@ released DiffewS recipe, the ablation overlays' evaluation settings, and no run-
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI
 
-from fsseg.data.datamodule import FewShotDataModule
-from fsseg.models.base import FewShotModule
+from fsseg.cli.trainer import parse_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DIFFEWS_ABLATIONS = sorted((CONFIGS / "ablations/diffews").glob("*.yaml"))
 
 
-class ParseOnly(LightningCLI):
-    """The fsseg CLI's parser and config merging, without building the (Stable Diffusion sized) model."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
-@lru_cache(maxsize=1)
-def parser():
-    cli = ParseOnly(FewShotModule, FewShotDataModule, subclass_mode_model=True, run=False,
-                    args=["--config", str(CONFIGS / "diffews.yaml")])  # fmt: skip
-    return cli.parser
-
-
 def parse(*configs: str) -> dict:
-    """The merged config of ``configs`` (relative to configs/), parsed by the fsseg CLI's parser."""
-    return parser().parse_args([a for c in configs for a in ("--config", str(CONFIGS / c))]).as_dict()
+    """The merged config of ``configs`` (relative to configs/), as ``fsseg fit`` parses it (nothing built)."""
+    return parse_command(["fit", *(a for c in configs for a in ("--config", str(CONFIGS / c)))]).as_dict()
 
 
 def sched(cfg: dict) -> dict:
@@ -141,3 +124,42 @@ def test_no_overlay_names_its_run():
     assert len(overlays) == 58
     for path in overlays:
         assert "logger" not in path.read_text(), path
+
+
+def test_no_config_restates_max_steps_as_the_schedule_length():
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        sched_args = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("init_args") or {}
+        given = ((sched_args.get("scheduler") or {}).get("init_args")) or {}
+        assert not {"total_iters", "T_max", "total_steps"} & set(given), path
+
+
+def test_schedule_length_follows_max_steps_and_a_different_one_is_refused(capsys):
+    from fsseg.cli.trainer import RunRefused
+
+    base = ["fit", "--config", str(CONFIGS / "diffews.yaml")]
+    assert (
+        parse_command([*base, "--trainer.max_steps", "700"]).model.init_args.scheduler.init_args.total_iters
+        == 700
+    )
+    assert "LinearLR total_iters = trainer.max_steps (700)" in capsys.readouterr().out
+    key = "--model.init_args.scheduler.init_args.total_iters"
+    same = parse_command([*base, "--trainer.max_steps", "700", key, "700"])  # the same value given: accepted
+    assert same.model.init_args.scheduler.init_args.total_iters == 700
+    with pytest.raises(RunRefused, match=r"total_iters 900 differs from trainer.max_steps 700"):
+        parse_command([*base, "--trainer.max_steps", "700", key, "900"])
+    with pytest.raises(RunRefused, match=r"derived from trainer.max_steps, which is not set"):
+        parse_command([*base, "--trainer.max_steps", "-1"])
+    # a scheduler that requires its length (jsonargparse refuses it without): given, and checked
+    cosine = [
+        "--model.init_args.scheduler",
+        "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "--trainer.max_steps",
+        "40",
+    ]
+    assert parse_command([*base, *cosine, "--model.init_args.scheduler.init_args.T_max", "40"])
+    with pytest.raises(RunRefused, match=r"T_max 50 differs from trainer.max_steps 40"):
+        parse_command([*base, *cosine, "--model.init_args.scheduler.init_args.T_max", "50"])
+    epochs = parse_command(
+        [*base, "--model.init_args.scheduler_interval", "epoch", "--trainer.max_steps", "-1"]
+    )
+    assert epochs.model.init_args.scheduler.init_args.total_iters == 5  # an epoch-wise schedule is as given

@@ -51,6 +51,7 @@ from fsseg.cli.checkpoints import (
 )
 from fsseg.cli.configs import find_run_config, resolve_config
 from fsseg.cli.noise import quiet_third_party
+from fsseg.cli.schedule import derive_schedule_length
 from fsseg.data.datamodule import FewShotDataModule, accumulation_steps
 from fsseg.files import OutputExists
 from fsseg.interrupts import Interrupted
@@ -306,6 +307,12 @@ class FssegCLI(LightningCLI):
             # is not the Trainer's default 1 (see `_check_accumulation`)
             given = parser.parse_args(args, defaults=False)[sub]
             self.given_accumulation = given.get("trainer.accumulate_grad_batches")
+            try:
+                note = derive_schedule_length(self.config[sub], given)
+            except ValueError as err:
+                raise RunRefused(str(err)) from None
+            if note is not None:
+                _say(f"fsseg fit: {note}")
         if sub in ("validate", "test") and isinstance(args, list):  # see `eval_precision_conflict`
             for i, arg in enumerate(args):
                 name, eq, value = arg.partition("=")
@@ -644,6 +651,28 @@ def run_cli(
     except ArgumentError as err:
         sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
         raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
+
+
+class ParseOnly(FssegCLI):
+    """A command's parsing (configs, overlays, command-line keys, shorthands, the checks made while parsing: the
+    schedule's length, unknown keys), with nothing built, claimed or run."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_command(argv: list[str]) -> Namespace:
+    """The settings ``fsseg <argv>`` (``fit`` / ``validate`` / ``test`` first) would run with, nothing built."""
+    return run_cli(argv, cli_class=ParseOnly).config[argv[0]]
 
 
 def _run_cli(argv: list[str], run_dir: Path | None, cli_class: type[FssegCLI]) -> FssegCLI:

@@ -22,35 +22,13 @@ from pathlib import Path
 from fsseg.plan.core import CARDS, GIB, plan, setting_from_config
 
 
-def _parse_only():
-    from fsseg.cli.trainer import FssegCLI
-
-    class ParseOnly(FssegCLI):
-        """``fsseg fit``'s parsing (configs, overlays, command-line keys, checks), nothing built or run."""
-
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def after_instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
-
-    return ParseOnly
-
-
 def read_setting(keys: list[str]):
     """The `fsseg.plan.core.Setting` of ``fsseg fit <keys>``."""
-    from fsseg.cli.trainer import RunRefused, run_cli
+    from fsseg.cli.trainer import RunRefused, parse_command
 
     if any(k.split("=")[0] in ("--ckpt", "--ckpt_path") for k in keys):
         raise RunRefused("--ckpt_path: a plan needs no checkpoint (memory does not depend on the weights)")
-    cli = run_cli(["fit", *keys], cli_class=_parse_only())
-    cfg = cli.config["fit"]
+    cfg = parse_command(["fit", *keys])
     return setting_from_config(cfg, [str(c) for c in (cfg.get("config") or [])])
 
 
