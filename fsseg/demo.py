@@ -111,7 +111,7 @@ def fit_and_test(config: Path, out: Path, extra: list[str], precision: str) -> d
     for folder, control in (("test", "none"), (f"test_{CONTROL}", CONTROL)):
         test = run_cli(["test", "--config", str(config), *weights, "--data.support_control", control,
                         "--model.init_args.eval_precision", precision, *extra], run_dir=out / folder)  # fmt: skip
-        results[control] = json.loads((test.run_dir / "metrics.json").read_text())
+        results[control] = test.report.metrics
     own, other = results["none"], results[CONTROL]
     return {
         "config": str(config),
@@ -141,20 +141,18 @@ def references(config: Path, out: Path, test_episodes: int | None) -> list[dict]
 
     from fsseg.data.datamodule import FewShotDataModule
     from fsseg.models.references import AllForeground, PasteSupportMask
-    from fsseg.report import TestReport
+    from fsseg.runs import test
 
     data_args = yaml.safe_load(config.read_text())["data"]
     if test_episodes is not None:
         data_args["test_episodes"] = test_episodes
     rows = []
     for name, model in zip(TRIVIAL_REFS, (AllForeground(), PasteSupportMask())):
-        report = TestReport()
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, default_root_dir=str(out / name), callbacks=[report])  # fmt: skip
-        trainer.test(model, datamodule=FewShotDataModule(**data_args), verbose=False)
-        metrics = json.loads((report.written / "metrics.json").read_text())
-        rows.append({"reference": name.replace("_", " "), "miou": metrics["miou"], "fbiou": metrics["fbiou"],
-                     "run": str(report.written)})  # fmt: skip
+                            enable_model_summary=False, default_root_dir=str(out / name))  # fmt: skip
+        report = test(model, FewShotDataModule(**data_args), trainer=trainer, folder=out / name)
+        rows.append({"reference": name.replace("_", " "), "miou": report.miou, "fbiou": report.fbiou,
+                     "run": str(report.folder)})  # fmt: skip
     return rows
 
 

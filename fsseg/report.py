@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,22 +82,41 @@ def evaluation_precision(trainer) -> str:
     )
 
 
-def write_test_report(
-    log_dir, trainer, values: dict, records: list[dict], class_ids: list[int], extra: dict | None = None
-) -> Path:
-    """Write ``metrics.json`` (with ``extra`` entries) and ``episodes.jsonl`` into ``log_dir``; returns it."""
-    log_dir = Path(log_dir)
+@dataclass
+class Report:
+    """A test run's results in memory: ``metrics`` is what ``metrics.json`` holds (mIoU, FB-IoU, per-class IoU,
+    the episodes' description, the model's settings, the precision), ``records`` one entry per episode (what
+    ``episodes.jsonl`` holds), ``folder`` where both were written (None: not written)."""
+
+    metrics: dict
+    records: list[dict]
+    folder: Path | None = None
+
+    @property
+    def miou(self) -> float:
+        return self.metrics["miou"]
+
+    @property
+    def fbiou(self) -> float:
+        return self.metrics["fbiou"]
+
+
+def test_metrics(
+    trainer, values: dict, records: list[dict], class_ids: list[int], extra: dict | None = None
+) -> dict:
+    """What ``metrics.json`` holds for a finished test epoch of ``trainer``, with ``extra`` entries."""
     dm = getattr(trainer, "datamodule", None)
     meta = dm.describe() if dm is not None and hasattr(dm, "describe") else {}
     per_class = _plain(values["per_class_iou"])
-    metrics = {
+    return {
         "miou": float(values["miou"]),
         "fbiou": float(values["fbiou"]),
         "per_class_iou": {str(c): float(v) for c, v in zip(class_ids, per_class)},
         **meta,
         "episodes": len(records),
         "model": type(trainer.lightning_module).__name__,
-        # absolute, so that tools reading the run (read_test_run) find the weights from any folder
+        # absolute, so that tools reading the run (read_test_run) find the weights from any folder; the caller
+        # gives it in ``extra`` where the weights were loaded without trainer.ckpt_path (`fsseg.runs.test`)
         "ckpt_path": os.path.abspath(trainer.ckpt_path) if trainer.ckpt_path else None,
         "model_settings": model_settings(trainer.lightning_module),
         # the precision the evaluation ran in (the model's eval_precision, else trainer.precision); bf16-mixed changes
@@ -104,24 +124,34 @@ def write_test_report(
         "precision": evaluation_precision(trainer),
         **(extra or {}),
     }
-    atomic_write_text(log_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    atomic_write_text(log_dir / "episodes.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    return log_dir
+
+
+def write_report(report: Report, folder) -> Report:
+    """Write ``metrics.json`` and ``episodes.jsonl`` of ``report`` into ``folder`` (each atomically)."""
+    folder = Path(folder)
+    atomic_write_text(folder / "metrics.json", json.dumps(report.metrics, indent=2) + "\n")
+    atomic_write_text(folder / "episodes.jsonl", "".join(json.dumps(r) + "\n" for r in report.records))
+    report.folder = folder
+    return report
 
 
 class TestReport(Callback):
-    """Write a test run's ``metrics.json`` and ``episodes.jsonl`` into the trainer's log directory.
+    """Collect a test run's `Report` and write it (``metrics.json``, ``episodes.jsonl``) into the trainer's log
+    directory, or into ``folder`` when given; ``write=False`` keeps it in memory only.
 
     The module computes the metric (``test_values``, from its `FewShotIoU`) and collects one record per episode
-    (``test_records``); this callback gathers the records from every process and has rank 0 write both files, with
-    the datamodule's description of the episodes (``describe()``), the model's settings and ``extra``.
-    ``written`` is the folder written to (None until then).
+    (``test_records``); this callback gathers the records from every process (each process gets the whole
+    `Report`: ``report``) and has rank 0 write both files, with the datamodule's description of the episodes
+    (``describe()``), the model's settings and ``extra``. ``written`` is the folder written to (None until then).
     """
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, extra: dict | None = None) -> None:
+    def __init__(self, extra: dict | None = None, folder=None, write: bool = True) -> None:
         self.extra = dict(extra or {})
+        self.folder = None if folder is None else Path(folder)
+        self.write = write
+        self.report: Report | None = None
         self.written: Path | None = None
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -129,7 +159,10 @@ class TestReport(Callback):
         if values is None:  # not an fsseg module, or no test epoch ran
             return
         records = gather_records(list(getattr(pl_module, "test_records", [])))
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        class_ids = pl_module.test_iou.class_ids
+        self.report = Report(test_metrics(trainer, values, records, class_ids, self.extra), records)
+        if not self.write:
+            return
+        folder = self.folder or trainer.log_dir or trainer.default_root_dir  # log_dir: a collective under DDP
         if trainer.is_global_zero:
-            class_ids = pl_module.test_iou.class_ids
-            self.written = write_test_report(log_dir, trainer, values, records, class_ids, self.extra)
+            self.written = write_report(self.report, folder).folder

@@ -1,9 +1,12 @@
-"""The one function that builds a method from a run's config and checkpoint outside the Lightning CLI
-(`build_model`): ``fsseg predict-images``, the Python API (`fsseg.load`) and the tools under tools/ use it.
+"""Building and running a method, from Python as from the command line.
 
-The config's ``model`` section is parsed as the CLI parses it (jsonargparse: names and types checked, defaults filled
-in); a checkpoint is read once, checked against the config (`fsseg.cli.checkpoints`: its method and architecture)
-before the model is built, and its weights loaded after.
+- `build_model`: a method from a run's config and checkpoint (``fsseg predict-images``, the Python API
+  `fsseg.load`, ``fsseg cache-latents`` and the tools under tools/). The config's ``model`` section is parsed as the
+  CLI parses it (jsonargparse: names and types checked, defaults filled in); the checkpoint is read once, checked
+  against the config (`fsseg.cli.checkpoints`: its method and architecture) before the model is built, and its
+  weights loaded after by `load_weights`, which ``fsseg test`` / ``validate`` use too (on their one read).
+- `test`: evaluate a model on a data module's test episodes -> `fsseg.report.Report` (in memory, and written when
+  given a folder). ``fsseg test`` runs through it, as do the demo's trivial references.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from pathlib import Path
 import yaml
 
 from fsseg.models.base import FewShotModule
+from fsseg.report import Report, TestReport
+
+
+class NothingDone(RuntimeError):
+    """A run had nothing to do (no training step, no episode): an error, not a success."""
+
+    exit_code = 1  # an expected outcome, reported in one line without a traceback hint
+
 
 #: init arguments of a config that only training uses (left out when a model is built for prediction)
 TRAINING_ONLY = ("optimizer", "scheduler")
@@ -82,7 +93,7 @@ def build_model(
     init_args = parsed.model.init_args.as_dict()
     state = None
     if ckpt is not None:  # checked before the (slow) model build: readable, of this method and architecture
-        from fsseg.cli.checkpoints import compare_model_config, compare_state_dict, read_checkpoint
+        from fsseg.cli.checkpoints import compare_model_config, read_checkpoint
 
         state = read_checkpoint(ckpt)  # the one read; errors name the file; plain tensors and values only
         compare_model_config(
@@ -90,6 +101,48 @@ def build_model(
         )
     model = cls(**init_args)  # built directly: its own errors (missing weights) stay readable
     if state is not None:
-        compare_state_dict(state, ckpt, model, getattr(model, "_is_frozen_key", lambda key: False))
-        model.load_state_dict(state["state_dict"])
+        load_weights(model, state, ckpt)
     return model.eval(), cfg.get("data") or {}
+
+
+def load_weights(model: FewShotModule, state: dict, ckpt: str | Path) -> None:
+    """Load a checkpoint's weights (``state``, read once by `fsseg.cli.checkpoints.read_checkpoint` from ``ckpt``)
+    into ``model``, after checking that they are the model's trained parameters with their shapes (errors name
+    ``ckpt`` and the keys); the frozen parts a checkpoint leaves out stay as built."""
+    from fsseg.cli.checkpoints import compare_state_dict
+
+    compare_state_dict(state, ckpt, model, getattr(model, "_is_frozen_key", lambda key: False))
+    model.load_state_dict(state["state_dict"])
+
+
+def test(
+    model, datamodule, trainer=None, folder: str | Path | None = None, extra: dict | None = None
+) -> Report:
+    """Evaluate ``model`` (its weights as they are) on ``datamodule``'s test episodes; returns the `Report`
+    (metrics.json's content and one record per episode), written into ``folder`` when given.
+
+    ``trainer``: the `lightning.Trainer` to run in (its callbacks, precision, devices); by default one CPU or GPU
+    device, no logger, no progress bar. ``extra``: entries added to the metrics (e.g. the checkpoint's path).
+    Raises `NothingDone` when no episode was tested. Usable without the CLI::
+
+        model = fsseg.load("runs/demo_baseline/version_0/checkpoints/last.ckpt").model
+        report = fsseg.runs.test(model, FewShotDataModule(root="data", benchmark="pascal5i", fold=0))
+    """
+    import lightning as L
+
+    found = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, TestReport)]
+    callback = found[0] if found else TestReport(extra, folder=folder, write=folder is not None)
+    if found:
+        callback.extra.update(extra or {})
+    if trainer is None:
+        trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])  # fmt: skip
+    elif not found:
+        trainer.callbacks.append(callback)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    if callback.report is None or not callback.report.records:
+        raise NothingDone(
+            "nothing was tested: 0 test episodes (data.test_episodes 0 or trainer.limit_test_batches 0); "
+            "no metrics.json written"
+        )
+    return callback.report

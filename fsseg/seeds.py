@@ -66,7 +66,7 @@ def evaluate_seeds(
         metrics, runs = [], []
         for s in seeds:
             cli = run_cli(["test", *test_argv, "--data.seed", str(s)], run_dir=out_dir / f"seed{s}")
-            metrics.append(json.loads((cli.run_dir / "metrics.json").read_text()))
+            metrics.append(cli.report.metrics)
             runs.append(cli.run_dir)
         summary = summarize_seeds(metrics, runs)
         atomic_write_text(out_dir / "seeds.json", json.dumps(summary, indent=2) + "\n")

@@ -245,3 +245,31 @@ def test_a_training_free_config_loads_without_a_checkpoint(run, files, tmp_path)
     assert not seg.model.trainable_parameters()
     masks = seg.segment(files["queries"], files["supports"][0], files["masks"][0])
     assert [m.shape for m in masks] == [(h, w) for w, h in SIZES]
+
+
+def test_runs_test_from_python_equals_fsseg_test_which_reads_the_checkpoint_once(run, tmp_path, monkeypatch):
+    """`fsseg.runs.test` on the API's model gives `fsseg test`'s episodes exactly; the CLI's evaluation reads the
+    checkpoint once (its check and its weights from the same read) and reports from memory."""
+    import json
+
+    from fsseg.data.datamodule import FewShotDataModule
+    from fsseg.runs import test
+
+    reads, real = [], torch.load
+
+    def counted(f, *args, **kwargs):
+        reads.append(str(f))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    cli = run_cli(["test", "--ckpt", str(run["ckpt"]), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    monkeypatch.undo()
+    assert reads == [str(run["ckpt"])]
+    written = json.loads((cli.report.folder / "metrics.json").read_text())
+    assert written == cli.report.metrics and written["ckpt_path"] == str(run["ckpt"].absolute())
+
+    data = yaml.safe_load(run["config"].read_text())["data"]
+    report = test(fsseg.load(run["folder"]).model, FewShotDataModule(**data), folder=tmp_path / "py")
+    assert report.records == cli.report.records  # every episode's intersection and union
+    assert (report.miou, report.fbiou) == (cli.report.miou, cli.report.fbiou)
+    assert json.loads((tmp_path / "py" / "metrics.json").read_text())["miou"] == report.miou

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
 import re
 import shutil
 import signal
@@ -57,7 +57,9 @@ from fsseg.files import OutputExists
 from fsseg.interrupts import Interrupted
 from fsseg.models.base import FewShotModule, eval_precision_conflict
 from fsseg.output_folder import IncompleteFolder, OutputFolder, check_complete
-from fsseg.report import TestReport
+from fsseg.report import Report, TestReport
+from fsseg.runs import NothingDone, load_weights
+from fsseg.runs import test as run_test
 
 SUBCOMMANDS = ("fit", "validate", "test")
 CHECKPOINT_EVERY_N_STEPS = 500  # optimizer steps between two resumable checkpoints of every fit
@@ -122,12 +124,6 @@ DiffewS UNet given as model.init_args.unet_path), and is recorded.
 
 class RunRefused(ValueError):
     """The command cannot run as given (a usage error): nothing was done."""
-
-
-class NothingDone(RuntimeError):
-    """The command ran but had nothing to do (no training step, no episode): an error, not a success."""
-
-    exit_code = 1  # an expected outcome, reported in one line without a traceback hint
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -272,6 +268,9 @@ class FssegCLI(LightningCLI):
             None  # trainer.accumulate_grad_batches as given, None when unset
         )
         self.given_precision: str | None = None  # --trainer.precision on a validate/test command line
+        self.report: Report | None = (
+            None  # after ``test``: the results (also in metrics.json, episodes.jsonl)
+        )
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -443,7 +442,16 @@ class FssegCLI(LightningCLI):
             raise RunRefused(f"{self.fixed_run_dir}: this run's folder needs a TensorBoard or CSV logger")
         if self.run_dir is not None:
             self._claim()  # before the (slow) model build
-        report = TestReport({"no_ckpt": True} if cfg.no_ckpt else {})
+        # the weights are loaded from this command's one read of the checkpoint (`after_instantiate_classes`), not
+        # by Lightning from ckpt_path: the report records the path itself
+        weights = (
+            {"no_ckpt": True}
+            if cfg.no_ckpt
+            else {"ckpt_path": os.path.abspath(cfg.ckpt_path)}
+            if cfg.ckpt_path
+            else {}
+        )
+        report = TestReport(weights if sub == "test" else {})
         callbacks: list = [report]
         if sub == "fit":
             callbacks.append(RunCheckpoint(cfg.checkpoint_every_n_steps))
@@ -457,10 +465,16 @@ class FssegCLI(LightningCLI):
         with self._released_on_error():
             self._check_accumulation()
             if self.checkpoint is not None:
-                skip = getattr(self.model, "_is_frozen_key", lambda key: False)
-                compare_state_dict(self.checkpoint, self.config[self.subcommand].ckpt_path, self.model, skip)
+                path = self.config[self.subcommand].ckpt_path
+                if (
+                    self.subcommand == "fit"
+                ):  # checked here; Lightning restores it (weights, optimiser, loops)
+                    skip = getattr(self.model, "_is_frozen_key", lambda key: False)
+                    compare_state_dict(self.checkpoint, path, self.model, skip)
+                else:  # an evaluation needs only the weights: from this one read
+                    load_weights(self.model, self.checkpoint, path)
                 self.start_step = int(self.checkpoint.get("global_step", 0))
-                self.checkpoint = None  # Lightning loads it again to restore; do not hold the mapped file
+                self.checkpoint = None  # do not hold the mapped file
             strategy = self.trainer.strategy
             if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a plugin given in the config is kept
                 strategy.checkpoint_io = AtomicCheckpointIO()
@@ -576,6 +590,14 @@ class FssegCLI(LightningCLI):
                 break
             parent.rmdir()
 
+    # ---- evaluation: the weights are loaded already (one read of the checkpoint) ---------------------------------
+    def test(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        """``fsseg test``: `fsseg.runs.test` in this command's trainer; the `Report` is ``self.report``."""
+        self.report = run_test(model, datamodule, trainer=self.trainer)
+
+    def validate(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        self.trainer.validate(model, datamodule=datamodule, **kwargs)
+
     # ---- results -----------------------------------------------------------------------------------------------
     @property
     def last_checkpoint(self) -> str | None:
@@ -598,13 +620,6 @@ class FssegCLI(LightningCLI):
                 "set, or data.val_episodes 0); give --trainer.limit_val_batches 1.0"
             )
 
-    def after_test(self) -> None:
-        if not sum(self.trainer.num_test_batches):
-            raise NothingDone(
-                "nothing was tested: 0 test episodes (data.test_episodes 0 or trainer.limit_test_batches 0); "
-                "no metrics.json written"
-            )
-
     def _say_done(self) -> None:
         """The last line of a run that succeeded: what it did and where the results are."""
         sub = self.subcommand
@@ -618,14 +633,12 @@ class FssegCLI(LightningCLI):
             m = self.trainer.callback_metrics
             values = ", ".join(f"{k} {float(m[k]):.2f}" for k in ("val/miou", "val/fbiou") if k in m)
             _say(f"fsseg validate: {values}; config.yaml and logs in {self.run_dir}")
-        else:
-            report = next((c for c in self.trainer.callbacks if isinstance(c, TestReport)), None)
-            if rank_zero_only.rank == 0 and report is not None and report.written is not None:
-                m = json.loads((report.written / "metrics.json").read_text())
-                _say(
-                    f"fsseg test: mIoU {m['miou']:.2f}, FB-IoU {m['fbiou']:.2f} over {m['episodes']} episodes -> "
-                    f"{report.written / 'metrics.json'}, episodes.jsonl"
-                )
+        elif self.report is not None and self.report.folder is not None:
+            r = self.report
+            _say(
+                f"fsseg test: mIoU {r.miou:.2f}, FB-IoU {r.fbiou:.2f} over {len(r.records)} episodes -> "
+                f"{r.folder / 'metrics.json'}, episodes.jsonl"
+            )
 
 
 def torch_load_step(path: str) -> int | None:
