@@ -66,8 +66,6 @@ def build_model(
 
     Returns (the model, the config's ``data`` section).
     """
-    from jsonargparse import ArgumentParser
-
     from fsseg.cli.configs import find_run_config, resolve_config
 
     if ckpt is None and config is None:
@@ -84,25 +82,36 @@ def build_model(
     init.update(overrides or {})
     if threshold is not None:
         init.update(threshold_override(cls, threshold, threshold_option))
+    model = instantiate_model(model_cfg["class_path"], init, ckpt, source=str(config))
+    return model, cfg.get("data") or {}
+
+
+def instantiate_model(
+    class_path: str, init_args: Mapping, ckpt: str | Path | None = None, source: str = "the config"
+) -> FewShotModule:
+    """The method ``class_path`` with ``init_args`` (checked by name and type as the CLI checks them, defaults
+    filled in; errors name ``source``), in eval mode; with ``ckpt``, the checkpoint is read once and checked
+    against the settings (its method and architecture) before the (slow) build, and its weights loaded after."""
+    from jsonargparse import ArgumentParser
+
+    cls = import_class(class_path)
     parser = ArgumentParser(exit_on_error=False)  # checks names and types as the CLI does, fills in defaults
     parser.add_subclass_arguments(FewShotModule, "model", required=True)
     try:
-        parsed = parser.parse_object({"model": {"class_path": model_cfg["class_path"], "init_args": init}})
+        parsed = parser.parse_object({"model": {"class_path": class_path, "init_args": dict(init_args)}})
     except Exception as e:  # jsonargparse's ArgumentError and friends
-        raise ValueError(f"{config}: the model section does not parse: {e}") from e
+        raise ValueError(f"{source}: the model section does not parse: {e}") from e
     init_args = parsed.model.init_args.as_dict()
     state = None
-    if ckpt is not None:  # checked before the (slow) model build: readable, of this method and architecture
+    if ckpt is not None:
         from fsseg.cli.checkpoints import compare_model_config, read_checkpoint
 
         state = read_checkpoint(ckpt)  # the one read; errors name the file; plain tensors and values only
-        compare_model_config(
-            state, ckpt, model_cfg["class_path"], init_args, getattr(cls, "architecture_args", ())
-        )
+        compare_model_config(state, ckpt, class_path, init_args, getattr(cls, "architecture_args", ()))
     model = cls(**init_args)  # built directly: its own errors (missing weights) stay readable
     if state is not None:
         load_weights(model, state, ckpt)
-    return model.eval(), cfg.get("data") or {}
+    return model.eval()
 
 
 def load_weights(model: FewShotModule, state: dict, ckpt: str | Path) -> None:

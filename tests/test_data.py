@@ -182,6 +182,9 @@ def test_accumulation_arithmetic():
         accumulation_steps(16, 3, 1)
     with pytest.raises(ValueError, match="effective_batch_size"):
         FewShotDataModule(effective_batch_size=0)
+    assert accumulation_steps(8, 1, 2, given=4) == 4  # an explicit accumulation that agrees is used
+    with pytest.raises(ValueError, match="accumulate_grad_batches 1 was given, .* needs 4"):
+        accumulation_steps(8, 1, 2, given=1)
 
 
 def test_effective_batch_sets_the_accumulation_of_a_fit(tmp_path, small_embedded):

@@ -326,14 +326,12 @@ class FssegCLI(LightningCLI):
         effective = cfg.data.get("effective_batch_size")
         if self.subcommand != "fit" or effective is None or self.given_accumulation is None:
             return
-        needed = accumulation_steps(effective, self.trainer.world_size, cfg.data.batch_size)
-        if self.given_accumulation != needed:
-            raise RunRefused(
-                f"trainer.accumulate_grad_batches {self.given_accumulation} was given, but data.effective_batch_size "
-                f"{effective} with {self.trainer.world_size} process(es) x data.batch_size {cfg.data.batch_size} "
-                f"needs {needed}: drop trainer.accumulate_grad_batches (it is derived), or set "
-                f"data.effective_batch_size null to use it"
+        try:
+            accumulation_steps(
+                effective, self.trainer.world_size, cfg.data.batch_size, self.given_accumulation
             )
+        except ValueError as err:
+            raise RunRefused(str(err)) from None
 
     # ---- the checkpoint gives weights, the config gives settings -------------------------------------------------
     def _parse_ckpt_path(self) -> None:

@@ -27,16 +27,27 @@ class EpisodeConcat(ConcatDataset):
         return self.datasets[d][epoch * len(self.datasets[d]) + j]
 
 
-def accumulation_steps(effective_batch_size: int, world_size: int, batch_size: int) -> int:
-    """Gradient accumulation that makes ``world_size`` processes x ``batch_size`` episodes x accumulation equal
-    ``effective_batch_size``; a ValueError naming the numbers when it does not divide."""
+def accumulation_steps(
+    effective_batch_size: int, world_size: int, batch_size: int, given: int | None = None
+) -> int:
+    """The one rule of ``data.effective_batch_size``: the gradient accumulation that makes ``world_size`` processes
+    x ``batch_size`` episodes x accumulation equal ``effective_batch_size``. A ValueError naming the numbers when it
+    does not divide, or when an accumulation was ``given`` explicitly (``trainer.accumulate_grad_batches``; None:
+    not set) with another value: it is derived, never replaced silently."""
     per_step = world_size * batch_size
     if effective_batch_size < 1 or effective_batch_size % per_step:
         raise ValueError(
             f"data.effective_batch_size {effective_batch_size} is not a multiple of {world_size} process(es) x "
             f"data.batch_size {batch_size} = {per_step}: choose devices and batch size whose product divides it"
         )
-    return effective_batch_size // per_step
+    needed = effective_batch_size // per_step
+    if given is not None and given != needed:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches {given} was given, but data.effective_batch_size "
+            f"{effective_batch_size} with {world_size} process(es) x data.batch_size {batch_size} needs {needed}: "
+            f"drop trainer.accumulate_grad_batches (it is derived), or set data.effective_batch_size null to use it"
+        )
+    return needed
 
 
 class FewShotDataModule(L.LightningDataModule):
@@ -245,13 +256,10 @@ class FewShotDataModule(L.LightningDataModule):
     def _set_accumulation(self) -> None:
         """``trainer.accumulate_grad_batches`` from ``effective_batch_size`` (see the class docstring)."""
         hp, trainer = self.hparams, self.trainer
-        acc = accumulation_steps(hp.effective_batch_size, trainer.world_size, hp.batch_size)
-        if trainer.accumulate_grad_batches not in (1, acc):
-            raise ValueError(
-                f"trainer.accumulate_grad_batches is {trainer.accumulate_grad_batches}, but data.effective_batch_size "
-                f"{hp.effective_batch_size} with {trainer.world_size} process(es) x data.batch_size {hp.batch_size} "
-                f"needs {acc}: leave trainer.accumulate_grad_batches unset or set data.effective_batch_size null"
-            )
+        given = trainer.accumulate_grad_batches  # 1: the Trainer's default (the CLI checks an explicit 1)
+        acc = accumulation_steps(
+            hp.effective_batch_size, trainer.world_size, hp.batch_size, given if given != 1 else None
+        )
         trainer.accumulate_grad_batches = acc
         rank_zero_info(
             f"effective batch {hp.effective_batch_size} = {trainer.world_size} process(es) x batch {hp.batch_size} "
