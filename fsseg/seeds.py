@@ -63,9 +63,11 @@ def evaluate_seeds(
     out_dir = Path(out_dir)
     entries = [*(f"seed{s}" for s in seeds), "seeds.json"]
     with replacing(out_dir, OWNER, entries, overwrite):
-        metrics, runs = [], []
-        for s in seeds:
-            cli = run_cli(["test", *test_argv, "--data.seed", str(s)], run_dir=out_dir / f"seed{s}")
+        metrics, runs, cli = [], [], None
+        for s in seeds:  # the model built, and the checkpoint read, once: the seeds change only the episodes
+            cli = run_cli(
+                ["test", *test_argv, "--data.seed", str(s)], run_dir=out_dir / f"seed{s}", reuse=cli
+            )
             metrics.append(cli.report.metrics)
             runs.append(cli.run_dir)
         summary = summarize_seeds(metrics, runs)

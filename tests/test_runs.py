@@ -214,6 +214,32 @@ def test_evaluate_seeds_refuses_a_used_out_folder(trained, tmp_path, capsys):
     assert json.loads((out / "seeds.json").read_text())["seeds"] == [0] and not (out / "seed1").exists()
 
 
+def test_evaluate_seeds_builds_the_model_once_and_equals_separate_tests(trained, tmp_path, monkeypatch):
+    """Every seed's episodes as a separate ``fsseg test --data.seed s`` gives them, with one model build and one read
+    of the checkpoint for all seeds."""
+    from fsseg.seeds import evaluate_seeds
+
+    cfg, ckpt = trained
+    args = ["--config", str(cfg), "--ckpt", ckpt]
+    alone = [run_cli(["test", *args, "--data.seed", str(s)], run_dir=tmp_path / f"alone{s}") for s in (0, 1)]
+    builds, loads, init, load = [], [], PrototypeModule.__init__, torch.load
+    monkeypatch.setattr(
+        PrototypeModule, "__init__", lambda self, *a, **k: builds.append(1) or init(self, *a, **k)
+    )
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(str(f)) or load(f, *a, **k))
+    evaluate_seeds(args, [0, 1], tmp_path / "seeds")
+    monkeypatch.undo()
+    assert len(builds) == 1 and loads == [ckpt]
+    for s, cli in zip((0, 1), alone):
+        records = [
+            json.loads(line) for line in (tmp_path / f"seeds/seed{s}/episodes.jsonl").read_text().splitlines()
+        ]
+        assert records == cli.report.records
+    assert alone[0].report.records != alone[1].report.records  # the seeds draw other episodes
+    with pytest.raises(ValueError, match="other settings: temperature"):
+        run_cli(["test", *args, "--model.init_args.temperature", "3"], run_dir=tmp_path / "t", reuse=alone[0])
+
+
 def test_metrics_record_the_checkpoint_as_an_absolute_path(trained, tmp_path, monkeypatch):
     """A test run given a relative --ckpt_path records it absolute: its readers (tools/) work from any folder."""
     cfg, ckpt = trained

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from fsseg.callbacks import AtomicCheckpointIO, RunCheckpoint
 from fsseg.cli.checkpoints import (
     TrainedClassesCheck,
+    _plain,
     compare_model_config,
     compare_state_dict,
     read_checkpoint,
@@ -253,8 +254,11 @@ class FssegCLI(LightningCLI):
     for the commands that run tests into folders of their own layout (`fsseg.seeds`, `fsseg.demo`,
     `fsseg.reproduce`), is the exact folder of this run (set as its logger's save_dir and version; a TensorBoard or CSV logger)."""
 
-    def __init__(self, *args, overwrite: bool = False, run_dir: Path | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, overwrite: bool = False, run_dir: Path | None = None, reuse=None, **kwargs
+    ) -> None:
         self.overwrite = overwrite
+        self.reuse = reuse  # an earlier evaluation of the same model settings and checkpoint (`run_cli`)
         self.fixed_run_dir = run_dir
         self.checkpoint: dict | None = None  # read from --ckpt_path until it has been checked
         self.trained_data: dict | None = (
@@ -354,6 +358,17 @@ class FssegCLI(LightningCLI):
             raise RunRefused(
                 f"--ckpt_path {path}: give the checkpoint file (e.g. runs/x/version_0/checkpoints/last.ckpt)"
             )
+        if self.reuse is not None:  # the earlier evaluation read and checked it, and holds its weights
+            if (
+                sub == "fit"
+                or self.reuse.subcommand == "fit"
+                or self.reuse.config[self.reuse.subcommand].ckpt_path != path
+            ):
+                raise RunRefused(
+                    "a run reuses the model of an earlier evaluation of the same checkpoint only"
+                )
+            self.trained_data, self.setting_notes = self.reuse.trained_data, self.reuse.setting_notes
+            return
         self.checkpoint = read_checkpoint(path)
         self.trained_data = self.checkpoint.get("datamodule_hyper_parameters")
         model = cfg.model
@@ -374,6 +389,9 @@ class FssegCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         with self._released_on_error():
+            if self.reuse is not None:
+                self._instantiate_around_the_given_model()
+                return
             try:
                 super().instantiate_classes()
             # a class failed to build; jsonargparse wraps its error in a long report
@@ -381,6 +399,33 @@ class FssegCLI(LightningCLI):
                 if not str(err).startswith("Does not validate against any of the Union subtypes"):
                     raise
                 raise RunRefused(condense_parse_error(str(err))) from err
+
+    def _instantiate_around_the_given_model(self) -> None:
+        """The data module and trainer as parsed, the model of an earlier evaluation (`run_cli`'s ``reuse``) of the
+        same model settings and checkpoint (`fsseg.seeds`: one build, one read of the checkpoint, for every seed),
+        checked to have the parsed class and settings."""
+        sub, model = self.subcommand, self.reuse.model
+        cfg = self.config[sub]
+        parsed = cfg.model.init_args.as_dict() if isinstance(cfg.model.get("init_args"), Namespace) else {}
+        if _import(cfg.model.class_path) is not type(model):
+            raise RunRefused(
+                f"the given model is a {type(model).__name__}, the settings name {cfg.model.class_path}"
+            )
+        differs = sorted(
+            k
+            for k, v in parsed.items()
+            if k not in ("optimizer", "scheduler") and _plain(model.hparams.get(k)) != _plain(v)
+        )
+        if differs:
+            raise RunRefused(f"the given model was built with other settings: {', '.join(differs)}")
+        model_cfg, cfg["model"] = cfg.model, model  # an instance: jsonargparse keeps it as it is
+        try:
+            self.config_init = self.parser.instantiate_classes(self.config)
+        finally:
+            cfg["model"] = model_cfg
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = model
+        self.trainer = self.instantiate_trainer()
 
     # ---- naming, output policy, callbacks ------------------------------------------------------------------------
     def _place(self, sub: str, cfg: Namespace, args: Namespace) -> None:
@@ -648,17 +693,19 @@ def torch_load_step(path: str) -> int | None:
 
 
 def run_cli(
-    argv: list[str], run_dir: Path | None = None, cli_class: type[FssegCLI] | None = None
+    argv: list[str], run_dir: Path | None = None, cli_class: type[FssegCLI] | None = None, reuse=None
 ) -> FssegCLI:
     """Run one ``fsseg fit|validate|test`` command in this process; returns the finished `FssegCLI`.
 
     ``run_dir``: write this run into exactly that folder (for commands with their own folder layout), instead of
     the folder fsseg's rule derives. A command line that does not parse raises `RunRefused` with jsonargparse's
     report condensed to one line. ``cli_class``: a `FssegCLI` subclass to run instead (``fsseg plan`` parses with
-    one that builds nothing).
+    one that builds nothing). ``reuse``: for ``test`` / ``validate``, an earlier evaluation's `FssegCLI` of the same
+    model settings and checkpoint (`fsseg.seeds` across seeds): its model (weights loaded) is used, not built or
+    read again.
     """
     try:
-        return _run_cli(argv, run_dir, cli_class or FssegCLI)
+        return _run_cli(argv, run_dir, cli_class or FssegCLI, reuse)
     except ArgumentError as err:
         sub = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
         raise RunRefused(f"{condense_parse_error(str(err))} (see `fsseg {sub} --help`)") from None
@@ -686,7 +733,7 @@ def parse_command(argv: list[str]) -> Namespace:
     return run_cli(argv, cli_class=ParseOnly).config[argv[0]]
 
 
-def _run_cli(argv: list[str], run_dir: Path | None, cli_class: type[FssegCLI]) -> FssegCLI:
+def _run_cli(argv: list[str], run_dir: Path | None, cli_class: type[FssegCLI], reuse=None) -> FssegCLI:
     argv, overwrite = expand_shorthands(list(argv))
     quiet_third_party()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # given on purpose
@@ -699,6 +746,7 @@ def _run_cli(argv: list[str], run_dir: Path | None, cli_class: type[FssegCLI]) -
         args=argv,
         overwrite=overwrite,
         run_dir=Path(run_dir) if run_dir is not None else None,
+        reuse=reuse,
         seed_everything_default=0,
         trainer_defaults={
             "default_root_dir": SAVE_DIR,
