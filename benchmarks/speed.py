@@ -17,17 +17,20 @@ DiffewS evaluation, 1-shot episodes, the same random episodes for every path:
   computed once, one VAE call for queries and supports), batch 1.
 - C, fsseg's fastest faithful path: B under bf16 autocast (what ``--trainer.precision bf16-mixed`` does), with
   channels-last weights, ``--c-batch`` episodes per batch. The same method: same fusion, OI2M step and post-processing.
+  ``--c-precision auto`` (the default) runs C in bf16 only where the device computes it natively
+  (`fsseg.hardware.native_bf16`: a GPU with bf16, a CPU with AVX512-BF16 or AMX, the rule of the demo's tests);
+  elsewhere bf16 is emulated (about 100x slower than fp32 on an AVX2 CPU) and C runs in fp32 (``C_fsseg_fp32_b2``).
 
 Per component (VAE encode, UNet, VAE decode, post-processing ``DiffewsModule.masks``, and the rest of the time),
 each call timed alone inside the variants (``C_components``; seconds only for A and B): C's FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention: none in post-processing), and each
-component's achieved GFLOP/s is reported with its fraction of a bf16 matmul measured in the same run (``C_unet``:
-the UNet's, the last line's figure). Timing: one warm-up call per
+component's achieved GFLOP/s is reported with its fraction of a matmul in C's precision measured in the same run
+(``C_unet``: the UNet's, the last line's figure). Timing: one warm-up call per
 variant (quick mode: not for B and the cached training step, which follow a warmed-up variant running the same
 model on the same shapes), then ``--repeats`` rounds that call the variants in turn (so a change of machine load hits all of them);
 the minimum is reported (and every time, and the load average before and after each section).
 
-Latent cache: a training step (bf16 autocast ``training_loss`` + backward + an SGD update; batch 1, 1-shot, SD 2.1
+Latent cache: a training step (in C's precision: ``training_loss`` + backward + an SGD update; batch 1, 1-shot, SD 2.1
 size) with live VAE encoding against one reading the cached posteriors (`fsseg.data.latent_cache`).
 predict-images: a 512 px query against a cached support (`encode_support` once, then `predict_with_support`) in
 today's fp32 path (contiguous layout) and with ``--precision bf16`` (channels-last). DiffSeg: `predict_masks` of the
@@ -35,7 +38,8 @@ Kandinsky 2.2 decoder UNet + MoVQ (random weights; a small CLIP with Kandinsky's
 ViT-bigG, as in diffseg_speed.py) in fp32 at batch 1 and in bf16, channels-last, batched.
 
 Writes ``benchmarks/results/speed_<quick|full>_<device>.json``; the last line printed is
-``speedup_vs_released=<A time / C time> latent_cache=<live / cached step> bf16_fraction_of_peak=<C's UNet>``.
+``speedup_vs_released=<A time / C time> latent_cache=<live / cached step> bf16_fraction_of_peak=<C's UNet>``
+(``nan`` where C ran in fp32: the line before it gives the UNet's fraction of the fp32 matmul rate).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from fsseg.data import latent_cache as lc
 from fsseg.data.embedded import generate_embedded_benchmark
 from fsseg.data.pascal import EmbeddedFewShot
 from fsseg.episode import fake_batch, foreground, mask_image
+from fsseg.hardware import native_bf16
 from fsseg.models.diffews import DiffewsModule
 from fsseg.models.diffews.module import cached_moments
 from fsseg.models.diffews.support import LatentSupport
@@ -275,7 +280,8 @@ def released_episode(m: DiffewsModule, text_encoder, tokenizer, ep: dict, out_si
 @torch.no_grad()
 def components(meter: Meter, variant: str, times: list[float], repeats: int, peak: float) -> dict:
     """Per component of ``variant`` (one batch, the mean over the timed rounds): seconds, share of the variant's
-    time, the FLOPs counted and the rate achieved (GFLOP/s and its fraction of the bf16 matmul rate; None where no
+    time, the FLOPs counted and the rate achieved (GFLOP/s and its fraction of ``peak``, the matmul rate in the
+    variant's precision; None where no
     FLOPs are counted); ``other``: the rest of the variant's time (embedding, noise, scheduler, casts, Python)."""
     total = sum(times) / repeats
     out: dict[str, dict] = {}
@@ -289,7 +295,7 @@ def components(meter: Meter, variant: str, times: list[float], repeats: int, pea
             "share_of_time": round(sec / total, 3),
             "gflop_per_batch": round(flop / 1e9, 2),
             "gflops": None if gflops is None else round(gflops, 1),
-            "fraction_of_bf16_matmul": None if gflops is None else round(gflops / peak, 3),
+            "fraction_of_peak": None if gflops is None else round(gflops / peak, 3),
         }
     rest = total - sum(v["seconds_per_batch"] for v in out.values())
     out["other"] = {"seconds_per_batch": round(rest, 4), "share_of_time": round(rest / total, 3)}
@@ -300,7 +306,7 @@ def print_components(name: str, comps: dict) -> None:
     """One line per component: the next bottleneck at a glance."""
     for comp, v in comps.items():
         rate = (
-            f", {v['gflops']} GFLOP/s ({v['fraction_of_bf16_matmul']:.0%} of bf16 matmul)"
+            f", {v['gflops']} GFLOP/s ({v['fraction_of_peak']:.0%} of the matmul rate)"
             if v.get("gflops")
             else ""
         )
@@ -309,7 +315,9 @@ def print_components(name: str, comps: dict) -> None:
         )
 
 
-def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, peak, lean=False) -> dict:
+def diffews_eval(
+    m, text_encoder, tokenizer, size, c_batch, c_bf16, repeats, device, peak, lean=False
+) -> dict:
     """A, B and C at ``size`` px (see the module docstring)."""
     m.eval()
     batch = to(fake_batch(b=c_batch, k=1, size=size, seed=0), device)
@@ -325,13 +333,16 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
         outs["B"] = m.predict_masks(one, out_size)
 
     def run_c():
-        with autocast(device, True):
+        with autocast(device, c_bf16):
             outs["C"] = m.predict_masks(batch, out_size)
 
     variants = {
         "A_released_fp32_b1": (lambda: set_channels_last(layers, False), run_a),
         "B_fsseg_fp32_b1": (lambda: set_channels_last(layers, True), run_b),
-        f"C_fsseg_bf16_b{c_batch}": (lambda: set_channels_last(layers, True), run_c),
+        f"C_fsseg_{'bf16' if c_bf16 else 'fp32'}_b{c_batch}": (
+            lambda: set_channels_last(layers, True),
+            run_c,
+        ),
     }
     names = list(variants)
     p = m.pipeline
@@ -372,8 +383,8 @@ def diffews_eval(m, text_encoder, tokenizer, size, c_batch, repeats, device, pea
     return res
 
 
-def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> dict:
-    """A training step (bf16 autocast) with live VAE encoding and with the latent cache (the cached moments come
+def latent_cache_step(m, size, repeats, device, workdir: Path, bf16: bool, lean=False) -> dict:
+    """A training step (bf16 autocast, or fp32 where ``bf16`` is false) with live VAE encoding and with the latent cache (the cached moments come
     with the batch, as the data module's training loader gives them)."""
     root = generate_embedded_benchmark(
         workdir / f"embedded{size}", seed=0, image_size=128, n_train=40, n_val=40
@@ -404,7 +415,7 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
         turn["i"] += 1
         moments = (lambda idx: cached_moments(batch, idx, "concat")) if cached else None
         episode = (batch["query_img"], batch["query_mask"], batch["support_imgs"], batch["support_masks"])
-        with autocast(device, True):
+        with autocast(device, bf16):
             loss = m.pipeline.training_loss(*episode, moments)["loss"]
         loss.backward()
         opt.step()
@@ -422,8 +433,8 @@ def latent_cache_step(m, size, repeats, device, workdir: Path, lean=False) -> di
     res = {k: summary(v) for k, v in times.items()}
     res["speedup_cached_over_live"] = round(res["live"]["seconds_min"] / res["cached"]["seconds_min"], 3)
     res["step"] = (
-        "bf16 autocast DiffewsPipeline.training_loss + backward + SGD update (AdamW adds the same to both), batch 1, "
-        "1-shot"
+        f"{'bf16 autocast' if bf16 else 'fp32'} DiffewsPipeline.training_loss + backward + SGD update (AdamW adds "
+        f"the same to both), batch 1, 1-shot"
     )
     res["cache_entries"] = {"images": len(images), "mask_images": len(masks)}
     res["load_before_after"] = [before, load()]
@@ -601,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tiny", action="store_true", help="the tiny test architecture (checks the machinery only)"
     )
+    p.add_argument(
+        "--c-precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="C's precision (auto: bf16 where the device computes it natively, else fp32)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -617,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         or (("diffews", "cache") if args.quick else ("diffews", "cache", "predict", "compile", "diffseg"))
     )
     mode = "quick" if args.quick else "full"
+    native, why = native_bf16(device.type)
+    c_bf16 = args.c_precision == "bf16" or (args.c_precision == "auto" and native)
+    c_precision = "bf16" if c_bf16 else "fp32"
+    c_reason = f"--c-precision {args.c_precision}" + (f" ({why})" if args.c_precision == "auto" else "")
+    print(f"C in {c_precision}: {c_reason}", flush=True)
     report = {
         "benchmark": "benchmarks/speed.py",
         "mode": mode,
@@ -628,16 +650,19 @@ def main(argv: list[str] | None = None) -> int:
             "sections": sorted(sections),
             "warm_up": "every variant but B and the cached step" if args.quick else "every variant",
             "torch_threads": torch.get_num_threads(),
+            "c_precision": c_precision,
+            "c_precision_reason": c_reason,
         },
         "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "load_start": load(),
     }
     started = time.perf_counter()
-    peak = matmul_gflops(device, torch.bfloat16, 8192 if gpu else 4096)
-    report["matmul_gflops"] = {
-        "bf16": round(peak, 1),
-        "fp32": round(matmul_gflops(device, torch.float32, 8192 if gpu else 4096), 1),
-    }
+    n = 8192 if gpu else 4096
+    # emulated bf16 measured at 1024 (a 4096 matmul would take minutes): its rate does not depend on the size
+    bf16_peak = matmul_gflops(device, torch.bfloat16, n if native else 1024)
+    fp32_peak = matmul_gflops(device, torch.float32, n)
+    peak = bf16_peak if c_bf16 else fp32_peak  # C's components are given as fractions of this
+    report["matmul_gflops"] = {"bf16": round(bf16_peak, 1), "fp32": round(fp32_peak, 1)}
     print(f"matmul: {report['matmul_gflops']} GFLOP/s, load {load()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -654,14 +679,23 @@ def main(argv: list[str] | None = None) -> int:
                 for size in sizes:
                     print(f"DiffewS evaluation at {size} px", flush=True)
                     report[f"diffews_eval_{size}"] = ev = diffews_eval(
-                        m, text_encoder, tokenizer, size, c_batch, args.repeats, device, peak, args.quick
+                        m,
+                        text_encoder,
+                        tokenizer,
+                        size,
+                        c_batch,
+                        c_bf16,
+                        args.repeats,
+                        device,
+                        peak,
+                        args.quick,
                     )
                     print_components(next(k for k in ev if k.startswith("C_fsseg")), ev["C_components"])
             if "cache" in sections:
                 size = sizes[0] if args.quick else max(sizes)
                 print(f"training step, live encoding vs latent cache, {size} px", flush=True)
                 report[f"latent_cache_{size}"] = latent_cache_step(
-                    m, size, args.repeats, device, work, args.quick
+                    m, size, args.repeats, device, work, c_bf16, args.quick
                 )
             if "predict" in sections:
                 size = max(sizes) if args.tiny else 512
@@ -675,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         if "diffseg" in sections and not args.tiny:
             for size in sizes:
                 print(f"DiffSeg frozen pass at {size} px", flush=True)
-                report[f"diffseg_eval_{size}"] = diffseg_eval(size, c_batch, args.repeats, device, peak)
+                report[f"diffseg_eval_{size}"] = diffseg_eval(size, c_batch, args.repeats, device, bf16_peak)
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["load_end"] = load()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{mode}_{device.type}.json")
@@ -688,7 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     cache_key = next((k for k in report if k.startswith("latent_cache_")), None)
     speedup = report[first]["speedup_C_over_A"] if first in report else float("nan")
     cache = report[cache_key]["speedup_cached_over_live"] if cache_key else float("nan")
-    frac = report[first]["C_unet"]["fraction_of_bf16_matmul"] if first in report else float("nan")
+    frac = report[first]["C_unet"]["fraction_of_peak"] if first in report else float("nan")
+    if not c_bf16:
+        print(f"C ran in fp32 ({c_reason}): its UNet reached {frac} of the fp32 matmul rate; no bf16 figure")
+        frac = float("nan")
     print(f"speedup_vs_released={speedup} latent_cache={cache} bf16_fraction_of_peak={frac}")
     return 0
 

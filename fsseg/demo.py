@@ -45,27 +45,11 @@ CONTROL = "other_class"
 TEST_PRECISIONS = ("auto", "32-true", "bf16-mixed")
 
 
-def native_bf16(accelerator: str) -> tuple[bool, str]:
-    """Whether the device that ``trainer.accelerator`` names computes in bfloat16 natively, and why (for the log)."""
-    import torch
-
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            return False, "no CUDA device"
-        has = torch.cuda.is_bf16_supported()
-        return has, f"{torch.cuda.get_device_name()} {'has' if has else 'lacks'} bf16"
-    if accelerator not in ("cpu", "auto"):
-        return False, f"accelerator {accelerator!r}"
-    found = [name for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-             if getattr(torch.cpu, check, lambda: False)()]  # fmt: skip
-    why = f"this CPU has {' and '.join(found)}" if found else "this CPU has no bf16 instructions"
-    return bool(found), why
-
-
 def resolve_test_precision(config: Path, requested: str) -> tuple[str, str]:
     """The precision of ``config``'s test runs for ``--test-precision requested``, and why."""
     import yaml
 
+    from fsseg.hardware import native_bf16
     from fsseg.models.base import EVAL_PRECISIONS, PRECISION_ALIASES
 
     if requested != "auto":

@@ -42,7 +42,9 @@ def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 @pytest.mark.slow  # ~25 s: a subprocess that imports and builds everything
 def test_quick_mode_on_the_tiny_architecture(tmp_path):
-    last, report = run_benchmark(tmp_path, "--quick", "--sizes", "32", "--c-batch", "3")
+    last, report = run_benchmark(
+        tmp_path, "--quick", "--sizes", "32", "--c-batch", "3", "--c-precision", "bf16"
+    )
     assert SUMMARY.fullmatch(last), last
     for key in ("device", "threads", "versions", "settings", "load_start", "load_end", "matmul_gflops"):
         assert key in report, key
@@ -56,6 +58,10 @@ def test_quick_mode_on_the_tiny_architecture(tmp_path):
         "speedup_C_over_A",
     }
     assert report["settings"]["c_batch"] == 3 and report["settings"]["repeats"] == 1
+    assert (
+        report["settings"]["c_precision"] == "bf16"
+        and report["settings"]["c_precision_reason"] == "--c-precision bf16"
+    )
     assert ev["C_fsseg_bf16_b3"]["per_call"] == 3 and ev["C_unet"]["gflop_per_batch"] > 0
     # per component: each timed, the convolutions' and matmuls' FLOPs counted, post-processing has none
     comps = ev["C_components"]
@@ -72,6 +78,20 @@ def test_quick_mode_on_the_tiny_architecture(tmp_path):
     assert cache["live"]["seconds_min"] > 0 and cache["cached"]["seconds_min"] > 0
     assert f"speedup_vs_released={ev['speedup_C_over_A']}" in last
     assert "diffseg_eval_32" not in report and "predict_images_32" not in report  # quick: not run
+
+
+@pytest.mark.slow
+def test_c_runs_in_bf16_only_where_the_cpu_computes_it_natively(tmp_path):
+    """``--c-precision auto``: C in bf16 on a CPU with AVX512-BF16 or AMX, else in fp32 (bf16 is emulated there),
+    said in the JSON and the last line (nan: no bf16 figure)."""
+    from fsseg.hardware import native_bf16
+
+    native, why = native_bf16("cpu")
+    last, report = run_benchmark(tmp_path, "--quick", "--sizes", "32", "--only", "diffews")
+    precision = "bf16" if native else "fp32"
+    assert report["settings"]["c_precision"] == precision and why in report["settings"]["c_precision_reason"]
+    assert f"C_fsseg_{precision}_b2" in report["diffews_eval_32"]
+    assert last.endswith("bf16_fraction_of_peak=nan") != native
 
 
 @pytest.mark.slow
