@@ -129,3 +129,31 @@ def test_two_pass_training_equals_joint_with_and_without_checkpointing(dirs, kw,
             torch.testing.assert_close(g[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
     if kw.get("injection", "concat") == "concat":  # the supports' input conv is trained through the bank too
         assert reference.pipeline.unet.conv_in_ref.weight.grad.abs().sum() > 0
+
+
+def test_eval_cache_encodes_each_image_once_and_predicts_what_encoding_predicts(dirs):
+    """``eval_cache_mb``: at inference an image seen before (a support shared by episodes, the same episodes again,
+    as under another seed) is not encoded again; the predictions are those without the cache up to float rounding,
+    and a repeated call gives its first answer exactly. Without it (the default) every call encodes."""
+    off, on = build(dirs).eval(), build(dirs, eval_cache_mb=16).eval()
+    encoded = {"on": [], "off": []}
+    for name, m in (("on", on), ("off", off)):
+        m.pipeline.vae.encoder.register_forward_pre_hook(
+            lambda mod, args, n=name: encoded[n].append(len(args[0]))
+        )
+    batch = shared_support_batch(n_queries=2, shots=3)  # 2 episodes, one 3-shot support set
+    with torch.no_grad():
+        first, again = decode_batch(on, batch), decode_batch(on, batch)
+        base, base_again = decode_batch(off, batch), decode_batch(off, batch)
+    # 2 queries + the shared support's 3 images and 3 mask images, each once; the second call encodes nothing
+    assert encoded == {"on": [8], "off": [14, 14]}
+    cache = on.pipeline.eval_cache  # 6 repeats within the first call, 14 in the second
+    assert (cache.hits, cache.misses, len(cache)) == (20, 8, 8)
+    assert torch.equal(first, again) and torch.equal(base, base_again)
+    assert_same_image(first, base)
+    with torch.no_grad():  # the API's path (a support encoded once, queries segmented against it) uses it too
+        support = on.pipeline.encode_support(batch["support_imgs"][:1], batch["support_masks"][:1])
+        assert_same_image(on.pipeline.decode_queries(support, batch["query_img"]), base)
+    assert encoded["on"] == [8]
+    with pytest.raises(ValueError, match="eval_cache_mb must be >= 0"):
+        build(dirs, eval_cache_mb=-1)

@@ -147,7 +147,7 @@ def test_features_of_seen_images_come_from_a_bounded_cache(tiny_parts):
     assert torch.equal(first, batch1[[0, 1, 0, 2]])
     assert torch.equal(again, torch.cat([batch1[[2, 1]], batch2]))
     one = first[0].nelement() * first[0].element_size()
-    pipe.cache_bytes = 2 * one  # room for two images' features
+    pipe.cache.max_bytes = 2 * one  # room for two images' features
     pipe.features(images[[4]])
     assert len(pipe.cache) == 2 and calls == [3, 1, 1]
     pipe.features(images[[3, 4]])  # the two most recent are kept

@@ -258,3 +258,32 @@ def test_support_hooks_delegate_to_the_pipeline():
     assert torch.equal(
         masks, m.pipeline.segment(m.pipeline.encode_support(s_imgs[None], None), queries, (5, 6))
     )
+
+
+def test_image_cache_computes_each_new_image_once_and_drops_the_least_recent():
+    from fsseg.models.latent import ImageCache
+
+    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    calls = []
+
+    def result(x):  # [n, 256] float32: 1 KiB per image
+        return x.sum((1, 2, 3))[:, None] * torch.ones(1, 256)
+
+    def compute(x):
+        calls.append(len(x))
+        return result(x)
+
+    cache = ImageCache(1)  # 1 MiB: room for 1024 results
+    assert torch.equal(cache(images[[0, 1, 0]], compute), result(images[[0, 1, 0]])) and calls == [2]
+    assert torch.equal(cache(images[[1, 2]], compute), result(images[[1, 2]])) and calls == [2, 1]
+    cache.max_bytes = 2 * 1024  # two results: the least recently used (image 0) is dropped at the next call
+    cache(images[[3]], compute)
+    assert len(cache) == 2 and calls == [2, 1, 1]
+    cache(images[[2, 3]], compute)
+    assert calls == [2, 1, 1]  # both held: nothing computed
+    assert (cache.hits, cache.misses) == (4, 4)
+    off = ImageCache(0)
+    off(images[[0, 0]], compute)
+    assert calls[-1] == 2 and len(off) == 0  # 0 keeps nothing: every image computed
+    with pytest.raises(ValueError, match="max_mb must be >= 0"):
+        ImageCache(-1)

@@ -73,6 +73,11 @@ class DiffewsModule(FewShotModule):
             latents was seen on another CPU. Kept on by default: a difference of float32 rounding, of the size that
             the choice of machine and kernels brings anyway, for faster training and evaluation.
         seed: seeds the support-token sampling and the mn2m inference noise.
+        eval_cache_mb: keep the VAE posteriors of images seen at inference, up to this many MB (least recently used
+            dropped; 0, the default: encode every image every time): test episodes reuse images (a support in many
+            episodes, every image under each seed of ``fsseg evaluate-seeds``, which builds the model once), and the
+            frozen VAE gives an image the same posterior. An image then comes from a batch of another composition
+            than without the cache: its latent differs by float rounding (`fsseg.models.latent.ImageCache`).
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
         eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`); the paper
             configs set ``32-true``, the released evaluation's, while they train in ``16-mixed``.
@@ -110,6 +115,7 @@ class DiffewsModule(FewShotModule):
         latent_cache: str | None = None,
         channels_last: bool = True,
         seed: int = 0,
+        eval_cache_mb: int = 0,
         allow_download: bool = False,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,

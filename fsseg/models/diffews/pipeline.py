@@ -22,7 +22,7 @@ from fsseg.models.diffews.processors import fusion_processors
 from fsseg.models.diffews.settings import DiffewsSettings
 from fsseg.models.diffews.support import LatentSupport, Support
 from fsseg.models.diffews.unet_calls import SupportedUNet
-from fsseg.models.latent import ClipPreprocess, LatentCodec, UNetContext, decoded_masks
+from fsseg.models.latent import ClipPreprocess, ImageCache, LatentCodec, UNetContext, decoded_masks
 from fsseg.models.pipeline import Pipeline
 
 
@@ -35,6 +35,7 @@ class DiffewsPipeline(Pipeline):
         super().__init__()
         self.settings = settings
         self.vae, self.codec = vae, LatentCodec(vae)
+        self.eval_cache = ImageCache(settings.eval_cache_mb, "eval_cache_mb")  # image -> posterior [8, h, w]
         self.unet = unet
         self.image_encoder = image_encoder
         self.noise_scheduler = scheduler  # mi2m / mn2m: DDIM, v-prediction
@@ -79,11 +80,14 @@ class DiffewsPipeline(Pipeline):
         images = [*query_images, *support]
         latents: list[torch.Tensor] = []
         if images:
-            dist = (
-                self.codec.posterior(torch.cat(images))
-                if moments is None
-                else self.codec.from_moments(moments)
-            )
+            if moments is None and not sample:
+                dist = self.inference_posterior(torch.cat(images))
+            else:
+                dist = (
+                    self.codec.posterior(torch.cat(images))
+                    if moments is None
+                    else self.codec.from_moments(moments)
+                )
             latents = list(self.codec.latents(dist, sample).split([x.shape[0] for x in images]))
         z_query, z_support = latents[: len(query_images)], latents[len(query_images) :]
         if st.tokens:
@@ -142,9 +146,18 @@ class DiffewsPipeline(Pipeline):
             image, out_size, st.threshold, st.threshold_mode, "nearest", st.threshold_reference, evidence
         )
 
+    def inference_posterior(self, images: torch.Tensor):
+        """The VAE posterior of ``[N, 3, S, S]`` images at inference: with ``eval_cache_mb`` (and no gradient), the
+        posteriors of images seen before come from `eval_cache` (test episodes reuse images: across episodes, shots
+        and the seeds of `fsseg evaluate-seeds`), the rest computed in one VAE call; otherwise all computed."""
+        if self.eval_cache.max_bytes and not torch.is_grad_enabled():
+            return self.codec.from_moments(self.eval_cache(images, self.codec.moments))  # [N, 8, h, w] cached
+        return self.codec.posterior(images)
+
     def decode_queries(self, support: Support, query_imgs, first_episode: int = 0) -> torch.Tensor:
         """The decoded predictions ``[B, 3, S, S]`` of ``query_imgs [B, 3, S, S]`` against ``support``."""
-        return self.predict_image(self.codec.encode(query_imgs.float(), sample=False), support, first_episode)
+        z_q = self.codec.latents(self.inference_posterior(query_imgs.float()), sample=False)  # [B, 4, h, w]
+        return self.predict_image(z_q, support, first_episode)
 
     def segment(self, support: Support, query_imgs, out_size, first_episode: int = 0) -> torch.Tensor:
         return self.masks(self.decode_queries(support, query_imgs, first_episode), query_imgs, out_size)

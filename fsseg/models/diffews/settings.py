@@ -37,6 +37,7 @@ class DiffewsSettings:
     train_shots: int | None = None
     support_pass: str = "joint"
     seed: int = 0
+    eval_cache_mb: int = 0
 
     @classmethod
     def from_args(cls, args) -> DiffewsSettings:

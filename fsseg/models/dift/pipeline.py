@@ -11,7 +11,7 @@ an all-background mask.
 
 An image's features depend on the image alone, and test episodes reuse images (a support in many episodes, a query
 as other episodes' support): `features` keeps those of recent images (least recently used dropped past
-``feature_cache_mb``; 0 keeps none), keyed by the image's bytes.
+``feature_cache_mb``; 0 keeps none), keyed by the image's bytes (`fsseg.models.latent.ImageCache`).
 
 Layer names: ``down0`` .. ``down{n-1}``, ``mid``, ``up0`` .. ``up{n-1}``, the blocks of ``down_blocks`` /
 ``mid_block`` / ``up_blocks``; DIFT's SD 2.1 setting is ``up1`` at t = 261.
@@ -19,8 +19,6 @@ Layer names: ``down0`` .. ``down{n-1}``, ``mid``, ``up0`` .. ``up{n-1}``, the bl
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsseg.episode import foreground
-from fsseg.models.latent import LatentCodec, UNetCall, UNetContext, threshold_scores
+from fsseg.models.latent import ImageCache, LatentCodec, UNetCall, UNetContext, threshold_scores
 from fsseg.models.pipeline import Pipeline
 
 SIMILARITIES = ("prototype", "nearest")
@@ -104,29 +102,12 @@ class DiftPipeline(Pipeline):
         self.register_buffer("prompt_embeds", prompt_embeds.detach().clone(), persistent=False)
         self.timestep, self.layer, self.similarity = int(timestep), layer, similarity
         self.threshold, self.noise_seed = float(threshold), int(noise_seed)
-        if feature_cache_mb < 0:
-            raise ValueError(f"feature_cache_mb must be >= 0, got {feature_cache_mb}")
-        self.cache_bytes, self.cache = int(feature_cache_mb) << 20, OrderedDict()  # image key -> [C, h, w]
+        self.cache = ImageCache(feature_cache_mb, "feature_cache_mb")  # image -> its features [C, h, w]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` in [0, 1] -> the chosen block's features ``[N, C, h, w]`` (float32); those of images
         seen recently from the cache (see the module docstring)."""
-        keys = [
-            hashlib.sha1(str((x.dtype, x.shape)).encode() + x.cpu().numpy().tobytes()).digest()
-            for x in images
-        ]
-        new = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        if new:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            feats = self.encode_features(images[[first[k] for k in new]])  # [n, C, h, w]
-            self.cache.update(zip(new, feats))
-        out = torch.stack([self.cache[k] for k in keys])  # [N, C, h, w]
-        for k in keys:
-            self.cache.move_to_end(k)
-        held = sum(f.nelement() * f.element_size() for f in self.cache.values())
-        while self.cache and held > self.cache_bytes:
-            held -= (f := self.cache.popitem(last=False)[1]).nelement() * f.element_size()
-        return out
+        return self.cache(images, self.encode_features)  # [N, C, h, w]
 
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` in [0, 1] -> the chosen block's features ``[N, C, h, w]`` (float32), computed."""

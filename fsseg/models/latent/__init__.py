@@ -5,17 +5,20 @@
 - `clip.ClipPreprocess`: the one CLIP image preprocessing (size and normalisation from the processor or config);
 - `unet_context.UNetCall` / `UNetContext`: a UNet call's extra inputs (conv_in routing, the attention processors'
   per-call input) and what it records (attention, block outputs), and residuals added inside it;
-- `postprocess`: decoded image -> score -> threshold.
+- `postprocess`: decoded image -> score -> threshold;
+- `image_cache.ImageCache`: a frozen network's per-image results kept for the images an evaluation sees again.
 """
 
 from fsseg.models.latent.clip import ClipPreprocess
 from fsseg.models.latent.codec import LatentCodec
+from fsseg.models.latent.image_cache import ImageCache
 from fsseg.models.latent.postprocess import decoded_masks, threshold_scores
 from fsseg.models.latent.unet_context import IgnoreCall, Record, UNetCall, UNetContext
 
 __all__ = [
     "ClipPreprocess",
     "IgnoreCall",
+    "ImageCache",
     "LatentCodec",
     "Record",
     "UNetCall",
