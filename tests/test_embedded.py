@@ -267,7 +267,7 @@ def test_tiny_model_tools_write_loadable_folders(tool, tmp_path):
     steps = (
         ["--vae-steps", "2", "--unet-steps", "2"]
         if tool.endswith("diffews")
-        else ["--movq-steps", "2", "--unet-steps", "2"]
+        else ["--movq-steps", "2", "--clip-steps", "2", "--unet-steps", "2"]
     )
     cmd = [sys.executable, f"tools/{tool}.py", "--out", str(out), "--corpus-size", "24", *steps]
     root = Path(__file__).resolve().parents[1]
