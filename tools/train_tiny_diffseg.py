@@ -53,6 +53,7 @@ from fsseg.data.corpus import corpus_tensors, random_object_masks, training_clas
 from fsseg.data.embedded import EMBEDDED_CLASS_NAMES
 from fsseg.models.diffseg.tiny import save_tiny_components, tiny_image_encoder, tiny_movq, tiny_scheduler
 from fsseg.models.latent import ClipPreprocess
+from fsseg.plan.cli import versions
 
 
 def log(msg: str) -> None:
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "unet": unet_card,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
         **start.lap(),
         "command": "python tools/train_tiny_diffseg.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
