@@ -16,7 +16,8 @@ DiffewS evaluation, 1-shot episodes, the same random episodes for every path:
 - B, fsseg's evaluation path in fp32 (`DiffewsModule.predict_masks`: the joint one-pass call, the prompt embedding
   computed once, one VAE call for queries and supports), batch 1.
 - C, fsseg's fastest faithful path: B under bf16 autocast (what ``--trainer.precision bf16-mixed`` does), with
-  channels-last weights, ``--c-batch`` episodes per batch. The same method: same fusion, OI2M step and post-processing.
+  channels-last weights, ``--c-batch`` episodes per batch, its VAE one image per call on a CPU (``--c-vae-batch``,
+  `DiffewsModule`'s ``vae_batch``). The same method: same fusion, OI2M step and post-processing.
   ``--c-precision auto`` (the default) runs C in bf16 only where the device computes it natively
   (`fsseg.hardware.native_bf16`: a GPU with bf16, a CPU with AVX512-BF16 or AMX, the rule of the demo's tests);
   elsewhere bf16 is emulated (about 100x slower than fp32 on an AVX2 CPU) and C runs in fp32 (``C_fsseg_fp32_b2``).
@@ -316,9 +317,9 @@ def print_components(name: str, comps: dict) -> None:
 
 
 def diffews_eval(
-    m, text_encoder, tokenizer, size, c_batch, c_bf16, repeats, device, peak, lean=False
+    m, text_encoder, tokenizer, size, c_batch, c_bf16, repeats, device, peak, lean=False, c_vae_batch=0
 ) -> dict:
-    """A, B and C at ``size`` px (see the module docstring)."""
+    """A, B and C at ``size`` px (see the module docstring); C's VAE takes ``c_vae_batch`` images per call."""
     m.eval()
     batch = to(fake_batch(b=c_batch, k=1, size=size, seed=0), device)
     one = take(batch, 0)
@@ -336,13 +337,14 @@ def diffews_eval(
         with autocast(device, c_bf16):
             outs["C"] = m.predict_masks(batch, out_size)
 
+    def layout(channels_last: bool, vae_batch: int = 0):
+        set_channels_last(layers, channels_last)
+        m.pipeline.codec.batch = vae_batch
+
     variants = {
-        "A_released_fp32_b1": (lambda: set_channels_last(layers, False), run_a),
-        "B_fsseg_fp32_b1": (lambda: set_channels_last(layers, True), run_b),
-        f"C_fsseg_{'bf16' if c_bf16 else 'fp32'}_b{c_batch}": (
-            lambda: set_channels_last(layers, True),
-            run_c,
-        ),
+        "A_released_fp32_b1": (lambda: layout(False), run_a),
+        "B_fsseg_fp32_b1": (lambda: layout(True), run_b),
+        f"C_fsseg_{'bf16' if c_bf16 else 'fp32'}_b{c_batch}": (lambda: layout(True, c_vae_batch), run_c),
     }
     names = list(variants)
     p = m.pipeline
@@ -358,6 +360,7 @@ def diffews_eval(
         )
     finally:
         meter.remove()
+        m.pipeline.codec.batch = 0
     res = {
         names[0]: summary(times[names[0]]),
         names[1]: summary(times[names[1]]),
@@ -528,6 +531,7 @@ def diffseg_eval(size, batch_size, repeats, device, peak) -> dict:
         times = interleaved(variants, repeats, device, meter, count_flops=tuple(names))
     finally:
         meter.remove()
+        m.pipeline.codec.batch = 0
     res = {names[0]: summary(times[names[0]]), names[1]: summary(times[names[1]], per=batch_size)}
     for name in names:
         res[name]["episodes_per_s"] = round(1 / res[name]["seconds_min"], 4)
@@ -618,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="C's precision (auto: bf16 where the device computes it natively, else fp32)",
     )
+    p.add_argument(
+        "--c-vae-batch",
+        type=int,
+        default=None,
+        help="C's images per VAE call (DiffewsModule vae_batch; default: 1 on a CPU, where one image per call is "
+        "faster, 0 = all in one call on a GPU)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -628,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     sizes = args.sizes or ([256] if args.quick else [256, 512])
     c_batch = args.c_batch or (16 if gpu else 2)
+    c_vae_batch = args.c_vae_batch if args.c_vae_batch is not None else (0 if gpu else 1)
+    if c_vae_batch < 0:
+        p.error(f"--c-vae-batch: expected 0 (all in one call) or more, got {c_vae_batch}")
     args.repeats = args.repeats or (1 if args.quick else 2)
     sections = set(
         args.only
@@ -646,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "sizes": sizes,
             "c_batch": c_batch,
+            "c_vae_batch": c_vae_batch,
             "repeats": args.repeats,
             "sections": sorted(sections),
             "warm_up": "every variant but B and the cached step" if args.quick else "every variant",
@@ -689,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                         device,
                         peak,
                         args.quick,
+                        c_vae_batch,
                     )
                     print_components(next(k for k in ev if k.startswith("C_fsseg")), ev["C_components"])
             if "cache" in sections:

@@ -63,6 +63,29 @@ def test_codec_vq_is_unscaled_and_decodes_unquantised():
         LatentCodec(nn.Linear(2, 2))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("make", [tiny_vae, tiny_movq])
+def test_codec_batch_calls_the_autoencoder_per_chunk_with_the_same_function(make):
+    model = make(seed=0).eval().double()
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    whole, chunked = LatentCodec(model), LatentCodec(model, batch=2)
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    z = chunked.encode(x)  # [5, C, h, w]
+    hook.remove()
+    assert calls == [2, 2, 1]
+    # each chunk is exactly the autoencoder's own call on it; the whole batch gives the same function
+    assert torch.equal(z[2:4], LatentCodec(model).encode(x[2:4]))
+    torch.testing.assert_close(z, whole.encode(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.decode(z), whole.decode(z), rtol=0, atol=1e-12)
+    if make is tiny_vae:
+        torch.testing.assert_close(
+            chunked.posterior(x).parameters, whole.posterior(x).parameters, rtol=0, atol=1e-12
+        )
+    with pytest.raises(ValueError, match="batch .* must be >= 0, got -1"):
+        LatentCodec(model, batch=-1)
+
+
 def test_one_clip_preprocessing_from_processor_or_encoder_config():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

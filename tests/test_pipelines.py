@@ -58,6 +58,10 @@ def test_diffews_pipeline(sd_dirs, interaction):
         assert isinstance(support, TokenSupport) and support.tokens.shape[0] == 1
     with pytest.raises(ValueError, match="interaction='nope'"):
         DiffewsPipeline.from_pretrained(sd_dirs[0], DiffewsSettings(interaction="nope"))
+    assert pipe.codec.batch == 0  # one VAE call per step's images unless vae_batch says otherwise
+    assert DiffewsModule(pretrained=sd_dirs[0], vae_batch=1).pipeline.codec.batch == 1
+    with pytest.raises(ValueError, match="vae_batch must be >= 0"):
+        DiffewsSettings(vae_batch=-1).check()
 
 
 def test_diffseg_pipeline(tmp_path):

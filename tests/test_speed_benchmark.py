@@ -58,6 +58,7 @@ def test_quick_mode_on_the_tiny_architecture(tmp_path):
         "speedup_C_over_A",
     }
     assert report["settings"]["c_batch"] == 3 and report["settings"]["repeats"] == 1
+    assert report["settings"]["c_vae_batch"] == 1  # on a CPU: one image per VAE call
     assert (
         report["settings"]["c_precision"] == "bf16"
         and report["settings"]["c_precision_reason"] == "--c-precision bf16"
@@ -68,6 +69,8 @@ def test_quick_mode_on_the_tiny_architecture(tmp_path):
     assert list(comps) == ["vae_encode", "unet", "vae_decode", "post_processing", "other"]
     for comp in ("vae_encode", "unet", "vae_decode"):
         assert comps[comp]["calls_per_batch"] >= 1 and comps[comp]["gflops"] > 0, comp
+    # C's 3 queries, 3 supports and 3 support masks encoded one per call, its 3 predictions decoded one per call
+    assert comps["vae_encode"]["calls_per_batch"] == 9 and comps["vae_decode"]["calls_per_batch"] == 3
     assert comps["post_processing"]["calls_per_batch"] == 1 and comps["post_processing"]["gflops"] is None
     assert sum(v["share_of_time"] for v in comps.values()) == pytest.approx(1, abs=0.01)
     assert ev["C_unet"]["gflops"] == comps["unet"]["gflops"]
@@ -99,3 +102,32 @@ def test_full_mode_sections_on_the_tiny_architecture(tmp_path):
     _, report = run_benchmark(tmp_path, "--sizes", "32", "--only", "predict", "compile")
     assert report["predict_images_32"]["speedup_bf16"] > 0
     assert report["compile_32"]["first_compiled_call_s"] > 0
+
+
+@pytest.mark.slow
+def test_vae_paths_benchmark_compares_the_variants_with_fp32(tmp_path):
+    out = tmp_path / "vae.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["--size", "32", "--encode-batch", "3", "--decode-batch", "2", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vae_paths.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"fp32", "bf16_autocast", "bf16_autocast_per_image", "bf16_weights"}
+    fp32 = report["variants"]["fp32"]
+    assert fp32["latent_max_diff_vs_fp32"] == 0 and fp32["speedup_vs_fp32"] == 1
+    for name, v in report["variants"].items():
+        assert v["encode_s"] > 0 and v["decode_s"] > 0, name
+        assert 0 <= v["mask_pixels_differ_vs_fp32"] <= 1, name
+    # bf16 rounds: its latents differ from fp32's, by far less than their size
+    bf16 = report["variants"]["bf16_autocast"]["latent_max_diff_vs_fp32"]
+    assert 0 < bf16 < 0.1 * report["latent_abs_max"]
+    prof = report["bf16_autocast_profile"]["encode"]
+    assert prof["convolution_gflop"] > 0 and sum(prof["share"].values()) == pytest.approx(1, abs=0.01)
+    assert f"wrote {out}" in proc.stdout

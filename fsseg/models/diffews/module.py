@@ -78,6 +78,9 @@ class DiffewsModule(FewShotModule):
             episodes, every image under each seed of ``fsseg evaluate-seeds``, which builds the model once), and the
             frozen VAE gives an image the same posterior. An image then comes from a batch of another composition
             than without the cache: its latent differs by float rounding (`fsseg.models.latent.ImageCache`).
+        vae_batch: images per VAE encode or decode call (0, the default: all of a step's images in one call). On a
+            CPU, 1 is faster (the SD 2.1 VAE at 256 px in bf16: ``benchmarks/vae_paths.py``); the same function,
+            with a batched convolution's float rounding (`fsseg.models.latent.LatentCodec`).
         allow_download: fetch missing hub components into the Hugging Face cache (default: local files only).
         eval_precision: precision of evaluation steps, None = ``trainer.precision`` (`FewShotModule`); the paper
             configs set ``32-true``, the released evaluation's, while they train in ``16-mixed``.
@@ -116,6 +119,7 @@ class DiffewsModule(FewShotModule):
         channels_last: bool = True,
         seed: int = 0,
         eval_cache_mb: int = 0,
+        vae_batch: int = 0,
         allow_download: bool = False,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,

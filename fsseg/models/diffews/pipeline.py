@@ -34,7 +34,7 @@ class DiffewsPipeline(Pipeline):
     def __init__(self, settings, vae, unet, prompts=None, image_encoder=None, scheduler=None) -> None:
         super().__init__()
         self.settings = settings
-        self.vae, self.codec = vae, LatentCodec(vae)
+        self.vae, self.codec = vae, LatentCodec(vae, settings.vae_batch)
         self.eval_cache = ImageCache(settings.eval_cache_mb, "eval_cache_mb")  # image -> posterior [8, h, w]
         self.unet = unet
         self.image_encoder = image_encoder

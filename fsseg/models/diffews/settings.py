@@ -38,6 +38,7 @@ class DiffewsSettings:
     support_pass: str = "joint"
     seed: int = 0
     eval_cache_mb: int = 0
+    vae_batch: int = 0
 
     @classmethod
     def from_args(cls, args) -> DiffewsSettings:
@@ -86,6 +87,10 @@ class DiffewsSettings:
             )
         if latent_cache:
             self.check_cached()
+        if self.vae_batch < 0:
+            raise ValueError(
+                f"DiffewsModule: vae_batch must be >= 0 (0: the whole batch per VAE call), got {self.vae_batch}"
+            )
         if self.train_shots is not None and self.train_shots < 1:
             raise ValueError(f"DiffewsModule: train_shots must be None or >= 1, got {self.train_shots}")
         return self
