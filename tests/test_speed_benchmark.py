@@ -16,20 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"speedup_vs_released=[\d.]+ latent_cache=[\d.]+ bf16_fraction_of_peak=[\d.]+")
 
 
-def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
-    out = tmp_path / "speed.json"
+def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script>`` in a subprocess from ``tmp_path`` (the repository importable), checked to succeed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "speed.py"),
-            "--tiny",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-            *args,
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -37,6 +28,12 @@ def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_benchmark(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    out = tmp_path / "speed.json"
+    proc = run_script(tmp_path, "speed.py", "--tiny", "--repeats", "1", "--out", str(out), *args)
     return proc.stdout.strip().splitlines()[-1], json.loads(out.read_text())
 
 
@@ -107,17 +104,8 @@ def test_full_mode_sections_on_the_tiny_architecture(tmp_path):
 @pytest.mark.slow
 def test_vae_paths_benchmark_compares_the_variants_with_fp32(tmp_path):
     out = tmp_path / "vae.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = ["--size", "32", "--encode-batch", "3", "--decode-batch", "2", "--repeats", "1", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "vae_paths.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(tmp_path, "vae_paths.py", *args)
     report = json.loads(out.read_text())
     assert set(report["variants"]) == {"fp32", "bf16_autocast", "bf16_autocast_per_image", "bf16_weights"}
     fp32 = report["variants"]["fp32"]
