@@ -84,6 +84,17 @@ def test_diffews_threshold_overlay_with_a_checkpoint_is_used(diffews_run):
     assert out == tmp / "runs/method+threshold_absolute_fold0/test_embedded_fold0_1shot"
 
 
+def test_diffews_tests_with_another_data_seed_and_vae_batch(diffews_run):
+    """``--data.seed 1`` beside DiffewS's own model ``seed`` (0): both settings of that name are kept, each where it
+    belongs (before: Lightning refused to log the two hparams named ``seed`` with different values, so every
+    evaluate-seeds seed but 0 failed for DiffewS); ``vae_batch`` reaches the pipeline and is recorded."""
+    tmp, cfg, ckpt = diffews_run
+    m, config, _ = evaluate(["--config", str(cfg), "--ckpt_path", ckpt, "--data.seed", "1",
+                             "--model.init_args.vae_batch", "1"])  # fmt: skip
+    assert m["seed"] == 1 and config["data"]["seed"] == 1 and config["model"]["init_args"]["seed"] == 0
+    assert m["model_settings"]["init_args"]["vae_batch"] == 1 and m["episodes"] == 12
+
+
 def test_readme_ablation_route_with_a_named_base_gives_each_overlay_its_own_result(diffews_run):
     """`fsseg test --config <base naming its run> --config ablations/diffews/threshold_* --ckpt X` (the README's
     route; the demo configs name their runs): the shipped overlay's setting is used and each evaluation gets a folder

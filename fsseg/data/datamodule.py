@@ -140,7 +140,10 @@ class FewShotDataModule(L.LightningDataModule):
             raise ValueError("data.eval_size 'original' needs data.eval_batch_size 1 (masks differ in size)")
         if effective_batch_size is not None and effective_batch_size < 1:
             raise ValueError(f"data.effective_batch_size must be null or >= 1, got {effective_batch_size}")
-        self.save_hyperparameters()
+        # kept from the logger's hparams: Lightning refuses a key that module and data module both log with other
+        # values (DiffewS's model `seed` against `data.seed`, e.g. every seed but 0 of evaluate-seeds); the data
+        # settings are recorded in config.yaml and metrics.json
+        self.save_hyperparameters(logger=False)
         self.datasets: dict[str, FewShotDataset | ConcatDataset] = {}
         self.bad_mask_scan: dict[
             str, tuple[int, list[str]]
