@@ -272,9 +272,8 @@ class FssegCLI(LightningCLI):
             None  # trainer.accumulate_grad_batches as given, None when unset
         )
         self.given_precision: str | None = None  # --trainer.precision on a validate/test command line
-        self.report: Report | None = (
-            None  # after ``test``: the results (also in metrics.json, episodes.jsonl)
-        )
+        # after ``test``: the results (also in metrics.json, episodes.jsonl)
+        self.report: Report | None = None
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -509,9 +508,8 @@ class FssegCLI(LightningCLI):
             self._check_accumulation()
             if self.checkpoint is not None:
                 path = self.config[self.subcommand].ckpt_path
-                if (
-                    self.subcommand == "fit"
-                ):  # checked here; Lightning restores it (weights, optimiser, loops)
+                # fit: checked here, Lightning restores it (weights, optimiser, loops)
+                if self.subcommand == "fit":
                     skip = getattr(self.model, "_is_frozen_key", lambda key: False)
                     compare_state_dict(self.checkpoint, path, self.model, skip)
                 else:  # an evaluation needs only the weights: from this one read

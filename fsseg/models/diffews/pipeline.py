@@ -80,14 +80,11 @@ class DiffewsPipeline(Pipeline):
         images = [*query_images, *support]
         latents: list[torch.Tensor] = []
         if images:
-            if moments is None and not sample:
-                dist = self.inference_posterior(torch.cat(images))
-            else:
-                dist = (
-                    self.codec.posterior(torch.cat(images))
-                    if moments is None
-                    else self.codec.from_moments(moments)
-                )
+            dist = (
+                self.inference_posterior(torch.cat(images))
+                if moments is None
+                else self.codec.from_moments(moments)
+            )
             latents = list(self.codec.latents(dist, sample).split([x.shape[0] for x in images]))
         z_query, z_support = latents[: len(query_images)], latents[len(query_images) :]
         if st.tokens:
@@ -147,9 +144,9 @@ class DiffewsPipeline(Pipeline):
         )
 
     def inference_posterior(self, images: torch.Tensor):
-        """The VAE posterior of ``[N, 3, S, S]`` images at inference: with ``eval_cache_mb`` (and no gradient), the
+        """The VAE posterior of ``[N, 3, S, S]`` images: at inference with ``eval_cache_mb`` (no gradient), the
         posteriors of images seen before come from `eval_cache` (test episodes reuse images: across episodes, shots
-        and the seeds of `fsseg evaluate-seeds`), the rest computed in one VAE call; otherwise all computed."""
+        and the seeds of `fsseg evaluate-seeds`), the rest computed together; otherwise all computed."""
         if self.eval_cache.max_bytes and not torch.is_grad_enabled():
             return self.codec.from_moments(self.eval_cache(images, self.codec.moments))  # [N, 8, h, w] cached
         return self.codec.posterior(images)

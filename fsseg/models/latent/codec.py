@@ -49,12 +49,14 @@ class LatentCodec:
         if self.kind != "kl":
             raise ValueError("a VQModel has no Gaussian posterior (posterior/moments need an AutoencoderKL)")
         x = images.to(self.model.device, self.model.dtype) * 2 - 1  # [N, 3, S, S] in [-1, 1]
-        parts = [self.model.encode(c).latent_dist.parameters for c in self._split(x)]  # [n, 2C, h, w] each
-        return DiagonalGaussianDistribution(torch.cat(parts) if len(parts) > 1 else parts[0])
+        moments = self._per_call(lambda c: self.model.encode(c).latent_dist.parameters, x)  # [N, 2C, h, w]
+        return DiagonalGaussianDistribution(moments)
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x`` in chunks of ``batch`` along dim 0 (one chunk when ``batch`` is 0)."""
-        return x.split(self.batch) if self.batch and x.shape[0] > self.batch else (x,)
+    def _per_call(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn`` on ``x`` in chunks of ``batch`` along dim 0, concatenated (one call when ``batch`` is 0)."""
+        if not self.batch or x.shape[0] <= self.batch:
+            return fn(x)
+        return torch.cat([fn(c) for c in x.split(self.batch)])
 
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` in [0, 1] -> the posterior parameters ``[N, 2C, h, w]`` float32 (what a latent cache
@@ -77,7 +79,7 @@ class LatentCodec:
             return self.latents(self.posterior(images), sample)
         if sample:
             raise ValueError("a VQModel encodes deterministically: sample=True needs an AutoencoderKL")
-        return torch.cat([self.model.encode(c).latents for c in self._split(images * 2 - 1)])
+        return self._per_call(lambda c: self.model.encode(c).latents, images * 2 - 1)
 
     def encode_mask(self, mask: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """``[N, S, S]`` {0, 1, 255} -> the latents of its white-foreground mask image (255 counts as background)."""
@@ -87,11 +89,8 @@ class LatentCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[N, C, h, w]`` -> ``[N, 3, S, S]`` float32 in [0, 1]."""
         if self.kind == "kl":
-            parts = [
-                self.model.decode(z).sample
-                for z in self._split(latents.to(self.model.dtype) / self.scaling_factor)
-            ]
+            z = latents.to(self.model.dtype) / self.scaling_factor
+            img = self._per_call(lambda c: self.model.decode(c).sample, z)  # [N, 3, S, S] in about [-1, 1]
         else:
-            parts = [self.model.decode(z, force_not_quantize=True).sample for z in self._split(latents)]
-        img = torch.cat(parts) if len(parts) > 1 else parts[0]  # [N, 3, S, S] in about [-1, 1]
+            img = self._per_call(lambda c: self.model.decode(c, force_not_quantize=True).sample, latents)
         return img.float().clamp(-1, 1) * 0.5 + 0.5

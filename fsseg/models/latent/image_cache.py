@@ -23,6 +23,7 @@ class ImageCache:
             raise ValueError(f"{name} must be >= 0, got {max_mb}")
         self.max_bytes = int(max_mb) << 20
         self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # image key -> its result
+        self.held = 0  # bytes of the entries
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -46,11 +47,13 @@ class ImageCache:
         self.hits += len(keys) - len(new)
         if new:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            self.entries.update(zip(new, compute(images[[first[k] for k in new]])))
+            results = compute(images[[first[k] for k in new]])
+            self.entries.update(zip(new, results))
+            self.held += sum(t.nelement() * t.element_size() for t in results)
         out = torch.stack([self.entries[k] for k in keys])
         for k in keys:
             self.entries.move_to_end(k)
-        held = sum(t.nelement() * t.element_size() for t in self.entries.values())
-        while self.entries and held > self.max_bytes:
-            held -= (t := self.entries.popitem(last=False)[1]).nelement() * t.element_size()
+        while self.entries and self.held > self.max_bytes:
+            t = self.entries.popitem(last=False)[1]
+            self.held -= t.nelement() * t.element_size()
         return out
